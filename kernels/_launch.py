@@ -1,0 +1,45 @@
+"""What every kernel family shares: output allocation and the CPU/fake side of op registration.
+
+How a family registers its op (see kernels/fakequant.py for a complete example):
+
+    @torch.library.triton_op("golf::name", mutates_args=())
+    def name(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()              # gradients arrive expanded (stride 0)
+        y = new_output(x.shape, x.dtype, x.device)
+        torch.library.wrap_triton(_kernel)[grid](x, y, ...)
+        return y
+
+    register_cpu_and_fake(name, reference=reference.name, fake=lambda x: x.new_empty(x.shape))
+    name.register_autograd(backward, setup_context=setup_context)
+"""
+import os
+
+import torch
+
+# Set before triton is first imported (tests/conftest.py does it on CPU-only machines).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Tests set KERNELS_POISON=1: outputs start as NaN (floats) or -1 (ints) so an element the
+# kernel forgets to write shows up instead of passing by luck with zeroed memory.
+POISON = os.environ.get("KERNELS_POISON") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def register_cpu_and_fake(op, *, reference, fake) -> None:
+    """CPU tensors: with TRITON_INTERPRET=1 the op's own Triton launch runs in the interpreter;
+    without it there is no Triton on the CPU, so the eager reference serves.
+
+    The interpreter would execute kernels on fake tensors during tracing, so in interpreter
+    mode the op gets an explicit fake (shape arithmetic only); on a GPU, triton_op's own
+    fake and Inductor's view of the kernel are left untouched.
+    """
+    if INTERPRET:
+        op.register_fake(fake)
+    else:
+        op.register_kernel("cpu")(reference)

@@ -1,0 +1,160 @@
+"""Eager PyTorch references for every kernel: short, plain, written from SPEC.md.
+
+They are the ground truth the tests compare the Triton kernels with, and the `reference`
+backend of the model. Each computes in the dtype of its inputs (call it with fp64 inputs for
+an exact answer, with bf16 inputs for "what PyTorch itself gets in bf16").
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- attention
+
+
+def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
+    """Causal GQA attention with an explicit softmax, then the optional XSA projection.
+
+    q [B, T, H, D]; k, v [B, T, Hkv, D] with H a multiple of Hkv; scale 1/sqrt(D).
+    XSA: y <- y - (y . v_hat) v_hat, v_hat = v / ||v|| of the KV head serving the query head,
+    at the query's own position. Returns [B, T, H, D] in q's dtype.
+    """
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    qh = q.transpose(1, 2)  # [B, H, T, D]
+    kh = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(D)  # [B, H, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    y = torch.softmax(scores, dim=-1) @ vh  # [B, H, T, D]
+    if xsa:
+        y = xsa_project(y, vh)
+    return y.transpose(1, 2).to(q.dtype)
+
+
+def xsa_project(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Remove from y its component along v / ||v|| (last dim); v broadcast to y's shape."""
+    v_hat = F.normalize(v, dim=-1)
+    return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+
+
+def xsa_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
+    """The practical baseline: PyTorch SDPA (flash backend on a GPU) plus the eager XSA projection."""
+    group = q.shape[2] // k.shape[2]
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=group > 1
+    )  # [B, H, T, D]
+    if xsa:
+        vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
+        y = xsa_project(y, vh)
+    return y.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- int6 fake-quant
+
+INT6_MIN, INT6_MAX = -32, 31
+
+
+def int6_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (over the last dim) symmetric int6, as the exporter stores it.
+
+    scale = max(row_absmax / 31, 1/31), rounded to fp16; q = clamp(round(w / scale), -32, 31).
+    Returns q as int8 with w's shape and the fp16 scales with w's shape minus the last dim.
+    """
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=-1) / INT6_MAX).clamp_min(1.0 / INT6_MAX).to(torch.float16)
+    q = torch.clamp(torch.round(w32 / scale.float().unsqueeze(-1)), INT6_MIN, INT6_MAX).to(torch.int8)
+    return q, scale
+
+
+def int6_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return int6_dequantize(*int6_quantize(w), dtype=w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def int6_fakequant(w: torch.Tensor) -> torch.Tensor:
+    """Quantise-dequantise w per row exactly as the export does; the gradient passes straight through."""
+    return _StraightThrough.apply(w)
+
+
+# --------------------------------------------------------------------------- BigramHash
+
+BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191
+
+
+def bigram_hash(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket of each position [B, T] -> int64 [B, T].
+
+    Position 0 takes the last bucket (buckets - 1); position t > 0 takes
+    (36313 * id[t] XOR 27191 * id[t-1]) mod (buckets - 1), in int32 arithmetic.
+    """
+    cur = ids.to(torch.int32)
+    prev = torch.roll(cur, 1, dims=-1)
+    mixed = torch.bitwise_xor(BIGRAM_MUL_CUR * cur, BIGRAM_MUL_PREV * prev) % (buckets - 1)
+    mixed[..., 0] = buckets - 1
+    return mixed.long()
+
+
+def bigram_embed(ids: torch.Tensor, table: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    """Rows of table at the BigramHash buckets of ids: [B, T] -> [B, T, D]. (Eager gather is deterministic.)"""
+    return F.embedding(bigram_hash(ids, table.shape[0]), table)
+
+
+# --------------------------------------------------------------------------- Newton-Schulz
+
+QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def per_step_coeffs(steps: int, coeffs) -> list[tuple[float, float, float]]:
+    """One (a, b, c) triple per step from either one triple or a list of `steps` triples."""
+    if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
+        return [tuple(float(c) for c in coeffs)] * steps
+    triples = [tuple(float(c) for c in t) for t in coeffs]
+    if len(triples) != steps or any(len(t) != 3 for t in triples):
+        raise ValueError(f"newton_schulz: coeffs must be one (a, b, c) triple or {steps} of them, got {coeffs!r}")
+    return triples
+
+
+def newton_schulz(
+    G: torch.Tensor, steps: int = 5, coeffs=QUINTIC_COEFFS, compute_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Approximate orthogonalisation of G [..., m, n] by the quintic Newton-Schulz iteration.
+
+    X = G / ||G||_F (per matrix), on the wide orientation (m <= n, transposed back at the end);
+    each step: A = X X^T, B = b A + c A A, X = a X + B X. Runs and returns in compute_dtype.
+    """
+    X = G.to(compute_dtype)
+    tall = G.shape[-2] > G.shape[-1]
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in per_step_coeffs(steps, coeffs):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+# --------------------------------------------------------------------------- loss head
+
+
+def softcap_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 30.0
+) -> torch.Tensor:
+    """Per-token NLL (fp32) of the soft-capped tied head: x [N, d], weight [V, d], targets [N] -> [N].
+
+    logits = softcap * tanh((x @ weight^T) / softcap), cross-entropy in fp32 (fp64 for fp64 inputs).
+    """
+    logits = (x @ weight.to(x.dtype).T).to(torch.promote_types(x.dtype, torch.float32))
+    logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets.long(), reduction="none")

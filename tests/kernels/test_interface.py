@@ -1,0 +1,103 @@
+"""The kernel interface: backend choice, and the references against direct computations from SPEC.md."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+
+def test_unknown_backend_is_one_clear_error():
+    with pytest.raises(ValueError, match="not a backend; use one of triton, reference"):
+        kernels.set_backend("cuda")
+
+
+def test_use_backend_restores_previous():
+    before = kernels.backend()
+    with kernels.use_backend("reference"):
+        assert kernels.backend() == "reference"
+    assert kernels.backend() == before
+
+
+def test_bigram_hash_matches_spec_formula():
+    ids = torch.tensor([[5, 1000, 3, 3], [1, 0, 1023, 7]])
+    got = reference.bigram_hash(ids, 2048)
+    for b in range(2):
+        assert got[b, 0] == 2047
+        for t in range(1, 4):
+            assert got[b, t] == ((36313 * int(ids[b, t])) ^ (27191 * int(ids[b, t - 1]))) % 2047
+
+
+def test_int6_quantize_scale_floor_and_clamp():
+    w = torch.tensor([[0.01, -0.02, 0.0], [3.1, -3.2, 1.0]])
+    q, scale = reference.int6_quantize(w)
+    assert scale.dtype == torch.float16 and q.dtype == torch.int8
+    assert scale[0].item() == pytest.approx(1 / 31, rel=1e-3)  # floor 1/31 for small rows
+    assert scale[1].item() == pytest.approx(3.2 / 31, rel=1e-3)
+    assert q[1].tolist() == [round(3.1 / scale[1].item()), -31, round(1.0 / scale[1].item())]
+    assert q.min() >= -32 and q.max() <= 31
+
+
+def test_int6_fakequant_is_dequantised_export_with_straight_through_grad():
+    w = torch.randn(7, 33, requires_grad=True)
+    out = reference.int6_fakequant(w)
+    torch.testing.assert_close(out, reference.int6_dequantize(*reference.int6_quantize(w)), rtol=0, atol=0)
+    g = torch.randn_like(w)
+    out.backward(g)
+    torch.testing.assert_close(w.grad, g, rtol=0, atol=0)
+
+
+def test_xsa_attention_reference_against_loops():
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 1, 5, 4, 2, 8
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    got = reference.xsa_attention(q, k, v, xsa=True)
+    for h in range(H):
+        kv = h // (H // Hkv)
+        for t in range(T):
+            s = torch.stack([q[0, t, h] @ k[0, j, kv] / math.sqrt(D) for j in range(t + 1)])
+            y = (torch.softmax(s, 0)[:, None] * v[0, : t + 1, kv]).sum(0)
+            vhat = v[0, t, kv] / v[0, t, kv].norm()
+            y = y - (y @ vhat) * vhat
+            torch.testing.assert_close(got[0, t, h], y)
+    # the XSA output is orthogonal to its own value vector
+    vh = v.repeat_interleave(H // Hkv, dim=2)
+    assert (got * vh).sum(-1).abs().max() < 1e-12
+
+
+def test_sdpa_baseline_matches_explicit_reference():
+    torch.manual_seed(1)
+    q = torch.randn(2, 9, 4, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 9, 1, 16, dtype=torch.float64), torch.randn(2, 9, 1, 16, dtype=torch.float64)
+    for xsa in (False, True):
+        torch.testing.assert_close(reference.xsa_attention_sdpa(q, k, v, xsa), reference.xsa_attention(q, k, v, xsa))
+
+
+def test_newton_schulz_coeff_forms_and_orientation():
+    torch.manual_seed(2)
+    G = torch.randn(3, 24, 16, dtype=torch.float64)
+    one = reference.newton_schulz(G, 5, (3.4445, -4.7750, 2.0315), torch.float64)
+    listed = reference.newton_schulz(G, 5, [(3.4445, -4.7750, 2.0315)] * 5, torch.float64)
+    torch.testing.assert_close(one, listed, rtol=0, atol=0)
+    assert one.shape == G.shape
+    s = torch.linalg.svdvals(one)
+    assert s.min() > 0.5 and s.max() < 1.3  # the quintic's known band around 1
+    with pytest.raises(ValueError, match="one \\(a, b, c\\) triple or 5"):
+        reference.newton_schulz(G, 5, [(1.0, 2.0, 3.0)] * 4)
+
+
+def test_softcap_cross_entropy_reference():
+    torch.manual_seed(3)
+    x, w = torch.randn(6, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64) * 10
+    t = torch.randint(0, 10, (6,))
+    logits = 30 * torch.tanh((x @ w.T) / 30)
+    expected = torch.logsumexp(logits, -1) - logits[torch.arange(6), t]
+    torch.testing.assert_close(reference.softcap_cross_entropy(x, w, t), expected)
+
+
+def test_public_api_reference_backend_routes_to_reference():
+    ids = torch.randint(0, 1024, (2, 7))
+    table = torch.randn(64, 4)
+    with kernels.use_backend("reference"):
+        torch.testing.assert_close(kernels.bigram_embed(ids, table), table[reference.bigram_hash(ids, 64)])
