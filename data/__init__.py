@@ -1,0 +1,1 @@
+"""Data tools: download the official shards (download.py), turn text into shards (prepare.py)."""

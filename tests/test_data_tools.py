@@ -1,0 +1,477 @@
+"""data/prepare.py (text -> shards, tokenizer training) and data/download.py (resumable fetch of the
+official shards), without network: downloads go to a local HTTP server in a thread that serves a
+temp folder with Range support and can drop connections or ignore Range on request."""
+import hashlib
+import http.server
+import json
+import os
+import random
+import socket
+import threading
+import urllib.error
+
+import numpy as np
+import pytest
+
+from data import download, prepare
+from data.prepare import DataPrepError
+from model.data import read_shard, write_shard
+
+# -- shared fixtures --------------------------------------------------------------------------------
+
+WORDS = [
+    "the", "of", "and", "a", "to", "in", "is", "that", "for", "it", "with", "as", "was", "on", "be", "at",
+    "model", "token", "shard", "golf", "parameter", "train", "value", "kernel", "bytes", "river", "stone",
+    "window", "garden", "number", "history", "market", "energy", "village", "signal", "winter", "letter",
+]
+
+
+def synthetic_documents(count: int, seed: int = 0) -> list[str]:
+    """Documents of a few sentences of common words, with digits, of varied (small) length."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count):
+        sentences = []
+        for _ in range(rng.randint(1, 6)):
+            words = rng.choices(WORDS, k=rng.randint(3, 15))
+            if rng.random() < 0.3:
+                words.append(str(rng.randint(0, 99999)))
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A 400-piece tokenizer trained on synthetic text with the sp1024 conventions."""
+    path = str(tmp_path_factory.mktemp("tok") / "tiny.model")
+    return prepare.train_tokenizer(synthetic_documents(300, seed=1), path, vocab_size=400)
+
+
+def one_line(message: str) -> bool:
+    return "\n" not in message and len(message) > 20
+
+
+# -- prepare: real data -------------------------------------------------------------------------------
+
+
+def test_prepare_reproduces_official_val_sample(shared_data, tmp_path):
+    jsonl = os.path.join(shared_data, "raw", "fineweb_val_sample_200docs.jsonl")
+    tokenizer = os.path.join(shared_data, "tokenizers", "fineweb_1024_bpe.model")
+    official = os.path.join(shared_data, "fineweb10B_sp1024_sample", "fineweb_val_000000.bin")
+    if not all(os.path.isfile(p) for p in (jsonl, tokenizer, official)):
+        pytest.skip("the raw val sample, tokenizer or sample val shard is missing from shared data")
+    stats = prepare.prepare(prepare.read_documents(jsonl), str(tmp_path), tokenizer, val_docs=200, shard_tokens=100_000_000)
+    assert stats["docs_val"] == 200 and stats["docs_train"] == 0 and stats["files_train"] == []
+    assert stats["files_val"] == ["fineweb_val_000000.bin"]
+    ours, theirs = read_shard(str(tmp_path / "fineweb_val_000000.bin")), read_shard(official)
+    assert ours.size == theirs.size == stats["tokens_val"]
+    np.testing.assert_array_equal(ours, theirs)  # token for token
+    with open(tmp_path / "fineweb_val_000000.bin", "rb") as a, open(official, "rb") as b:
+        assert a.read() == b.read()  # and byte for byte, header included
+
+
+# -- prepare: synthetic documents -------------------------------------------------------------------
+
+
+def expected_stream(sp, docs: list[str]) -> np.ndarray:
+    return np.concatenate([np.array([sp.bos_id()] + sp.encode(d), dtype=np.uint16) for d in docs])
+
+
+def split_tokens(folder, split: str) -> tuple[list[np.ndarray], list[str]]:
+    names = sorted(n for n in os.listdir(folder) if n.startswith(f"fineweb_{split}_"))
+    return [read_shard(os.path.join(folder, n)) for n in names], names
+
+
+@pytest.mark.parametrize("val_docs, shard_tokens", [(7, 37), (0, 64), (1, 1000), (40, 101), (3, 1)])
+def test_prepare_shards_bos_and_val_split(tiny_tokenizer, tmp_path, val_docs, shard_tokens):
+    docs = synthetic_documents(40 if shard_tokens > 1 else 6, seed=2)
+    docs[min(2, len(docs) - 1)] = ""  # an empty document still counts: BOS alone
+    stats = prepare.prepare(docs, str(tmp_path), tiny_tokenizer, val_docs=val_docs, shard_tokens=shard_tokens)
+    sp = prepare.load_tokenizer(tiny_tokenizer)
+    val_count = min(val_docs, len(docs))
+    for split, split_docs in (("val", docs[:val_count]), ("train", docs[val_count:])):
+        shards, names = split_tokens(tmp_path, split)
+        assert names == stats[f"files_{split}"] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(names))]
+        assert stats[f"docs_{split}"] == len(split_docs)
+        if not split_docs:
+            assert shards == [] and stats[f"tokens_{split}"] == 0
+            continue
+        # every shard but the last holds exactly shard_tokens; the last one the rest
+        assert all(s.size == shard_tokens for s in shards[:-1]) and 0 < shards[-1].size <= shard_tokens
+        stream = np.concatenate(shards)
+        np.testing.assert_array_equal(stream, expected_stream(sp, split_docs))
+        assert stats[f"tokens_{split}"] == stream.size
+        # one BOS per document, exactly at each document's start, never elsewhere (no EOS either)
+        starts = np.cumsum([0] + [1 + len(sp.encode(d)) for d in split_docs[:-1]])
+        np.testing.assert_array_equal(np.flatnonzero(stream == sp.bos_id()), starts)
+        assert not np.any(stream == sp.eos_id())
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "staging folder left behind"
+
+
+def test_prepare_refuses_existing_shards_and_overwrite_removes_stale(tiny_tokenizer, tmp_path):
+    docs = synthetic_documents(30, seed=3)
+    first = prepare.prepare(docs, str(tmp_path), tiny_tokenizer, val_docs=5, shard_tokens=50)
+    assert len(first["files_train"]) > 2
+    with pytest.raises(DataPrepError, match="--overwrite") as err:
+        prepare.prepare(docs, str(tmp_path), tiny_tokenizer, val_docs=5, shard_tokens=50)
+    assert one_line(str(err.value))
+    second = prepare.prepare(docs[:8], str(tmp_path), tiny_tokenizer, val_docs=5, shard_tokens=10**6, overwrite=True)
+    assert sorted(n for n in os.listdir(tmp_path)) == sorted(second["files_val"] + second["files_train"])
+
+
+def test_prepare_failure_leaves_folder_untouched(tiny_tokenizer, tmp_path):
+    def docs_then_error():
+        yield from synthetic_documents(20, seed=4)
+        raise DataPrepError("input.jsonl line 21: no \"text\" field; each line must be one object like {\"text\": \"...\"}")
+
+    with pytest.raises(DataPrepError, match="line 21"):
+        prepare.prepare(docs_then_error(), str(tmp_path), tiny_tokenizer, val_docs=2, shard_tokens=10)
+    assert os.listdir(tmp_path) == []
+
+
+# -- tokenizer training -----------------------------------------------------------------------------
+
+
+def test_train_tokenizer_conventions_and_round_trip(tiny_tokenizer):
+    sp = prepare.load_tokenizer(tiny_tokenizer)
+    assert sp.vocab_size() == 400
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert [sp.id_to_piece(i) for i in (4, 5, 259)] == ["<0x00>", "<0x01>", "<0xFF>"]  # byte fallback
+    assert os.path.isfile(os.path.splitext(tiny_tokenizer)[0] + ".vocab")
+    text = "The river of 2024 stones, a garden: 31415 kernels!"
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text  # no dummy prefix: exact round trip of normalised text
+    assert [sp.id_to_piece(i) for i in sp.encode("2024")] == ["2", "0", "2", "4"]  # digits split
+    unseen = "snow ☃ and 雪"
+    assert sp.decode(sp.encode(unseen)) == unseen  # unseen characters go through byte pieces
+    assert any(4 <= i < 260 for i in sp.encode(unseen))
+
+
+def test_train_tokenizer_512_from_200kb_and_too_small_corpus(tmp_path):
+    docs = synthetic_documents(1500, seed=5)
+    size = sum(len(d.encode()) for d in docs)
+    assert 150_000 < size < 300_000
+    model = prepare.train_tokenizer(docs, str(tmp_path / "t512.model"), 512)
+    sp = prepare.load_tokenizer(model)
+    assert sp.vocab_size() == 512
+    doc = docs[-1]
+    assert sp.decode(sp.encode(doc)) == doc
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # staging folder removed
+    with pytest.raises(DataPrepError, match="too small") as err:
+        prepare.train_tokenizer(["a tiny corpus"], str(tmp_path / "small.model"), 512)
+    assert one_line(str(err.value)) and not os.path.exists(tmp_path / "small.model")
+    with pytest.raises(DataPrepError, match="distinct characters") as err:
+        prepare.train_tokenizer([d + " ÀÁÂÃÄÅÆÇÈÉÊËÌÍÎÏÐÑÒÓÔÕÖØÙÚÛÜ" for d in docs[:50]], str(tmp_path / "few.model"), 270)
+    assert one_line(str(err.value))
+    with pytest.raises(DataPrepError, match="no non-empty documents"):
+        prepare.train_tokenizer(["", "  \n"], str(tmp_path / "empty.model"), 512)
+
+
+# -- reading inputs and errors ----------------------------------------------------------------------
+
+
+def test_read_documents_formats(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("first doc line one\nline two\n\n\n  \nsecond doc\n\nthird\r\nwith crlf\n")
+    assert list(prepare.read_documents(str(txt))) == ["first doc line one\nline two", "second doc", "third\nwith crlf"]
+    assert list(prepare.read_documents(str(txt), one_doc_per_line=True)) == [
+        "first doc line one", "line two", "second doc", "third", "with crlf"
+    ]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": "a\n\nb", "id": 1}) + "\n\n" + json.dumps({"text": ""}) + "\n")
+    assert list(prepare.read_documents(str(jsonl))) == ["a\n\nb", ""]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"text": "ok"}\n{"body": "no text"}\n', 'line 2: no "text" field'),
+        ('{"text": "ok"}\n{"text": "unterminated\n', "line 2: not valid JSON"),
+        ('{"text": 42}\n', 'line 1: "text" is a int'),
+        ('["text"]\n', 'line 1: no "text" field'),
+    ],
+)
+def test_bad_jsonl_gives_one_clear_line(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataPrepError, match=match) as err:
+        list(prepare.read_documents(str(path)))
+    assert one_line(str(err.value)) and str(path) in str(err.value)
+
+
+def test_bad_inputs_give_one_clear_line(tiny_tokenizer, tmp_path):
+    with pytest.raises(DataPrepError, match="does not exist") as err:
+        prepare.read_documents(str(tmp_path / "missing.jsonl"))
+    assert one_line(str(err.value))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataPrepError, match="no documents") as err:
+        prepare.prepare(prepare.read_documents(str(empty)), str(tmp_path / "out"), tiny_tokenizer, val_docs=1, shard_tokens=10)
+    assert one_line(str(err.value))
+    with pytest.raises(DataPrepError, match="tokenizer .* does not exist"):
+        prepare.prepare(["doc"], str(tmp_path / "out"), str(tmp_path / "none.model"), val_docs=0, shard_tokens=10)
+    not_a_model = tmp_path / "junk.model"
+    not_a_model.write_bytes(b"junk")
+    with pytest.raises(DataPrepError, match="not a SentencePiece model"):
+        prepare.prepare(["doc"], str(tmp_path / "out"), str(not_a_model), val_docs=0, shard_tokens=10)
+    with pytest.raises(DataPrepError, match="shard_tokens"):
+        prepare.prepare(["doc"], str(tmp_path / "out"), tiny_tokenizer, val_docs=0, shard_tokens=0)
+    bad_utf8 = tmp_path / "latin1.txt"
+    bad_utf8.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataPrepError, match="line 1: not UTF-8"):
+        list(prepare.read_documents(str(bad_utf8)))
+
+
+def test_cli_end_to_end_and_error_exit(tmp_path, capsys):
+    docs = synthetic_documents(400, seed=6)
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n\n".join(docs) + "\n")
+    out, model = tmp_path / "shards", tmp_path / "tok" / "new.model"
+    argv = ["--input", str(txt), "--out", str(out), "--tokenizer", str(model), "--val-docs", "50",
+            "--shard-tokens", "5000", "--train-tokenizer", "--vocab-size", "330"]
+    assert prepare.main(argv) == 0
+    sp = prepare.load_tokenizer(str(model))
+    assert sp.vocab_size() == 330
+    val, _ = split_tokens(out, "val")
+    train, _ = split_tokens(out, "train")
+    np.testing.assert_array_equal(np.concatenate(val), expected_stream(sp, docs[:50]))
+    np.testing.assert_array_equal(np.concatenate(train), expected_stream(sp, docs[50:]))
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "oops"}\n')
+    assert prepare.main(["--input", str(bad), "--out", str(tmp_path / "o2"), "--tokenizer", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and 'no "text" field' in err
+
+
+# -- download: a local fake Hugging Face ------------------------------------------------------------
+
+
+class FakeHub:
+    """Serves files {remote path: bytes} at /datasets/<repo>/resolve/main/<path>, like huggingface.co.
+
+    drop_after[path] = n: the next response for that path sends n bytes of its body, then closes.
+    ignore_range: answer Range requests with the whole file (status 200), as some servers do.
+    redirect: answer with a 302 to /cdn/<path> first, as huggingface.co does for large files.
+    """
+
+    def __init__(self, repo: str):
+        self.repo, self.files, self.requests = repo, {}, []
+        self.drop_after: dict[str, int] = {}
+        self.ignore_range = False
+        self.redirect = False
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                prefix = f"/datasets/{hub.repo}/resolve/main/"
+                if hub.redirect and self.path.startswith(prefix):
+                    self.send_response(302)  # as huggingface.co does for large (LFS) files
+                    self.send_header("Location", "/cdn/" + self.path[len(prefix):])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                prefix = "/cdn/" if hub.redirect else prefix
+                path = self.path[len(prefix):] if self.path.startswith(prefix) else None
+                hub.requests.append((path, self.headers.get("Range")))
+                if path not in hub.files:
+                    self.send_error(404)
+                    return
+                body, start = hub.files[path], 0
+                range_header = self.headers.get("Range")
+                if range_header and not hub.ignore_range:
+                    start = int(range_header.removeprefix("bytes=").rstrip("-"))
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                payload = body[start:]
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if path in hub.drop_after:
+                    self.wfile.write(payload[: hub.drop_after.pop(path)])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return download.resolve_url(self.endpoint, self.repo, "main", path)
+
+    def shard_requests(self) -> list:
+        return [r for r in self.requests if r[0] and r[0].endswith(".bin")]
+
+
+def shard_bytes(tmp_path, tokens) -> bytes:
+    path = tmp_path / "shard_src.bin"
+    write_shard(str(path), tokens)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def hub(tmp_path, tiny_tokenizer):
+    """A fake remote with the official layout: manifest, 1 val + 3 train shards, tokenizer files."""
+    hub = FakeHub("someone/parameter-golf")
+    rng = np.random.default_rng(0)
+    manifest = {
+        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 3, "files_val": 1}}],
+        "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
+    }
+    hub.files["datasets/manifest.json"] = json.dumps(manifest).encode()
+    for name, count in [("val_000000", 3001), ("train_000000", 5000), ("train_000001", 4999), ("train_000002", 17)]:
+        hub.files[f"datasets/datasets/fineweb10B_sp1024/fineweb_{name}.bin"] = shard_bytes(tmp_path, rng.integers(0, 1024, count))
+    with open(tiny_tokenizer, "rb") as f:
+        hub.files["datasets/tokenizers/fineweb_1024_bpe.model"] = f.read()
+    hub.files["datasets/tokenizers/fineweb_1024_bpe.vocab"] = b"<pad>\t0\n"
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
+
+
+def fetch(hub, out, train_shards=2, **kwargs):
+    return download.download_dataset(str(out), train_shards, repo=hub.repo, endpoint=hub.endpoint, log=lambda _: None, **kwargs)
+
+
+def test_download_full_then_skip(hub, tmp_path):
+    out = tmp_path / "data"
+    results = fetch(hub, out, train_shards=2)
+    expected = ["manifest.json", "datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+                "datasets/fineweb10B_sp1024/fineweb_train_000000.bin", "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+                "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
+    assert sorted(results) == sorted(str(out / p) for p in expected)
+    assert set(results.values()) == {"downloaded"}
+    for p in expected:
+        assert (out / p).read_bytes() == hub.files[f"datasets/{p}"]
+    assert not (out / "datasets/fineweb10B_sp1024/fineweb_train_000002.bin").exists()  # only the first 2 train shards
+    assert not list(out.rglob("*.part"))
+    # the trainer's default paths, relative to data/
+    assert (out / "datasets" / "fineweb10B_sp1024").is_dir() and (out / "tokenizers" / "fineweb_1024_bpe.model").is_file()
+
+    hub.requests.clear()
+    again = fetch(hub, out, train_shards=2)
+    assert set(again.values()) == {"skipped"} and hub.requests == []
+    more = fetch(hub, out, train_shards=3)  # asking for more fetches only the new shard
+    assert [k for k, v in more.items() if v != "skipped"] == [str(out / "datasets/fineweb10B_sp1024/fineweb_train_000002.bin")]
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+def test_download_resumes_partial_file_with_range(hub, tmp_path, redirect):
+    hub.redirect = redirect  # the Range header must survive the redirect
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
+    dest = tmp_path / "fineweb_train_000000.bin"
+    body = hub.files[remote]
+    (tmp_path / "fineweb_train_000000.bin.part").write_bytes(body[:3333])
+    assert download.download_file(hub.url(remote), str(dest), log=lambda _: None) == "resumed"
+    assert hub.requests == [(remote, "bytes=3333-")]
+    assert dest.read_bytes() == body and not (tmp_path / "fineweb_train_000000.bin.part").exists()
+
+
+def test_download_dropped_connection_resumes(hub, tmp_path):
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    body, dest, part = hub.files[remote], tmp_path / "s.bin", tmp_path / "s.bin.part"
+    hub.drop_after[remote] = 2500
+    with pytest.raises(download.DownloadError, match="run the command again to resume") as err:
+        download.download_file(hub.url(remote), str(dest), retries=0, log=lambda _: None)
+    assert one_line(str(err.value))
+    assert part.read_bytes() == body[:2500] and not dest.exists()
+    assert download.download_file(hub.url(remote), str(dest), log=lambda _: None) == "resumed"  # a later run
+    assert dest.read_bytes() == body and hub.requests[-1] == (remote, "bytes=2500-")
+
+    hub.drop_after[remote] = 1000  # and within one call, with retries
+    dest2 = tmp_path / "t.bin"
+    logs = []
+    assert download.download_file(hub.url(remote), str(dest2), retries=2, log=logs.append) == "resumed"
+    assert dest2.read_bytes() == body and hub.requests[-1] == (remote, "bytes=1000-") and "resuming" in logs[0]
+
+
+def test_download_server_ignoring_range_restarts(hub, tmp_path):
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
+    body = hub.files[remote]
+    (tmp_path / "v.bin.part").write_bytes(body[:100])
+    hub.ignore_range = True
+    download.download_file(hub.url(remote), str(tmp_path / "v.bin"), log=lambda _: None)
+    assert (tmp_path / "v.bin").read_bytes() == body
+
+
+def test_download_part_already_whole(hub, tmp_path):
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"
+    (tmp_path / "w.bin.part").write_bytes(hub.files[remote])  # complete, but never renamed (killed just before)
+    assert download.download_file(hub.url(remote), str(tmp_path / "w.bin"), log=lambda _: None) == "resumed"
+    assert (tmp_path / "w.bin").read_bytes() == hub.files[remote]
+
+
+def test_download_detects_corruption(hub, tmp_path):
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
+    good = hub.files[remote]
+    hub.files[remote] = good[:-10]  # truncated upstream: the header's token count no longer matches
+    dest = tmp_path / "c.bin"
+    with pytest.raises(download.DownloadError, match="arrived corrupted") as err:
+        download.download_file(hub.url(remote), str(dest), log=lambda _: None)
+    assert one_line(str(err.value))
+    assert not dest.exists() and not (tmp_path / "c.bin.part").exists()
+
+    hub.files[remote] = good  # right size and header, wrong sha256
+    with pytest.raises(download.DownloadError, match="sha256"):
+        download.download_file(hub.url(remote), str(dest), expected_sha256="0" * 64, log=lambda _: None)
+    assert not dest.exists()
+    assert download.download_file(hub.url(remote), str(dest), expected_sha256=hashlib.sha256(good).hexdigest(), log=lambda _: None) == "downloaded"
+
+    dest.write_bytes(good[:2000])  # an existing file that went bad on disk is fetched again
+    logs = []
+    assert download.download_file(hub.url(remote), str(dest), log=logs.append) == "downloaded"
+    assert dest.read_bytes() == good and "fails its check" in logs[0]
+
+    junk_model = "datasets/tokenizers/fineweb_1024_bpe.model"
+    hub.files[junk_model] = b"<html>not a model</html>"
+    with pytest.raises(download.DownloadError, match="not a SentencePiece model"):
+        download.download_file(hub.url(junk_model), str(tmp_path / "m.model"), log=lambda _: None)
+
+
+def test_download_uses_manifest_sha256(hub, tmp_path):
+    manifest = json.loads(hub.files["datasets/manifest.json"])
+    manifest["files"] = {"datasets/fineweb10B_sp1024/fineweb_val_000000.bin": {"sha256": "f" * 64}}
+    hub.files["datasets/manifest.json"] = json.dumps(manifest).encode()
+    with pytest.raises(download.DownloadError, match="fineweb_val_000000.bin arrived corrupted.*sha256"):
+        fetch(hub, tmp_path / "data", train_shards=0)
+    assert download.expected_sha256({"files": [{"path": "a.bin", "sha256": "ab"}]}, "a.bin") == "ab"
+    assert download.expected_sha256({}, "a.bin") is None
+
+
+def test_download_plan_errors(hub, tmp_path):
+    with pytest.raises(download.DownloadError, match=r"--train-shards 4 is outside \[0, 3\]"):
+        fetch(hub, tmp_path / "data", train_shards=4)
+    with pytest.raises(download.DownloadError, match="no dataset 'fineweb10B_sp4096'.*fineweb10B_sp1024"):
+        fetch(hub, tmp_path / "data", dataset="fineweb10B_sp4096")
+    with pytest.raises(download.DownloadError, match="HTTP 404"):
+        download.download_file(hub.url("datasets/nothing.bin"), str(tmp_path / "n.bin"), log=lambda _: None)
+
+
+def test_download_without_network_one_clear_line(tmp_path, capsys):
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = download.main(["--out", str(tmp_path), "--train-shards", "1", "--endpoint", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot reach 127.0.0.1:{port}: ") and "download on a machine with internet and copy data/ over" in err
+
+    def no_dns(request, timeout):  # what a machine without internet sees for huggingface.co
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    with pytest.raises(download.NetworkError, match=r"^cannot reach huggingface\.co: .*Name or service not known; download on a machine with internet and copy data/ over$"):
+        download.download_dataset(str(tmp_path), 1, endpoint="https://huggingface.co", opener=no_dns, log=lambda _: None)
+    assert not list(tmp_path.rglob("*.part"))
