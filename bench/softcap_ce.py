@@ -1,0 +1,111 @@
+"""Soft-capped cross-entropy over the tied head: Triton vs eager reference vs torch.compile(reference).
+
+    python -m bench.softcap_ce
+
+One training micro-batch per GPU: N = 48 * 2048 tokens, V = 1024, d = 512, bf16 x and weight.
+Times forward alone (no grad) and forward + backward (per-token random upstream gradient), and
+the peak memory each allocates beyond its inputs.
+
+FLOPs: the useful work is 2NVd forward and 4NVd backward (grad_x and grad_weight products); the
+Triton backward also recomputes the logits (+2NVd), so it executes 8NVd for forward + backward.
+TFLOP/s below count the useful work (the same numerator for every variant, so they compare).
+"""
+import torch
+
+from bench.common import compiled, header, median_ms, require_gpu, table
+
+N, V, D = 48 * 2048, 1024, 512
+SOFTCAP = 30.0
+
+
+def useful_flops(n: int, v: int, d: int, backward: bool) -> int:
+    """Matmul FLOPs of the op itself: forward 2nvd, backward 4nvd."""
+    return (6 if backward else 2) * n * v * d
+
+
+def executed_flops_triton(n: int, v: int, d: int, backward: bool) -> int:
+    """What the Triton path runs: the backward recomputes the forward product."""
+    return (8 if backward else 2) * n * v * d
+
+
+def fp32_logits_bytes(n: int, v: int) -> int:
+    """The [N, V] fp32 logits the fused kernel never materialises."""
+    return 4 * n * v
+
+
+def make_inputs(device: str = "cuda"):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(N, D, generator=gen, device=device) * 8 / D**0.5).bfloat16()  # raw logits of std ~ 8
+    weight = torch.randn(V, D, generator=gen, device=device).bfloat16()
+    targets = torch.randint(0, V, (N,), generator=gen, device=device)
+    grad_loss = torch.randn(N, generator=gen, device=device)
+    return x, weight, targets, grad_loss
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes allocated while fn runs, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def main() -> None:
+    require_gpu("bench.softcap_ce")
+    from kernels import reference, softcap_ce
+
+    x, weight, targets, grad_loss = make_inputs()
+    # Every variant takes (x, weight, targets); the soft cap is a constant of the model.
+    variants = {
+        "triton": lambda x, w, t: softcap_ce.softcap_cross_entropy(x, w, t, SOFTCAP),
+        "eager reference": lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP),
+        "compiled reference": compiled(lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP)),
+    }
+    x_grad, weight_grad = x.detach().requires_grad_(), weight.detach().requires_grad_()
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                return fn(x, weight, targets)
+        return run
+
+    def forward_backward(fn):
+        def run():
+            loss = fn(x_grad, weight_grad, targets)
+            return torch.autograd.grad(loss, (x_grad, weight_grad), grad_loss)
+        return run
+
+    rows = []
+    for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
+        timed = {}
+        for name, fn in variants.items():
+            run = make_run(fn)
+            run()  # compile outside the timing
+            timed[name] = (median_ms(run), peak_extra_bytes(run))
+        eager_ms = timed["eager reference"][0]
+        for name, (ms, peak) in timed.items():
+            rows.append(
+                {
+                    "pass": pass_name,
+                    "variant": name,
+                    "median ms": ms,
+                    "useful TFLOP/s": useful_flops(N, V, D, backward) / ms / 1e9,
+                    "peak extra MiB": peak / 2**20,
+                    "speed-up vs eager": eager_ms / ms,
+                }
+            )
+
+    print(header(f"softcap cross-entropy, N={N}, V={V}, d={D}, bf16, softcap {SOFTCAP}"))
+    print(
+        f"useful FLOPs: forward 2NVd = {useful_flops(N, V, D, False):.3e}, forward+backward 6NVd = "
+        f"{useful_flops(N, V, D, True):.3e}; the Triton backward recomputes the logits, so it executes "
+        f"8NVd = {executed_flops_triton(N, V, D, True):.3e}. fp32 logits it never stores: "
+        f"{fp32_logits_bytes(N, V) / 2**20:.0f} MiB.\n"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

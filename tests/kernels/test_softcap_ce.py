@@ -1,0 +1,217 @@
+"""Soft-capped cross-entropy kernel (kernels/softcap_ce.py) against kernels.reference.
+
+On the CPU the Triton kernels run in the interpreter with fp32 operands and 32-wide blocks, so
+N in {37, 130}, V = 100 and d = 48 are ragged in every dimension; bf16 and Inductor need a GPU.
+"""
+import pytest
+import torch
+
+import kernels
+from kernels import _launch, reference, softcap_ce
+from tests.conftest import DEVICE
+from tests.tolerances import assert_close, assert_within_pytorch_error
+
+
+def make_inputs(N, V, d, x_scale=1.0, dtype=torch.float32, weight_dtype=None, seed=0):
+    """x [N, d], weight [V, d], targets [N] and a random per-token upstream gradient [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, d, generator=gen) * x_scale / d**0.5).to(DEVICE, dtype)
+    weight = torch.randn(V, d, generator=gen).to(DEVICE, weight_dtype or dtype)
+    targets = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
+    grad_loss = torch.randn(N, generator=gen).to(DEVICE)
+    return x, weight, targets, grad_loss
+
+
+def loss_and_grads(fn, x, weight, targets, grad_loss, softcap, cast=None):
+    """fn's loss [N] and the gradients of sum(loss * grad_loss) for x and weight."""
+    x = (x.to(cast) if cast else x).detach().requires_grad_()
+    weight = (weight.to(cast) if cast else weight).detach().requires_grad_()
+    loss = fn(x, weight, targets, softcap)
+    loss.backward(grad_loss.to(loss.dtype))
+    return loss.detach(), x.grad, weight.grad
+
+
+def check_against_fp64_reference(x, weight, targets, grad_loss, softcap):
+    loss, grad_x, grad_weight = loss_and_grads(softcap_ce.softcap_cross_entropy, x, weight, targets, grad_loss, softcap)
+    ref_loss, ref_grad_x, ref_grad_weight = loss_and_grads(
+        reference.softcap_cross_entropy, x, weight, targets, grad_loss, softcap, cast=torch.float64
+    )
+    assert loss.dtype == torch.float32 and grad_x.dtype == x.dtype and grad_weight.dtype == weight.dtype
+    assert_close(loss, ref_loss.float(), torch.float32)
+    assert_close(grad_x, ref_grad_x.to(x.dtype), x.dtype)
+    assert_close(grad_weight, ref_grad_weight.to(weight.dtype), weight.dtype)
+
+
+def test_outputs_are_poisoned_in_tests():
+    # Every comparison below would catch an element the kernels forget to write.
+    assert _launch.POISON
+
+
+@pytest.mark.parametrize("d", [32, 48])
+@pytest.mark.parametrize("V", [64, 100])
+@pytest.mark.parametrize("N", [1, 37, 130])
+def test_loss_and_grads_match_reference(N, V, d):
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=4.0, seed=N * V + d)
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+
+
+@pytest.mark.parametrize("softcap", [15.0, 30.0])
+def test_saturated_soft_cap(softcap):
+    # Raw logits of std ~ 3 x softcap: most sit on the flat part of tanh.
+    N, V, d = 37, 100, 48
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=3 * softcap, seed=7)
+    raw = x.double() @ weight.double().T
+    assert (raw.abs() > 2 * softcap).float().mean() > 0.3, "the test must exercise the saturated cap"
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap)
+
+
+def test_bf16_weight_with_fp32_activations():
+    # The tied embedding is stored in bf16: the product runs in x's dtype, grad_weight comes back in bf16.
+    x, weight, targets, grad_loss = make_inputs(37, 100, 48, x_scale=4.0, weight_dtype=torch.bfloat16, seed=3)
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+
+
+def test_backward_in_several_ragged_chunks(monkeypatch):
+    N, V, d = 37, 100, 48
+    # 7 rows per chunk: 6 chunks, the last one 2 rows.
+    monkeypatch.setattr(softcap_ce, "BACKWARD_CHUNK_BYTES", 7 * V * 4)
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=4.0, seed=11)
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+
+
+def test_mean_loss_stride0_gradient_and_frozen_weight():
+    # loss.mean().backward() hands the op an expanded (stride-0) gradient; weight needs no grad.
+    x, weight, targets, _ = make_inputs(37, 100, 48, x_scale=4.0, seed=8)
+    xk, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    softcap_ce.softcap_cross_entropy(xk, weight, targets).mean().backward()
+    reference.softcap_cross_entropy(xr, weight.double(), targets).mean().backward()
+    assert_close(xk.grad, xr.grad.float(), torch.float32)
+
+
+def test_lse_output_and_its_gradient():
+    # The forward op also returns lse; a gradient arriving through it must be honoured too.
+    N, V, d, softcap = 37, 100, 48, 20.0
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=4.0, seed=5)
+    grad_lse = torch.randn(N, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+
+    def run(fwd, cast=None):
+        xx = (x.to(cast) if cast else x).detach().requires_grad_()
+        ww = (weight.to(cast) if cast else weight).detach().requires_grad_()
+        loss, lse = fwd(xx, ww)
+        ((loss * grad_loss.to(loss.dtype)).sum() + (lse * grad_lse.to(lse.dtype)).sum()).backward()
+        return lse.detach(), xx.grad, ww.grad
+
+    def reference_fwd(xx, ww):
+        capped = softcap * torch.tanh(xx @ ww.T / softcap)
+        return reference.softcap_cross_entropy(xx, ww, targets, softcap), torch.logsumexp(capped, dim=-1)
+
+    lse, grad_x, grad_weight = run(lambda xx, ww: softcap_ce.softcap_ce_fwd(xx, ww, targets, softcap))
+    ref_lse, ref_grad_x, ref_grad_weight = run(reference_fwd, cast=torch.float64)
+    assert_close(lse, ref_lse.float(), torch.float32)
+    assert_close(grad_x, ref_grad_x.float(), torch.float32)
+    assert_close(grad_weight, ref_grad_weight.float(), torch.float32)
+
+
+def test_ignore_index_like_cross_entropy():
+    N, V, d = 37, 100, 48
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=4.0, seed=9)
+    targets[::3] = -100
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+    loss = softcap_ce.softcap_cross_entropy(x, weight, targets)
+    assert (loss[::3] == 0).all()
+
+
+def test_out_of_range_target_gives_nan_in_the_op_and_an_error_in_the_function():
+    N, V, d = 37, 100, 32
+    x, weight, targets, _ = make_inputs(N, V, d, seed=1)
+    targets[4] = V
+    loss, _lse = softcap_ce.softcap_ce_fwd(x, weight, targets, 30.0)  # no sync: NaN marks the bad token
+    assert torch.isnan(loss[4]) and not torch.isnan(loss[torch.arange(N, device=DEVICE) != 4]).any()
+    if DEVICE == "cpu":  # checking costs nothing here; on CUDA it would be a sync, so NaN it is
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 100\) or be -100"):
+            softcap_ce.softcap_cross_entropy(x, weight, targets)
+
+
+def test_bad_shapes_raise_one_clear_error():
+    x, weight, targets, _ = make_inputs(5, 64, 32)
+    with pytest.raises(ValueError, match="same d"):
+        softcap_ce.softcap_cross_entropy(x, weight[:, :16], targets)
+    with pytest.raises(ValueError, match="targets must be an integer tensor of shape"):
+        softcap_ce.softcap_cross_entropy(x, weight, targets[:4])
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        softcap_ce.softcap_cross_entropy(x.double(), weight.double(), targets)
+
+
+def test_empty_batch():
+    x, weight, targets, _ = make_inputs(0, 64, 32)
+    loss, grad_x, grad_weight = loss_and_grads(
+        softcap_ce.softcap_cross_entropy, x, weight, targets, torch.zeros(0, device=DEVICE), 30.0
+    )
+    assert loss.shape == (0,) and grad_x.shape == (0, 32)
+    assert (grad_weight == 0).all()
+
+
+def test_public_api_uses_the_triton_kernel():
+    x, weight, targets, _ = make_inputs(37, 100, 48, seed=2)
+    assert kernels._TRITON.softcap_cross_entropy is softcap_ce.softcap_cross_entropy
+    with kernels.use_backend("triton"):
+        got = kernels.softcap_cross_entropy(x, weight, targets)
+    assert_close(got, reference.softcap_cross_entropy(x.double(), weight.double(), targets).float(), torch.float32)
+
+
+def test_opcheck():
+    N, V, d = 37, 100, 48
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=4.0, seed=4)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+    torch.library.opcheck(softcap_ce.softcap_ce_fwd, (x, weight, targets, 30.0), test_utils=checks)
+    lse = torch.logsumexp(30 * torch.tanh(x.detach() @ weight.detach().T / 30), dim=-1)
+    dlogits_args = (x.detach(), weight.detach(), targets, lse, grad_loss, torch.zeros_like(grad_loss), 30.0)
+    torch.library.opcheck(softcap_ce.softcap_ce_dlogits, dlogits_args, test_utils=checks)
+
+
+def test_compiles_without_graph_break_or_recompile():
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # counts compiled frames, runs them eagerly
+    compiled = torch.compile(softcap_ce.softcap_cross_entropy, fullgraph=True, backend=counter)
+    for seed in (0, 1):  # the second same-shape input must reuse the first graph
+        x, weight, targets, grad_loss = make_inputs(37, 100, 48, x_scale=4.0, seed=seed)
+        loss, grad_x, grad_weight = loss_and_grads(compiled, x, weight, targets, grad_loss, 30.0)
+        ref = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0, cast=torch.float64)
+        for got, want in zip((loss, grad_x, grad_weight), ref):
+            assert_close(got, want.float(), torch.float32)
+    assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_fp32_on_gpu_with_full_size_tiles():
+    # The GPU config (128 x 128 x 32 tiles for fp32, IEEE dot) on shapes ragged for it.
+    x, weight, targets, grad_loss = make_inputs(300, 1000, 200, x_scale=4.0, seed=12)
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+
+
+@pytest.mark.gpu
+def test_bf16_full_size_within_pytorch_error():
+    N, V, d = 8192, 1024, 512
+    x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=8.0, dtype=torch.bfloat16, seed=13)
+    got = loss_and_grads(softcap_ce.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    exact = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0, cast=torch.float64)
+    torch_bf16 = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    for name, g, e, t in zip(("loss", "grad_x", "grad_weight"), got, exact, torch_bf16):
+        assert torch.isfinite(g).all(), name
+        assert_within_pytorch_error(g, e, t)
+
+
+@pytest.mark.gpu
+def test_inductor_compile_matches_eager():
+    x, weight, targets, grad_loss = make_inputs(1000, 1024, 512, x_scale=8.0, dtype=torch.bfloat16, seed=14)
+    compiled = torch.compile(softcap_ce.softcap_cross_entropy, fullgraph=True)
+    got = loss_and_grads(compiled, x, weight, targets, grad_loss, 30.0)
+    eager = loss_and_grads(softcap_ce.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    for g, e in zip(got, eager):
+        assert_close(g, e)
