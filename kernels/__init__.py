@@ -34,6 +34,10 @@ def _default_backend() -> str:
 # Triton implementations by public name; a missing one falls back to the reference.
 _TRITON = SimpleNamespace()
 # -- triton implementations: one line per family, added as each lands --
+from kernels import fakequant as _fakequant  # noqa: E402
+vars(_TRITON).update(_fakequant.TRITON_IMPLS)
+from kernels import bigram as _bigram  # noqa: E402
+vars(_TRITON).update(_bigram.TRITON_IMPLS)
 from kernels import softcap_ce as _softcap_ce  # noqa: E402
 vars(_TRITON).update(_softcap_ce.TRITON_IMPLS)
 
