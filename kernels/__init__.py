@@ -74,9 +74,10 @@ def xsa_attention(q, k, v, xsa: bool = False):
     return _impl("xsa_attention")(q, k, v, xsa)
 
 
-def int6_fakequant(w):
-    """Per-row int6 quantise-dequantise (exactly the export's), straight-through gradient."""
-    return _impl("int6_fakequant")(w)
+def int6_fakequant(w, out_dtype=None):
+    """Per-row int6 quantise-dequantise (exactly the export's), straight-through gradient; the
+    result in out_dtype (default w's), so fp32 weights become bf16 operands in the same pass."""
+    return _impl("int6_fakequant")(w, out_dtype)
 
 
 def int6_quantize(w):

@@ -82,9 +82,11 @@ class _StraightThrough(torch.autograd.Function):
         return grad
 
 
-def int6_fakequant(w: torch.Tensor) -> torch.Tensor:
-    """Quantise-dequantise w per row exactly as the export does; the gradient passes straight through."""
-    return _StraightThrough.apply(w)
+def int6_fakequant(w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Quantise-dequantise w per row exactly as the export does, in out_dtype (default w's); the
+    gradient passes straight through."""
+    out = _StraightThrough.apply(w)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 # --------------------------------------------------------------------------- BigramHash

@@ -101,3 +101,14 @@ def test_public_api_reference_backend_routes_to_reference():
     table = torch.randn(64, 4)
     with kernels.use_backend("reference"):
         torch.testing.assert_close(kernels.bigram_embed(ids, table), table[reference.bigram_hash(ids, 64)])
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_int6_fakequant_out_dtype_is_one_rounding_of_the_fp32_result(backend):
+    w = torch.randn(7, 45, requires_grad=True)
+    with kernels.use_backend(backend):
+        out = kernels.int6_fakequant(w, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference.int6_dequantize(*reference.int6_quantize(w.detach())).to(torch.bfloat16))
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, torch.ones_like(w))
