@@ -1,0 +1,382 @@
+"""The artifact: quantise the state dict, serialise it, compress it with zstd, check the budget.
+
+SPEC "Export". Each tensor is stored in one of five classes, chosen by name and size:
+
+| class | which tensors                                               | stored as                          |
+|-------|-------------------------------------------------------------|------------------------------------|
+| int6  | float, > 65,536 elements, name has ".attn." or ".mlp."      | int8 in [-32, 31] + fp16 row scale |
+| int8  | other float tensors of > 65,536 elements (embedding tables) | int8 in [-127, 127] + fp16 row scale, each row clipped at the 99.99984th percentile of its abs |
+| fp32  | float, <= 65,536 elements, 0/1-D or a control tensor        | fp32 (exact for fp32/bf16/fp16)    |
+| fp16  | other small float tensors (small matrices)                  | fp16 (fp32 where fp16 overflows)   |
+| raw   | non-float tensors                                           | as is                              |
+
+"Per row" means over the last dimension (a 1-D tensor is one row). Dequantisation restores every
+tensor's name, shape and dtype; the values are q * scale for int6/int8 and exact casts otherwise.
+
+Byte layout before compression (our own, so nothing is unpickled when an artifact is read):
+    MAGIC | header length (8 bytes, little-endian) | header (UTF-8 JSON) | blobs
+The header lists every tensor (name, class, original dtype and shape) and, for each stored field
+("q", "scale" or "data"), its dtype, shape, offset and length in the blob area. Blobs are grouped by
+class and field (all int6 values, then all int8 values, then the scales, ...) because zstd finds
+more repetition in a run of similar bytes than in a mix.
+"""
+import io
+import json
+import math
+import os
+import tempfile
+
+import torch
+import zstandard
+
+import kernels
+
+# --------------------------------------------------------------------------- classification
+
+SMALL_TENSOR_MAX_ELEMENTS = 65_536  # at most this many elements: kept in floating point
+INT6_NAME_PARTS = (".attn.", ".mlp.")
+CONTROL_NAME_PARTS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear", ".scale", "layer_scales")
+
+INT8_MAX = 127
+INT8_CLIP_QUANTILE = 0.9999984  # the 99.99984th percentile of |w| per row
+# The seed record's exporter floors the int8 scale at 1/127 (as int6 floors at 1/31): a zero row
+# then gets a finite scale and all-zero values, and no row spends int8 levels below 1/127.
+INT8_SCALE_FLOOR = 1.0 / INT8_MAX
+FP16_MAX = 65504.0
+# torch.quantile refuses inputs of more than 2**24 elements; larger inputs go through kthvalue.
+QUANTILE_MAX_ELEMENTS = 2**24
+
+CLASSES = ("int6", "int8", "fp16", "fp32", "raw")
+DEFAULT_LEVEL = 22
+BUDGET_BYTES = 16_000_000
+
+FORMAT = "golf-artifact-v1"
+MAGIC = b"GOLFART1"
+WRITE_CHUNK_BYTES = 1 << 20
+
+
+def tensor_class(name: str, t: torch.Tensor) -> str:
+    """The class a state-dict entry is stored in (see the module docstring)."""
+    if not t.is_floating_point():
+        return "raw"
+    if t.numel() > SMALL_TENSOR_MAX_ELEMENTS:
+        return "int6" if any(part in name for part in INT6_NAME_PARTS) else "int8"
+    if t.dim() <= 1 or any(part in name for part in CONTROL_NAME_PARTS):
+        return "fp32"
+    return "fp16"
+
+
+# --------------------------------------------------------------------------- per-row quantisers
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as fp32 [rows, last dim]; a 0/1-D tensor is one row."""
+    return t.detach().float().reshape(-1, t.shape[-1] if t.dim() >= 1 else 1).contiguous()
+
+
+def row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row q-quantile of a [rows, n] (linear interpolation, as torch.quantile) -> [rows].
+
+    torch.quantile caps its input at 2**24 elements, so rows go through it in chunks that fit;
+    a single row longer than that goes through the kthvalue route.
+    """
+    rows, n = a.shape
+    if n > QUANTILE_MAX_ELEMENTS:
+        return quantile_by_kthvalue(a, q)
+    chunk = max(1, QUANTILE_MAX_ELEMENTS // n)
+    return torch.cat([torch.quantile(a[i : i + chunk], q, dim=1) for i in range(0, rows, chunk)])
+
+
+def quantile_by_kthvalue(a: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row q-quantile of a [rows, n] with torch.quantile's linear interpolation, via kthvalue."""
+    position = q * (a.shape[1] - 1)
+    lo, hi = math.floor(position), math.ceil(position)
+    below = a.kthvalue(lo + 1, dim=1).values
+    above = a.kthvalue(hi + 1, dim=1).values if hi != lo else below
+    return below + (above - below) * (position - lo)
+
+
+def quantize_int6(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int6 through the public kernel API (the Triton kernel when that backend is active).
+
+    Returns q int8 [rows, n] in [-32, 31] and fp16 scales [rows].
+    """
+    return kernels.int6_quantize(_rows(t))
+
+
+def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 with outlier clipping: q int8 [rows, n] in [-127, 127], fp16 scales [rows].
+
+    Each row is clipped at the 99.99984th percentile of its |w|, so one outlier cannot stretch the
+    scale of the whole row; the fp16-rounded scale is the one used to round, so that
+    |clamp(w) - q * scale| <= scale / 2 holds for the stored scale.
+    """
+    w = _rows(t)  # [rows, n]
+    clip = row_quantile(w.abs(), INT8_CLIP_QUANTILE)  # [rows]
+    scale = (clip / INT8_MAX).clamp_min(INT8_SCALE_FLOOR).to(torch.float16)
+    clipped = torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None])
+    q = torch.clamp(torch.round(clipped / scale.float()[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- state dict <-> payload
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in the artifact header")
+    return dtype
+
+
+def _empty_report() -> dict:
+    return {cls: dict(tensors=0, elements=0, bytes_before=0, bytes_after=0) for cls in (*CLASSES, "total")}
+
+
+def quantize_state_dict(sd: dict) -> tuple[dict, dict]:
+    """Quantise a state dict -> (payload, report).
+
+    payload: {"format": FORMAT, "tensors": {name: {"class", "dtype", "shape", and the stored
+    tensors "q" + "scale" (int6/int8) or "data"}}}, every tensor on the CPU.
+    report: per class (and "total"): tensors, elements, bytes_before (original dtype) and
+    bytes_after (stored, before compression); `format_report` turns it into log lines.
+    """
+    entries, report = {}, _empty_report()
+    with torch.no_grad():
+        for name, t in sd.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"export: state-dict entry {name!r} is a {type(t).__name__}, not a tensor; pass model.state_dict()"
+                )
+            t = t.detach()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"export: {name} holds NaN or inf values, so the weights have diverged; "
+                    "export an earlier checkpoint or fix training"
+                )
+            cls = tensor_class(name, t)
+            entry = dict(dtype=_dtype_name(t.dtype), shape=list(t.shape))
+            if cls == "int6":
+                q, scale = quantize_int6(t)
+                entry.update(q=q.cpu(), scale=scale.cpu())
+            elif cls == "int8":
+                q, scale = quantize_int8(t)
+                entry.update(q=q.cpu(), scale=scale.cpu())
+            elif cls == "fp16" and bool((t.abs() > FP16_MAX).any()):
+                cls = "fp32"  # a value fp16 cannot hold: keep precision rather than store inf
+                entry.update(data=t.float().cpu().contiguous())
+            elif cls in ("fp16", "fp32"):
+                entry.update(data=t.to(torch.float16 if cls == "fp16" else torch.float32).cpu().contiguous())
+            else:
+                entry.update(data=t.cpu().contiguous())
+            entry["class"] = cls
+            entries[name] = entry
+            stored = sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+            for key in (cls, "total"):
+                row = report[key]
+                row["tensors"] += 1
+                row["elements"] += t.numel()
+                row["bytes_before"] += t.numel() * t.element_size()
+                row["bytes_after"] += stored
+    return {"format": FORMAT, "tensors": entries}, report
+
+
+def dequantize_state_dict(payload: dict) -> dict:
+    """The state dict a payload stands for: same names, shapes and dtypes as the exported one (CPU)."""
+    sd = {}
+    for name, entry in payload["tensors"].items():
+        dtype, shape, cls = _dtype_from_name(entry["dtype"]), tuple(entry["shape"]), entry["class"]
+        if cls in ("int6", "int8"):
+            values = entry["q"].float() * entry["scale"].float()[:, None]
+        elif cls in ("fp16", "fp32", "raw"):
+            values = entry["data"]
+        else:
+            raise ValueError(f"export: tensor {name!r} has unknown class {cls!r}; the artifact was written by another version")
+        sd[name] = values.to(dtype).reshape(shape).clone()
+    return sd
+
+
+def format_report(report: dict, compressed_bytes: int | None = None) -> list[str]:
+    """Log lines: one per non-empty class, then the total (and the compressed size when given)."""
+    lines = []
+    for cls in (*CLASSES, "total"):
+        row = report[cls]
+        if row["tensors"] or cls == "total":
+            lines.append(
+                f"export {cls:>5}: {row['tensors']:4d} tensors {row['elements']:>12,} elements "
+                f"{row['bytes_before']:>13,} -> {row['bytes_after']:>13,} bytes"
+            )
+    if compressed_bytes is not None:
+        lines.append(f"export zstd: {report['total']['bytes_after']:,} -> {compressed_bytes:,} bytes")
+    return lines
+
+
+# --------------------------------------------------------------------------- payload <-> bytes
+
+_FIELD_ORDER = ("q", "scale", "data")
+
+
+def serialize(payload: dict) -> bytes:
+    """Payload -> uncompressed bytes (MAGIC, header length, JSON header, blobs grouped by class and field)."""
+    fields = []  # (class index, field index, name, field, tensor)
+    for name, entry in payload["tensors"].items():
+        for field in _FIELD_ORDER:
+            if field in entry:
+                fields.append((CLASSES.index(entry["class"]), _FIELD_ORDER.index(field), name, field, entry[field]))
+    fields.sort(key=lambda f: f[:2])  # stable: state-dict order within a group
+
+    header = {"format": payload["format"], "tensors": []}
+    by_name = {}
+    for name, entry in payload["tensors"].items():
+        record = dict(name=name, cls=entry["class"], dtype=entry["dtype"], shape=entry["shape"], fields={})
+        header["tensors"].append(record)
+        by_name[name] = record
+    blobs, offset = [], 0
+    for _, _, name, field, t in fields:
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        by_name[name]["fields"][field] = dict(dtype=_dtype_name(t.dtype), shape=list(t.shape), offset=offset, nbytes=len(data))
+        blobs.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([MAGIC, len(header_bytes).to_bytes(8, "little"), header_bytes, *blobs])
+
+
+def deserialize(raw: bytes) -> dict:
+    """Uncompressed bytes -> payload; ValueError (one sentence) when they are not an artifact."""
+    if raw[: len(MAGIC)] != MAGIC:
+        raise ValueError("it does not start with the artifact marker")
+    start = len(MAGIC) + 8
+    header_len = int.from_bytes(raw[len(MAGIC) : start], "little")
+    try:
+        header = json.loads(raw[start : start + header_len].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"its header is not valid JSON ({error})") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"its format is {header.get('format')!r}, this code reads {FORMAT!r}")
+    blob_area = memoryview(raw)[start + header_len :]
+    entries = {}
+    for record in header["tensors"]:
+        entry = {"class": record["cls"], "dtype": record["dtype"], "shape": record["shape"]}
+        for field, spec in record["fields"].items():
+            end = spec["offset"] + spec["nbytes"]
+            if end > len(blob_area):
+                raise ValueError(f"tensor {record['name']!r} runs past the end of the data (truncated)")
+            dtype = _dtype_from_name(spec["dtype"])
+            data = bytearray(blob_area[spec["offset"] : end])  # own, aligned, writable memory
+            flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            entry[field] = flat.view(dtype).reshape(spec["shape"])
+        entries[record["name"]] = entry
+    return {"format": header["format"], "tensors": entries}
+
+
+# --------------------------------------------------------------------------- compression and files
+
+
+def _check_level(level: int) -> None:
+    if not isinstance(level, int) or not 1 <= level <= 22:
+        raise ValueError(f"export: zstd level {level!r} is not an integer in 1..22; use 22 for the artifact")
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # The content size and a checksum in the frame let the reader reject truncated or damaged files.
+    return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+
+
+def _compress_into(raw: bytes, out, level: int) -> None:
+    """Stream the zstd frame of raw into the binary file object out (left open)."""
+    with _compressor(level).stream_writer(out, size=len(raw), closefd=False) as writer:
+        view = memoryview(raw)
+        for start in range(0, len(raw), WRITE_CHUNK_BYTES):
+            writer.write(view[start : start + WRITE_CHUNK_BYTES])
+
+
+def artifact_to_bytes(sd: dict, level: int = DEFAULT_LEVEL) -> tuple[bytes, dict]:
+    """The compressed artifact of a state dict, in memory -> (bytes, report)."""
+    _check_level(level)
+    payload, report = quantize_state_dict(sd)
+    out = io.BytesIO()
+    _compress_into(serialize(payload), out, level)
+    return out.getvalue(), report
+
+
+def write_artifact(sd: dict, path: str, level: int = DEFAULT_LEVEL, report: dict | None = None) -> int:
+    """Quantise, serialise and zstd-compress sd into path atomically -> the file's size in bytes.
+
+    The frame is streamed into a temp file in path's folder that replaces path only once complete,
+    so a failure at any point (including Ctrl-C) leaves path as it was and no temp file behind.
+    Pass a dict as `report` to receive the per-class report of quantize_state_dict.
+    """
+    _check_level(level)
+    payload, class_report = quantize_state_dict(sd)
+    if report is not None:
+        report.update(class_report)
+    raw = serialize(payload)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _compress_into(raw, f, level)
+            size = f.tell()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return size
+
+
+def artifact_from_bytes(blob: bytes) -> dict:
+    """Compressed artifact bytes -> state dict; ValueError naming the problem when they are not one."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob)
+    except zstandard.ZstdError as error:
+        raise ValueError(f"it is not a complete zstd frame with its size recorded ({error})") from None
+    try:
+        return dequantize_state_dict(deserialize(raw))
+    except (KeyError, TypeError, IndexError, RuntimeError) as error:  # a header that does not fit its data
+        raise ValueError(f"its contents are inconsistent ({type(error).__name__}: {error})") from None
+
+
+def read_artifact(path: str) -> dict:
+    """Read, decompress and dequantise an artifact file -> state dict (CPU, original dtypes)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        return artifact_from_bytes(blob)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a readable artifact: {error}; re-export it with model.export.write_artifact") from None
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def code_bytes(paths) -> int:
+    """Total size in bytes of the given source files (each file counted once)."""
+    seen, total = set(), 0
+    for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"code_bytes: {path} is a folder; pass the source files themselves")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"code_bytes: source file {path} does not exist; pass the files the run really uses")
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            total += os.path.getsize(real)
+    return total
+
+
+def check_budget(artifact_bytes: int, code_bytes: int, budget: int = BUDGET_BYTES) -> int:
+    """artifact + code bytes, or ValueError (one line) when the sum exceeds the budget (decimal bytes)."""
+    total = artifact_bytes + code_bytes
+    if total > budget:
+        raise ValueError(
+            f"artifact {artifact_bytes:,} + code {code_bytes:,} = {total:,} bytes exceeds the {budget:,}-byte budget "
+            f"by {total - budget:,}; shrink the model (fewer or narrower layers, smaller tables) or the code and export again"
+        )
+    return total
