@@ -1,8 +1,11 @@
 """Token shards in the challenge's format: 256 little-endian int32 header words (magic, version,
-token count, zeros), then the tokens as little-endian uint16."""
+token count, zeros), then the tokens as little-endian uint16; the training stream that ranks share,
+and the validation tokens."""
+import glob
 import os
 
 import numpy as np
+import torch
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
 
@@ -36,3 +39,133 @@ def read_shard(path: str) -> np.ndarray:
     if size != header_bytes + 2 * count:
         raise ValueError(f"{path}: header says {count} tokens but the file holds {(size - header_bytes) / 2:g}; re-download or re-export it")
     return np.fromfile(path, dtype="<u2", count=count, offset=header_bytes)
+
+
+def shard_paths(data_path: str, split: str) -> list[str]:
+    """Sorted paths of `data_path`/fineweb_{split}_*.bin (shard order is the token order)."""
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ValueError(
+            f"no {split} shards match {pattern}; download them with data/download.py or set DATA_PATH to the folder that holds them"
+        )
+    return paths
+
+
+def _shard_token_count(path: str) -> int:
+    """Token count from the file size alone (read_shard checks it against the header on load)."""
+    return max(0, (os.path.getsize(path) - HEADER_WORDS * 4) // 2)
+
+
+class TokenStream:
+    """The tokens of `paths` one after the other, wrapping around to the first shard at the end.
+
+    The state is (shard_index, position): the next token to read. Only the shards being read
+    are held in memory (at most two: the current one and the next while a read crosses over).
+    """
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        if not self.paths:
+            raise ValueError("TokenStream needs at least one shard path; pass shard_paths(data_path, 'train')")
+        if sum(_shard_token_count(p) for p in self.paths) == 0:
+            raise ValueError(f"the {len(self.paths)} shards starting with {self.paths[0]} hold no tokens; re-export them")
+        self.shard_index, self.position = 0, 0
+        self._loaded: dict[int, np.ndarray] = {}
+
+    def _tokens(self, index: int) -> np.ndarray:
+        if index not in self._loaded:
+            # Keep the shard the stream stands in; drop any other before loading a new one.
+            self._loaded = {i: t for i, t in self._loaded.items() if i == self.shard_index}
+            self._loaded[index] = read_shard(self.paths[index])
+        return self._loaded[index]
+
+    def read(self, count: int, advance: int = None) -> np.ndarray:
+        """The next `count` tokens (uint16 [count]); the stream then moves on by `advance` (default
+        `count`, at most `count`), so a caller can peek at tokens it leaves for the next read."""
+        advance = count if advance is None else advance
+        if not 0 <= advance <= count:
+            raise ValueError(f"TokenStream.read: advance={advance} must lie in [0, count={count}]")
+        out = np.empty(count, dtype=np.uint16)
+        shard, pos, filled = self.shard_index, self.position, 0
+        state_after = (shard, pos) if advance == 0 else None
+        while filled < count or state_after is None:
+            tokens = self._tokens(shard)
+            take = min(count - filled, len(tokens) - pos)
+            out[filled:filled + take] = tokens[pos:pos + take]
+            if state_after is None and filled + take >= advance:
+                state_after = (shard, pos + advance - filled)
+            filled, pos = filled + take, pos + take
+            if pos >= len(tokens) and filled < count:
+                shard, pos = (shard + 1) % len(self.paths), 0
+        self.shard_index, self.position = state_after
+        return out
+
+    def state_dict(self) -> dict:
+        return {"shard_index": self.shard_index, "position": self.position, "num_shards": len(self.paths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_shards", len(self.paths)) != len(self.paths):
+            raise ValueError(
+                f"loader state was saved over {state['num_shards']} shards but {len(self.paths)} are present; "
+                f"resume with the same DATA_PATH contents"
+            )
+        index, position = int(state["shard_index"]), int(state["position"])
+        if not 0 <= index < len(self.paths) or not 0 <= position <= _shard_token_count(self.paths[index]):
+            raise ValueError(f"loader state (shard {index}, position {position}) lies outside the shards at {self.paths[0]}")
+        self.shard_index, self.position = index, position
+
+
+class DistributedTokenLoader:
+    """Training batches from the train shards, the same global stream for every rank.
+
+    Each call reads one contiguous span of world_size * batch_tokens_per_rank targets (+1 token
+    for the first input) and rank r takes the r-th slice of it, so ranks never see the same
+    tokens. The stream moves on by world_size * batch_tokens_per_rank: the last target of one
+    call is the first input of the next, so every token is a target once per pass over the data.
+    """
+
+    def __init__(self, data_path: str, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"DistributedTokenLoader: rank {rank} must lie in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.stream = TokenStream(shard_paths(data_path, "train"))
+
+    def next_batch(self, batch_tokens_per_rank: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [batch_tokens_per_rank // seq_len, seq_len] each, on `device`."""
+        if seq_len <= 0 or batch_tokens_per_rank <= 0 or batch_tokens_per_rank % seq_len:
+            raise ValueError(
+                f"next_batch: batch_tokens_per_rank={batch_tokens_per_rank} must be a positive multiple of seq_len={seq_len}"
+            )
+        span_targets = self.world_size * batch_tokens_per_rank
+        span = self.stream.read(span_targets + 1, advance=span_targets)
+        start = self.rank * batch_tokens_per_rank
+        local = torch.from_numpy(span[start:start + batch_tokens_per_rank + 1].astype(np.int64))
+        device = torch.device(device)
+        if device.type == "cuda":
+            # Pinned host memory lets the copy run asynchronously with the previous step's kernels.
+            local = local.pin_memory().to(device, non_blocking=True)
+        else:
+            local = local.to(device)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+def load_validation_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> torch.Tensor:
+    """All validation shards concatenated (int64 [n * seq_len + 1]): cut to max_tokens + 1 tokens
+    when max_tokens > 0, then to a whole number of seq_len targets plus the first input."""
+    tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
+    if max_tokens > 0:
+        tokens = tokens[:max_tokens + 1]
+    usable_targets = (len(tokens) - 1) // seq_len * seq_len if seq_len > 0 else 0
+    if usable_targets <= 0:
+        raise ValueError(
+            f"the validation shards in {data_path} give {len(tokens)} tokens (MAX_VAL_TOKENS={max_tokens}), fewer than "
+            f"seq_len + 1 = {seq_len + 1}; use a shorter sequence length or more validation tokens"
+        )
+    return torch.from_numpy(tokens[:usable_targets + 1].astype(np.int64))
