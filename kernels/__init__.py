@@ -38,6 +38,8 @@ from kernels import fakequant as _fakequant  # noqa: E402
 vars(_TRITON).update(_fakequant.TRITON_IMPLS)
 from kernels import bigram as _bigram  # noqa: E402
 vars(_TRITON).update(_bigram.TRITON_IMPLS)
+from kernels import xsa_attention as _xsa_attention  # noqa: E402
+vars(_TRITON).update(_xsa_attention.TRITON_IMPLS)
 from kernels import softcap_ce as _softcap_ce  # noqa: E402
 vars(_TRITON).update(_softcap_ce.TRITON_IMPLS)
 

@@ -1,0 +1,657 @@
+"""Fused XSA attention: causal GQA flash attention (forward + backward) with the XSA projection
+y = u - (u . v_hat) v_hat applied in the forward's epilogue and differentiated in the backward.
+
+Layout: q [B, T, H, D], k/v [B, T, Hkv, D] (any strides with a unit last stride), query head h
+reads KV head h // (H // Hkv) without copying K/V. Scale 1/sqrt(D), fp32 accumulation, output
+in q's dtype. Exactly the semantics of kernels.reference.xsa_attention.
+
+Forward (one program per (query tile, batch*head)): online softmax over the key tiles left of
+and on the diagonal (tiles above it are never visited), then the XSA epilogue. It saves
+lse [B, H, T] (natural log) and c = u . v_hat [B, H, T] (fp32; zeros without XSA), so the
+backward rebuilds the pre-projection output as u = y + c v_hat instead of storing u.
+
+Backward, from y, c, lse and dy (u = pre-projection output, v_hat = v/||v|| at the row's own
+position, of the KV head serving the query head):
+    du      = dy - (dy . v_hat) v_hat
+    d v_hat = -[(u . v_hat) dy + (dy . v_hat) u]
+    dv_self = (d v_hat - (d v_hat . v_hat) v_hat) / ||v||      summed over the query heads of a KV head
+then the standard flash backward with du as the output gradient (delta = rowsum(du * u)), with
+dv_self added to dV at the same position. Three kernels, none of them with atomics (so the
+gradients are bitwise deterministic): a row-wise preprocess (du, delta, dv_self), dK/dV (one
+program per key tile and KV head, looping over that head's query heads), dQ (one program per
+query tile and query head). Nothing T x T is ever stored.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._launch import INTERPRET, new_output, register_cpu_and_fake
+
+# F.normalize's floor on ||v||: v_hat = v / max(||v||, NORM_EPS), as the reference does.
+NORM_EPS = 1e-12
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+# --------------------------------------------------------------------------- tile configurations
+# On a GPU a short autotune list per kernel (Hopper-minded: 128-row tiles, 4-8 warps, 3-4 stages);
+# in the interpreter one small config, because every program runs as numpy on the CPU.
+# Forward and dQ need BLOCK_M % BLOCK_N == 0 (the diagonal stage starts on a BLOCK_N boundary);
+# dK/dV needs BLOCK_N % BLOCK_M == 0 for the same reason seen from the key side.
+
+
+def _configs(gpu_configs, interpreter_config):
+    if INTERPRET:
+        block_m, block_n = interpreter_config
+        return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs]
+
+
+_FWD_CONFIGS = _configs(
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+    interpreter_config=(32, 16),
+)
+_DKDV_CONFIGS = _configs(  # BLOCK_M: query rows per step, BLOCK_N: key rows owned by the program
+    [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    interpreter_config=(16, 32),
+)
+_DQ_CONFIGS = _configs(
+    [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    interpreter_config=(32, 16),
+)
+_PREPROCESS_BLOCK_T = 16 if INTERPRET else 64
+_TUNE_KEY = ["T", "HEAD_DIM", "GROUP", "XSA"]
+
+# --------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
+    DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile of the online softmax; DIAGONAL tiles apply the causal and bounds masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if DIAGONAL:
+        col_ok = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])  # [BLOCK_N, D]
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+    if DIAGONAL:
+        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _xsa_fwd_kernel(
+    Q, K, V, Y, C, LSE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_yb, stride_yt, stride_yh,
+    T, H,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, XSA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The last query tiles see the most keys: launch them first so the causal tail is short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # batch offsets (b * stride_b) can pass 2**31 elements
+    h = pid_bh % H
+    kv_head = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    qk_scale = SM_SCALE * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2 e)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 logits)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Stage 1: key tiles wholly left of the diagonal: no causal mask, no bounds mask (n < start_m <= T).
+    for start_n in range(0, start_m, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
+            DIAGONAL=False, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        )
+    # Stage 2: the diagonal tiles: causal mask and the ragged end of the sequence. Every row keeps
+    # at least one finite logit in its first diagonal tile (key start_m <= row), so no row is all -inf.
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
+            DIAGONAL=True, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        )
+
+    u = acc / l_i[:, None]  # pre-projection output [BLOCK_M, D]
+    row_stat = pid_bh * T + offs_m  # index into the [B, H, T] statistics
+    if XSA:
+        v_own = tl.load(v_base + offs_m[:, None] * stride_vt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        v_own = v_own.to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(v_own * v_own, 1)), 1e-12)
+        v_hat = v_own / norm[:, None]
+        c = tl.sum(u * v_hat, 1)
+        y = u - c[:, None] * v_hat
+    else:
+        c = tl.zeros([BLOCK_M], dtype=tl.float32)
+        y = u
+    y_ptrs = Y + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :]
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(C + row_stat, c, mask=row_ok)
+    tl.store(LSE + row_stat, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _xsa_bwd_preprocess_kernel(
+    DY, Y, V, C, DU, DELTA, DV_SELF,
+    stride_dyb, stride_dyt, stride_dyh,
+    stride_yb, stride_yt, stride_yh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dub, stride_dut, stride_duh,
+    stride_sb, stride_st, stride_sh,
+    T, H, HKV,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, XSA: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # One program per (row tile, batch * KV head): it visits the GROUP query heads of its KV head,
+    # so their contributions to dv_self are summed here, without atomics.
+    pid_t = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = (pid_bkv // HKV).to(tl.int64)  # batch offsets can pass 2**31 elements
+    kv_head = pid_bkv % HKV
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_t < T
+    if XSA:
+        v_own = tl.load(
+            V + b * stride_vb + kv_head * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :],
+            mask=row_ok[:, None], other=0.0,
+        ).to(tl.float32)
+        true_norm = tl.sqrt(tl.sum(v_own * v_own, 1))
+        norm = tl.maximum(true_norm, 1e-12)
+        v_hat = v_own / norm[:, None]
+        dv_hat = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        dy = tl.load(
+            DY + b * stride_dyb + h * stride_dyh + offs_t[:, None] * stride_dyt + offs_d[None, :],
+            mask=row_ok[:, None], other=0.0,
+        ).to(tl.float32)
+        y = tl.load(
+            Y + b * stride_yb + h * stride_yh + offs_t[:, None] * stride_yt + offs_d[None, :],
+            mask=row_ok[:, None], other=0.0,
+        ).to(tl.float32)
+        row_stat = (b * H + h) * T + offs_t
+        if XSA:
+            c = tl.load(C + row_stat, mask=row_ok, other=0.0)  # u . v_hat
+            u = y + c[:, None] * v_hat
+            dy_dot_vhat = tl.sum(dy * v_hat, 1)
+            du = dy - dy_dot_vhat[:, None] * v_hat
+            tl.store(
+                DU + b * stride_dub + h * stride_duh + offs_t[:, None] * stride_dut + offs_d[None, :],
+                du.to(DU.dtype.element_ty), mask=row_ok[:, None],
+            )
+            dv_hat += -(c[:, None] * dy + dy_dot_vhat[:, None] * u)
+            delta = tl.sum(du * u, 1)
+        else:
+            delta = tl.sum(dy * y, 1)
+        tl.store(DELTA + row_stat, delta, mask=row_ok)
+    if XSA:
+        # d(v / max(||v||, eps)): the tangent projection over ||v|| above the floor, 1/eps below it.
+        radial = tl.sum(dv_hat * v_hat, 1)
+        dv_self = tl.where(
+            (true_norm > 1e-12)[:, None], (dv_hat - radial[:, None] * v_hat) / norm[:, None], dv_hat / 1e-12
+        )
+        tl.store(
+            DV_SELF + b * stride_sb + kv_head * stride_sh + offs_t[:, None] * stride_st + offs_d[None, :],
+            dv_self, mask=row_ok[:, None],
+        )
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, q_base, du_base, lse_base, delta_base, stride_qt, stride_dut,
+    start_m, offs_n, offs_d, T, qk_scale,
+    DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One query tile's contribution to a key tile's dK (unscaled) and dV, in transposed form."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T  # the last query tile may be ragged in either stage
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    du = tl.load(du_base + offs_m[:, None] * stride_dut + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # Padded rows get lse = +inf, so their probabilities are exactly 0.
+    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if DIAGONAL:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    dv += tl.dot(p_t.to(du.dtype), du, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(du), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _xsa_bwd_dkdv_kernel(
+    Q, K, V, DU, LSE, DELTA, DV_SELF, DK, DV,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dub, stride_dut, stride_duh,
+    stride_sb, stride_st, stride_sh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    T, H, HKV,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, XSA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (key tile, batch * KV head); it owns its dK/dV rows and sums over the GROUP
+    # query heads that read them, so no atomics. Early key tiles do the most work and launch first.
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = (pid_bkv // HKV).to(tl.int64)  # batch offsets can pass 2**31 elements
+    kv_head = pid_bkv % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T
+    k = tl.load(
+        K + b * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+        mask=col_ok[:, None], other=0.0,
+    )  # [BLOCK_N, D]
+    v = tl.load(
+        V + b * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+        mask=col_ok[:, None], other=0.0,
+    )
+    qk_scale = SM_SCALE * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        du_base = DU + b * stride_dub + h * stride_duh
+        stat_base = (b * H + h) * T
+        # Query tiles overlapping this key tile need the causal mask; rows at or past
+        # start_n + BLOCK_N see every key of the tile.
+        for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_base, du_base, LSE + stat_base, DELTA + stat_base, stride_qt, stride_dut,
+                start_m, offs_n, offs_d, T, qk_scale, DIAGONAL=True, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+            )
+        for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_base, du_base, LSE + stat_base, DELTA + stat_base, stride_qt, stride_dut,
+                start_m, offs_n, offs_d, T, qk_scale, DIAGONAL=False, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+            )
+    dk *= SM_SCALE
+    if XSA:
+        dv += tl.load(
+            DV_SELF + b * stride_sb + kv_head * stride_sh + offs_n[:, None] * stride_st + offs_d[None, :],
+            mask=col_ok[:, None], other=0.0,
+        )
+    tl.store(
+        DK + b * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + b * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty), mask=col_ok[:, None],
+    )
+
+
+@triton.jit
+def _dq_step(
+    dq, q, du, lse2, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
+    DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile's contribution to a query tile's dQ (unscaled)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if DIAGONAL:
+        col_ok = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    if DIAGONAL:
+        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :], p, 0.0)
+    dp = tl.dot(du, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _xsa_bwd_dq_kernel(
+    Q, K, V, DU, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dub, stride_dut, stride_duh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T, H,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, XSA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query tiles first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # batch offsets (b * stride_b) can pass 2**31 elements
+    h = pid_bh % H
+    kv_head = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )
+    du = tl.load(
+        DU + b * stride_dub + h * stride_duh + offs_m[:, None] * stride_dut + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )
+    stat = pid_bh * T + offs_m
+    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    qk_scale = SM_SCALE * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Stage 1: key tiles left of the diagonal, unmasked; stage 2: the diagonal tiles, masked.
+    for start_n in range(0, start_m, BLOCK_N):
+        dq = _dq_step(
+            dq, q, du, lse2, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
+            DIAGONAL=False, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        )
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        dq = _dq_step(
+            dq, q, du, lse2, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
+            DIAGONAL=True, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        )
+    dq *= SM_SCALE
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=row_ok[:, None],
+    )
+
+
+# --------------------------------------------------------------------------- launch wrappers
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    where = "xsa_attention"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"{where}: q, k, v must be 4-D [B, T, H, D] / [B, T, Hkv, D], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}; reshape them to that layout"
+        )
+    B, T, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(
+            f"{where}: k and v must both be [B, T, Hkv, D] = [{B}, {T}, Hkv, {D}] to match q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}; pass matching tensors"
+        )
+    Hkv = k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{where}: {H} query heads are not a multiple of {Hkv} KV heads; use H divisible by Hkv")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{where}: head dim {D} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if T == 0 or B == 0:
+        raise ValueError(f"{where}: got an empty batch or sequence {tuple(q.shape)}; pass at least one token")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{where}: q, k, v must share one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}; cast them"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{where}: q, k, v live on {q.device}, {k.device}, {v.device}; move them to one device")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when the kernel can index it by strides (unit last stride, no broadcast dims),
+    else a contiguous copy; gradients arrive expanded with zero strides."""
+    broadcast = any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape))
+    return x.contiguous() if broadcast or x.stride(-1) != 1 else x
+
+
+def _bth_strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, xsa: bool) -> dict:
+    D = q.shape[3]
+    return dict(
+        GROUP=q.shape[2] // k.shape[2],
+        HEAD_DIM=D,
+        SM_SCALE=float(D) ** -0.5,
+        XSA=bool(xsa),
+        # fp32 inputs get true fp32 products (tf32 would miss the fp32 tolerance); bf16/fp16 use tensor cores.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+@torch.library.triton_op("golf::xsa_attention_fwd", mutates_args=())
+def xsa_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y [B, T, H, D] (q's dtype), c = u . v_hat [B, H, T] fp32 (zeros without XSA), lse [B, H, T] fp32."""
+    _check_inputs(q, k, v)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, T, H, D = q.shape
+    y = new_output((B, T, H, D), q.dtype, q.device)
+    c = new_output((B, H, T), torch.float32, q.device)
+    lse = new_output((B, H, T), torch.float32, q.device)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    torch.library.wrap_triton(_xsa_fwd_kernel)[grid](
+        q, k, v, y, c, lse,
+        *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(y),
+        T, H, **_meta(q, k, xsa),
+    )
+    return y, c, lse
+
+
+@torch.library.triton_op("golf::xsa_attention_bwd", mutates_args=())
+def xsa_attention_bwd(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    c: torch.Tensor,
+    lse: torch.Tensor,
+    xsa: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dq, dk, dv of xsa_attention from the forward's y, c, lse and the output gradient dy."""
+    _check_inputs(q, k, v)
+    dy, q, k, v, y = _rows(dy), _rows(q), _rows(k), _rows(v), _rows(y)
+    c, lse = c.contiguous(), lse.contiguous()
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    meta = _meta(q, k, xsa)
+    delta = new_output((B, H, T), torch.float32, q.device)
+    if xsa:
+        du = new_output((B, T, H, D), q.dtype, q.device)  # the output gradient seen before the projection
+        dv_self = new_output((B, T, Hkv, D), torch.float32, q.device)
+    else:
+        du, dv_self = dy, delta  # dv_self is never read without XSA
+
+    torch.library.wrap_triton(_xsa_bwd_preprocess_kernel)[(triton.cdiv(T, _PREPROCESS_BLOCK_T), B * Hkv)](
+        dy, y, v, c, du, delta, dv_self,
+        *_bth_strides(dy), *_bth_strides(y), *_bth_strides(v), *_bth_strides(du),
+        *(_bth_strides(dv_self) if xsa else (0, 0, 0)),
+        T, H, Hkv,
+        GROUP=meta["GROUP"], HEAD_DIM=D, XSA=meta["XSA"], BLOCK_T=_PREPROCESS_BLOCK_T,
+        num_warps=4,
+    )
+
+    dq = new_output((B, T, H, D), q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)
+
+    torch.library.wrap_triton(_xsa_bwd_dkdv_kernel)[dkdv_grid](
+        q, k, v, du, lse, delta, dv_self, dk, dv,
+        *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(du),
+        *(_bth_strides(dv_self) if xsa else (0, 0, 0)),
+        *_bth_strides(dk), *_bth_strides(dv),
+        T, H, Hkv, **meta,
+    )
+
+    def dq_grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    torch.library.wrap_triton(_xsa_bwd_dq_kernel)[dq_grid](
+        q, k, v, du, lse, delta, dq,
+        *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(du), *_bth_strides(dq),
+        T, H, **meta,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- eager twins
+# The CPU path without the interpreter (see kernels._launch.register_cpu_and_fake), and an
+# independent statement of the same math that tests check against autograd of the reference.
+# They materialise T x T: fine for a fallback, never used on a GPU.
+
+
+def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.repeat_interleave(group, dim=2).transpose(1, 2)  # [B, T, Hkv, D] -> [B, H, T, D]
+
+
+def _causal_probs(q, k, lse=None):
+    """Attention probabilities [B, H, T, T] and the natural log-sum-exp [B, H, T] (or use the given one)."""
+    B, T, H, D = q.shape
+    scores = (q.transpose(1, 2) @ _expand_kv(k, H // k.shape[2]).transpose(-1, -2)) * D**-0.5
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse.unsqueeze(-1)), lse
+
+
+def eager_forward(q, k, v, xsa: bool):
+    """(y, c, lse) exactly as the forward kernel defines them, computed with torch ops."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q32, k32, v32 = q.to(compute), k.to(compute), v.to(compute)
+    group = q.shape[2] // k.shape[2]
+    p, lse = _causal_probs(q32, k32)
+    u = p @ _expand_kv(v32, group)  # [B, H, T, D]
+    if xsa:
+        v_hat = F.normalize(_expand_kv(v32, group), dim=-1, eps=NORM_EPS)
+        c = (u * v_hat).sum(-1)
+        y = u - c.unsqueeze(-1) * v_hat
+    else:
+        c = torch.zeros_like(lse)
+        y = u
+    stat_dtype = torch.float64 if compute == torch.float64 else torch.float32  # fp64 only in derivation tests
+    return y.transpose(1, 2).to(q.dtype).contiguous(), c.to(stat_dtype), lse.to(stat_dtype)
+
+
+def eager_backward(dy, q, k, v, y, c, lse, xsa: bool):
+    """(dq, dk, dv) from the saved (y, c, lse), by the formulas in the module docstring."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    dy, q32, k32, v32, y = (t.to(compute) for t in (dy, q, k, v, y))
+    c, lse = c.to(compute), lse.to(compute)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    group = H // Hkv
+    vh = _expand_kv(v32, group)  # [B, H, T, D]
+    dyh, yh = dy.transpose(1, 2), y.transpose(1, 2)
+    if xsa:
+        v_hat = F.normalize(vh, dim=-1, eps=NORM_EPS)
+        u = yh + c.unsqueeze(-1) * v_hat
+        dy_dot_vhat = (dyh * v_hat).sum(-1, keepdim=True)
+        du = dyh - dy_dot_vhat * v_hat
+        dv_hat = -(c.unsqueeze(-1) * dyh + dy_dot_vhat * u)
+        dv_hat = dv_hat.view(B, Hkv, group, T, D).sum(2)  # [B, Hkv, T, D]
+        v_kv = v32.transpose(1, 2)
+        true_norm = v_kv.norm(dim=-1, keepdim=True)
+        norm = true_norm.clamp_min(NORM_EPS)
+        vk_hat = v_kv / norm
+        tangent = (dv_hat - (dv_hat * vk_hat).sum(-1, keepdim=True) * vk_hat) / norm
+        dv_self = torch.where(true_norm > NORM_EPS, tangent, dv_hat / NORM_EPS)
+    else:
+        u, du = yh, dyh
+    delta = (du * u).sum(-1, keepdim=True)  # [B, H, T, 1]
+    p, _ = _causal_probs(q32, k32, lse)
+    dp = du @ vh.transpose(-1, -2)
+    ds = p * (dp - delta) * D**-0.5
+    dq = ds @ _expand_kv(k32, group)  # [B, H, T, D]
+    dk = (ds.transpose(-1, -2) @ q32.transpose(1, 2)).view(B, Hkv, group, T, D).sum(2)
+    dv = (p.transpose(-1, -2) @ du).view(B, Hkv, group, T, D).sum(2)
+    if xsa:
+        dv = dv + dv_self
+    return (
+        dq.transpose(1, 2).to(q.dtype).contiguous(),
+        dk.transpose(1, 2).to(k.dtype).contiguous(),
+        dv.transpose(1, 2).to(v.dtype).contiguous(),
+    )
+
+
+def _fake_forward(q, k, v, xsa):
+    _check_inputs(q, k, v)
+    B, T, H, D = q.shape
+    stat = q.new_empty((B, H, T), dtype=torch.float32)
+    return q.new_empty(q.shape), stat, stat.new_empty(stat.shape)
+
+
+def _fake_backward(dy, q, k, v, y, c, lse, xsa):
+    _check_inputs(q, k, v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+register_cpu_and_fake(xsa_attention_fwd, reference=eager_forward, fake=_fake_forward)
+register_cpu_and_fake(xsa_attention_bwd, reference=eager_backward, fake=_fake_backward)
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, xsa = inputs
+    y, c, lse = output
+    ctx.save_for_backward(q, k, v, y, c, lse)
+    ctx.xsa = xsa
+
+
+def _backward(ctx, dy, _dc, _dlse):
+    # c and lse are statistics for the backward, not outputs anyone differentiates.
+    q, k, v, y, c, lse = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(y)
+    dq, dk, dv = torch.ops.golf.xsa_attention_bwd(dy, q, k, v, y, c, lse, ctx.xsa)
+    return dq, dk, dv, None
+
+
+xsa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# --------------------------------------------------------------------------- public function
+
+
+def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
+    """Causal GQA attention, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; XSA projection when xsa."""
+    return torch.ops.golf.xsa_attention_fwd(q, k, v, bool(xsa))[0]
+
+
+TRITON_IMPLS = {"xsa_attention": xsa_attention}

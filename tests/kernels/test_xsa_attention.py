@@ -1,0 +1,211 @@
+"""Fused XSA attention (kernels/xsa_attention.py) against kernels.reference.xsa_attention.
+
+On the CPU the Triton kernels run in the interpreter on fp32 inputs and are compared with the
+fp64 reference cast down (fp32 tolerance of tests/tolerances.py); outputs and the backward's
+scratch buffers start as NaN (KERNELS_POISON), so an element a kernel forgets shows up.
+On a GPU the same tests run natively, plus bf16 at the training shape under the fair bound.
+"""
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.xsa_attention import eager_backward, eager_forward, xsa_attention
+from tests.conftest import HAS_GPU
+from tests.tolerances import assert_close, assert_within_pytorch_error
+
+
+def _inputs(B, T, H, Hkv, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    dy = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, dy)]
+
+
+def _reference_grads(q, k, v, dy, xsa, dtype=None):
+    """Reference output and gradients, computed in `dtype` (default: the inputs' own)."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = reference.xsa_attention(*leaves, xsa=xsa)
+    out.backward(dy.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _kernel_grads(q, k, v, dy, xsa):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = xsa_attention(*leaves, xsa=xsa)
+    out.backward(dy)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+# Every listed T (1, ragged 17, one tile 64, ragged multi-tile 130), both GQA layouts, B in {1, 2},
+# XSA on and off, head dims 64 and smaller; a sparse cover, because the interpreter is slow.
+CASES = [
+    # B, T, H, Hkv, D, xsa
+    (2, 1, 8, 4, 64, True),
+    (1, 1, 4, 1, 16, False),
+    (1, 17, 4, 1, 32, True),
+    (2, 17, 8, 4, 64, False),
+    (2, 64, 4, 1, 64, True),
+    (1, 64, 8, 4, 16, False),
+    (1, 130, 8, 4, 64, True),
+    (2, 130, 4, 1, 32, False),
+]
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, xsa", CASES)
+def test_forward_and_gradients_match_reference(B, T, H, Hkv, D, xsa, device):
+    q, k, v, dy = _inputs(B, T, H, Hkv, D, torch.float64, device)
+    expected = _reference_grads(q, k, v, dy, xsa)
+    got = _kernel_grads(*(t.float() for t in (q, k, v, dy)), xsa=xsa)
+    for name, actual, exact in zip(("y", "dq", "dk", "dv"), got, expected):
+        assert actual.dtype == torch.float32, name
+        assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_saved_statistics_are_lse_and_projection_coefficient(device):
+    q, k, v, _ = _inputs(2, 33, 4, 2, 32, torch.float32, device, seed=1)
+    y, c, lse = torch.ops.golf.xsa_attention_fwd(q, k, v, True)
+    y_ref, c_ref, lse_ref = eager_forward(q.double(), k.double(), v.double(), True)
+    for actual, exact in ((y, y_ref), (c, c_ref), (lse, lse_ref)):
+        assert_close(actual, exact.float(), dtype=torch.float32)
+    _, c_plain, _ = torch.ops.golf.xsa_attention_fwd(q, k, v, False)
+    assert torch.equal(c_plain, torch.zeros_like(c_plain))
+
+
+@pytest.mark.parametrize("xsa", [False, True])
+def test_eager_twin_backward_is_the_reference_gradient(xsa):
+    """The backward's formulas (du, d v_hat, dv_self, delta), stated in torch ops, equal autograd
+    of the reference in fp64: checks the derivation independently of any Triton code."""
+    q, k, v, dy = _inputs(2, 11, 6, 2, 8, torch.float64, "cpu", seed=2)
+    _, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dy, xsa)
+    y, c, lse = eager_forward(q, k, v, xsa)
+    for actual, exact in zip(eager_backward(dy, q, k, v, y, c, lse, xsa), (dq_ref, dk_ref, dv_ref)):
+        assert_close(actual, exact)
+
+
+def test_zero_value_vector_leaves_output_unprojected_and_gradients_finite(device):
+    # F.normalize maps v = 0 to v_hat = 0: nothing to remove, and the gradient through the norm
+    # floor must stay finite (d v_hat is 0 there, so dv_self is 0 rather than 0 / eps).
+    q, k, v, dy = _inputs(1, 9, 4, 2, 16, torch.float64, device, seed=3)
+    v[0, 4, 1] = 0.0
+    v[0, 0, 0] = 0.0
+    expected = _reference_grads(q, k, v, dy, True)
+    got = _kernel_grads(*(t.float() for t in (q, k, v, dy)), xsa=True)
+    for actual, exact in zip(got, expected):
+        assert torch.isfinite(actual).all()
+        assert_close(actual, exact.float(), dtype=torch.float32)
+
+
+def test_strided_views_and_expanded_gradient(device):
+    """q, k, v sliced out of one packed projection (row stride > H*D) are read by their strides,
+    and the stride-0 gradient that out.sum().backward() hands back is handled."""
+    B, T, H, Hkv, D = 2, 20, 4, 2, 16
+    packed = torch.randn(B, T, (H + 2 * Hkv) * D, dtype=torch.float64, device=device)
+    q, k, v = packed.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+    assert not q.is_contiguous()
+    ones = torch.ones(B, T, H, D, dtype=torch.float64, device=device)
+    expected = _reference_grads(q, k, v, ones, True)
+    packed32 = packed.float().requires_grad_()
+    q32, k32, v32 = (
+        t.view(B, T, h, D) for t, h in zip(packed32.split([H * D, Hkv * D, Hkv * D], dim=-1), (H, Hkv, Hkv))
+    )
+    out = xsa_attention(q32, k32, v32, xsa=True)
+    out.sum().backward()
+    dq, dk, dv = packed32.grad.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    assert_close(out, expected[0].float(), dtype=torch.float32)
+    for actual, exact in zip((dq, dk, dv), expected[1:]):
+        assert_close(actual.reshape(exact.shape), exact.float(), dtype=torch.float32)
+
+
+def test_backward_is_bitwise_deterministic(device):
+    # No atomics anywhere: dK/dV programs own their rows and sum over the query heads themselves.
+    q, k, v, dy = _inputs(1, 40, 8, 2, 16, torch.float32, device, seed=4)
+    first = _kernel_grads(q, k, v, dy, xsa=True)
+    second = _kernel_grads(q, k, v, dy, xsa=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_public_api_routes_triton_backend_here(device):
+    q, k, v, _ = _inputs(1, 5, 2, 1, 16, torch.float32, device, seed=5)
+    with kernels.use_backend("triton"):
+        torch.testing.assert_close(kernels.xsa_attention(q, k, v, True), xsa_attention(q, k, v, True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 4, 3, 16), (1, 4, 2, 16), (1, 4, 2, 16)), "3 query heads are not a multiple of 2 KV heads"),
+        (((1, 4, 2, 24), (1, 4, 1, 24), (1, 4, 1, 24)), "head dim 24 is not supported"),
+        (((1, 4, 2, 16), (1, 5, 1, 16), (1, 5, 1, 16)), "k and v must both be"),
+        (((4, 2, 16), (4, 1, 16), (4, 1, 16)), "must be 4-D"),
+    ],
+)
+def test_bad_shapes_raise_one_clear_error(shapes, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        xsa_attention(q, k, v, xsa=True)
+
+
+def test_mixed_dtypes_raise_one_clear_error():
+    q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16).double()
+    with pytest.raises(ValueError, match="must share one dtype"):
+        xsa_attention(q, k, v)
+
+
+def test_opcheck(device):
+    q, k, v, dy = _inputs(1, 19, 4, 2, 16, torch.float32, device, seed=6)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for xsa in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.library.opcheck(torch.ops.golf.xsa_attention_fwd, (*leaves, xsa), test_utils=checks)
+        y, c, lse = torch.ops.golf.xsa_attention_fwd(q, k, v, xsa)
+        torch.library.opcheck(torch.ops.golf.xsa_attention_bwd, (dy, q, k, v, y, c, lse, xsa), test_utils=checks)
+
+
+def test_compiles_fullgraph_without_recompiling(device):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor" if HAS_GPU else "eager")
+    compiled = torch.compile(xsa_attention, fullgraph=True, backend=counter)
+    q, k, v, dy = _inputs(1, 21, 4, 2, 16, torch.float32, device, seed=7)
+    expected = _kernel_grads(q, k, v, dy, xsa=True)
+    for _ in range(2):  # the second same-shape call must reuse the graph
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = compiled(*leaves, True)
+        out.backward(dy)
+        for actual, eager in zip([out.detach()] + [t.grad for t in leaves], expected):
+            assert_close(actual, eager, dtype=torch.float32)
+    assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xsa", [False, True])
+def test_bf16_training_shape_within_pytorch_error(xsa):
+    B, T, H, Hkv, D = 2, 2048, 8, 4, 64
+    q, k, v, dy = _inputs(B, T, H, Hkv, D, torch.bfloat16, "cuda", seed=8)
+    exact = _reference_grads(q, k, v, dy, xsa, dtype=torch.float32)
+    pytorch_bf16 = _reference_grads(q, k, v, dy, xsa)
+    got = _kernel_grads(q, k, v, dy, xsa)
+    for name, actual, ex, same_dtype in zip(("y", "dq", "dk", "dv"), got, exact, pytorch_bf16):
+        assert actual.dtype == torch.bfloat16, name
+        assert_within_pytorch_error(actual, ex, same_dtype)
+
+
+@pytest.mark.gpu
+def test_inductor_compile_bf16_matches_eager_kernel():
+    torch._dynamo.reset()
+    q, k, v, dy = _inputs(2, 300, 8, 4, 64, torch.bfloat16, "cuda", seed=9)
+    eager = _kernel_grads(q, k, v, dy, xsa=True)
+    compiled = torch.compile(xsa_attention, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves, True)
+    out.backward(dy)
+    for actual, expected in zip([out.detach()] + [t.grad for t in leaves], eager):
+        # Same kernels, same configs once tuned: Inductor only changes what surrounds them.
+        assert_close(actual, expected, dtype=torch.bfloat16)
