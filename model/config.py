@@ -73,6 +73,9 @@ class Config:
     train_log_every: int = 200
     val_loss_every: int = 0  # periodic validation during training; 0 = only at the end
     val_batch_size: int = 524_288  # tokens per validation batch over all ranks
+    checkpoint_every: int = 0  # save runs/<id>/checkpoint.pt every this many steps; 0 = off
+    checkpoint_minutes: float = 0.0  # ... or every this many minutes of training; 0 = off
+    resume: str = ""  # path of a checkpoint.pt to continue from
 
     # evaluation (SPEC.md "Evaluation")
     max_val_tokens: int = 0  # score only the first this many validation tokens; 0 = all
@@ -173,14 +176,14 @@ def _smoke() -> dict:
         data_path=data_path,  # '' = the trainer generates a tiny synthetic corpus
         tokenizer_path=tokenizer_path,
         compile=False,
-        num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+        num_layers=4, model_dim=192, num_heads=6, num_kv_heads=3, rope_dims=16,  # the MLP is int6-exported, tok_emb int8
         xsa_last_n=2, bigram_vocab_size=257, bigram_dim=32, ve_dim=32, ve_layers="2,3",
-        iterations=40, max_wallclock_seconds=0, train_batch_tokens=4 * 4 * 128, train_seq_len=128,
-        grad_accum_total=4, warmup_steps=2, warmdown_iters=20, swa_every=4, swa_threshold=0.5,
-        late_qat_threshold=0.25, train_log_every=10, val_loss_every=20, val_batch_size=8192,
+        iterations=150, max_wallclock_seconds=0, train_batch_tokens=4 * 4 * 128, train_seq_len=128,
+        grad_accum_total=4, warmup_steps=2, warmdown_iters=60, swa_every=5, swa_threshold=0.5,
+        late_qat_threshold=0.25, train_log_every=25, val_loss_every=50, val_batch_size=8192,
         max_val_tokens=8192, eval_seq_len=128, eval_stride=32, eval_batch_seqs=16,
         ttt_chunk_tokens=2048, ttt_epochs=1, ttt_batch_seqs=8,
-        matrix_lr=0.02, tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum_warmup_steps=10,
+        matrix_lr=0.02, tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum_warmup_steps=30,
     )
 
 
