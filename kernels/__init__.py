@@ -40,6 +40,8 @@ from kernels import bigram as _bigram  # noqa: E402
 vars(_TRITON).update(_bigram.TRITON_IMPLS)
 from kernels import xsa_attention as _xsa_attention  # noqa: E402
 vars(_TRITON).update(_xsa_attention.TRITON_IMPLS)
+from kernels import newton_schulz as _newton_schulz  # noqa: E402
+vars(_TRITON).update(_newton_schulz.TRITON_IMPLS)
 from kernels import softcap_ce as _softcap_ce  # noqa: E402
 vars(_TRITON).update(_softcap_ce.TRITON_IMPLS)
 

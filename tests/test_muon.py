@@ -1,0 +1,123 @@
+"""Muon (model/muon.py): one step by hand, shape grouping, the Triton backend, and 2 ranks vs 1."""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kernels
+from kernels import reference
+from model.muon import Muon
+from tests.tolerances import assert_close
+
+# several shapes: a group of 3 (not divisible by 2 ranks), a tall group of 2, a lone matrix
+SHAPES = [(16, 24), (16, 24), (16, 24), (30, 12), (30, 12), (9, 20)]
+
+
+def make_params(shapes, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+
+
+def set_grads(params, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def run_steps(params, steps: int, **muon_kwargs) -> None:
+    opt = Muon(params, **muon_kwargs)
+    for step in range(steps):
+        set_grads(params, seed=100 + step)
+        opt.step()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_two_steps_by_hand(nesterov):
+    lr, wd, steps = 0.02, 0.1, 5
+    momenta = [0.9, 0.95]  # the trainer rewrites group["momentum"] (and lr) every step
+    params = make_params([(12, 20), (20, 8)], seed=0)
+    expected = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in expected]
+    opt = Muon(params, lr=lr, momentum=0.5, nesterov=nesterov, weight_decay=wd, compute_dtype=torch.float32)
+    with kernels.use_backend("reference"):
+        for step, momentum in enumerate(momenta):
+            step_lr = lr * (1 - 0.5 * step)
+            for group in opt.param_groups:
+                group["lr"], group["momentum"] = step_lr, momentum
+            set_grads(params, seed=10 + step)
+            opt.step()
+            for i, p in enumerate(params):
+                g = p.grad
+                buffers[i] = momentum * buffers[i] + g
+                update = g + momentum * buffers[i] if nesterov else buffers[i]
+                ortho = reference.newton_schulz(update, steps, reference.QUINTIC_COEFFS, torch.float32)
+                rows, cols = p.shape
+                expected[i] = expected[i] * (1 - step_lr * wd) - step_lr * math.sqrt(max(1, rows / cols)) * ortho
+    for p, e in zip(params, expected):
+        assert_close(p.detach(), e)
+
+
+def test_grouped_equals_per_matrix():
+    with kernels.use_backend("reference"):
+        grouped = make_params(SHAPES, seed=1)
+        run_steps(grouped, 2, lr=0.03, momentum=0.9, weight_decay=0.04, compute_dtype=torch.float32)
+        for i in range(len(SHAPES)):
+            alone = make_params(SHAPES, seed=1)
+            opt = Muon([alone[i]], lr=0.03, momentum=0.9, weight_decay=0.04, compute_dtype=torch.float32)
+            for step in range(2):  # the same gradients as run_steps gave the grouped run
+                set_grads(alone, seed=100 + step)
+                opt.step()
+            assert_close(grouped[i].detach(), alone[i].detach())
+
+
+def test_triton_backend_matches_reference_backend():
+    shapes = [(16, 24), (16, 24), (30, 12)]
+    results = {}
+    for backend in ("triton", "reference"):
+        params = make_params(shapes, seed=2)
+        with kernels.use_backend(backend):
+            run_steps(params, 1, lr=0.03, momentum=0.9, compute_dtype=torch.float32)
+        results[backend] = [p.detach() for p in params]
+    for t, r in zip(results["triton"], results["reference"]):
+        assert_close(t, r)
+
+
+def test_rejects_non_matrices():
+    with pytest.raises(ValueError, match="takes only 2-D weight matrices"):
+        Muon([torch.zeros(5, requires_grad=True)], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        Muon([torch.zeros(5, 5, requires_grad=True)], lr=0.1, momentum=1.0)
+
+
+# ----------------------------------------------------------------------------- 2 ranks (gloo)
+
+DIST_KWARGS = dict(lr=0.03, momentum=0.9, weight_decay=0.04, compute_dtype=torch.float32)
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        with kernels.use_backend("reference"):
+            # same weights and (already averaged, as DDP leaves them) gradients on every rank
+            params = make_params(SHAPES, seed=3)
+            run_steps(params, 3, **DIST_KWARGS)
+        torch.save([p.detach() for p in params], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch and triton: about 10 s
+def test_two_ranks_match_one_rank(tmp_path):
+    # spawn, not fork: forked children hung here (the parent's thread pools do not survive a fork)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    with kernels.use_backend("reference"):
+        single = make_params(SHAPES, seed=3)
+        run_steps(single, 3, **DIST_KWARGS)
+    for p0, p1, p in zip(rank0, rank1, single):
+        torch.testing.assert_close(p0, p1, rtol=0, atol=0)  # every rank applies the same gathered bits
+        assert_close(p0, p.detach())
+    assert not torch.equal(rank0[0], make_params(SHAPES, seed=3)[0].detach())  # the steps did move the weights
