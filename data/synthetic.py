@@ -1,6 +1,7 @@
 """A small synthetic corpus for runs on machines without data (the smoke preset): documents of
 made-up words with a Zipf-like frequency and a little grammar, so a model has something to learn
 and a BPE tokenizer has pairs to merge. Deterministic for a given seed."""
+import glob
 import os
 import random
 
@@ -26,9 +27,13 @@ def synthetic_documents(num_docs: int, seed: int) -> list[str]:
 
 
 def make_smoke_dataset(folder: str, vocab_size: int, seed: int = 0, num_docs: int = 3000, val_docs: int = 200) -> None:
-    """Tokenizer (folder/tokenizer.model) and shards (folder/fineweb_{train,val}_*.bin)."""
+    """Tokenizer (folder/tokenizer.model) and shards (folder/fineweb_{train,val}_*.bin); a folder
+    that already holds them (a resumed run) is kept: the corpus is a function of the seed."""
+    tokenizer = os.path.join(folder, "tokenizer.model")
+    shards = [glob.glob(os.path.join(folder, f"fineweb_{split}_*.bin")) for split in ("train", "val")]
+    if os.path.isfile(tokenizer) and all(shards):
+        return
     os.makedirs(folder, exist_ok=True)
     docs = synthetic_documents(num_docs, seed)
-    tokenizer = os.path.join(folder, "tokenizer.model")
     train_tokenizer(docs, tokenizer, vocab_size)
-    prepare(docs, folder, tokenizer, val_docs=val_docs, shard_tokens=1_000_000)
+    prepare(docs, folder, tokenizer, val_docs=val_docs, shard_tokens=1_000_000, overwrite=True)
