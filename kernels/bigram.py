@@ -19,7 +19,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._launch import new_output, register_cpu_and_fake
-from kernels.fakequant import _fp32_to_bf16_rne  # RNE bf16 cast the interpreter also gets right
+from kernels._numerics import _fp32_to_bf16_rne  # RNE bf16 cast the interpreter also gets right
 
 MUL_CUR, MUL_PREV = reference.BIGRAM_MUL_CUR, reference.BIGRAM_MUL_PREV
 MAX_BLOCK_D = 256  # columns per program; wider tables take more programs along D

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._launch import INTERPRET, new_output, register_cpu_and_fake
+from kernels._numerics import _fp32_to_bf16_rne, _round_half_even
 
 INT6_MIN, INT6_MAX = reference.INT6_MIN, reference.INT6_MAX
 MAX_BLOCK_N = 2048  # widest row kept whole in registers (the model's widest row is 1536)
@@ -31,28 +32,6 @@ TILE_ELEMENTS = 4096  # elements per program before the row count is cut to fill
 # has no SMs to fill and pays per program: there, whole tiles of rows (ragged row masks tested).
 MIN_PROGRAMS = 1 if INTERPRET else 264
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _round_half_even(x):
-    """torch.round on fp32: round to nearest, ties to even (x - floor(x) is exact in fp32)."""
-    down = tl.floor(x)
-    frac = x - down
-    down_is_odd = (down - 2.0 * tl.floor(down * 0.5)) != 0.0
-    round_up = (frac > 0.5) | ((frac == 0.5) & down_is_odd)
-    return tl.where(round_up, down + 1.0, down)
-
-
-@triton.jit
-def _fp32_to_bf16_rne(x):
-    """fp32 -> bf16 rounding to nearest even, in integer ops: the bits torch's .to(bfloat16) gives.
-
-    The GPU's own cast is RNE too, but Triton's interpreter truncates, so the explicit form keeps
-    the CPU tests bit-exact and costs a few integer ops in a memory-bound kernel."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a quiet NaN (no carry into the sign)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
