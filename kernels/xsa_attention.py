@@ -66,22 +66,29 @@ _TUNE_KEY = ["T", "HEAD_DIM", "GROUP", "XSA"]
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, T, DIAGONAL: tl.constexpr):
+    """K and V rows offs_n of one KV head; only the diagonal tile can run past T, so only it is masked."""
+    if DIAGONAL:
+        col_ok = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
 def _fwd_step(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, T, qk_scale,
     DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of the online softmax; DIAGONAL tiles apply the causal and bounds masks."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if DIAGONAL:
-        col_ok = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])  # [BLOCK_N, D]
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+    k, v = _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, T, DIAGONAL)  # [BLOCK_N, D] each
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
     if DIAGONAL:
-        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
+        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -322,16 +329,10 @@ def _dq_step(
 ):
     """One key tile's contribution to a query tile's dQ (unscaled)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if DIAGONAL:
-        col_ok = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+    k, v = _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, T, DIAGONAL)  # [BLOCK_N, D] each
     p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if DIAGONAL:
-        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :], p, 0.0)
+        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T), p, 0.0)
     dp = tl.dot(du, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
