@@ -349,6 +349,9 @@ def export_and_reload(model: GPT, cfg: Config, ctx: Dist, log: RunLog) -> tuple[
         log.log(f"WARNING: {e} (evaluating anyway; the run will end with an error)")
     fresh = GPT(cfg).to(ctx.device)
     fresh.load_state_dict(export.read_artifact(path))
+    if cfg.compile:  # scoring 62M tokens through 2048-token windows is worth a compiled graph
+        fresh.token_losses = torch.compile(fresh.token_losses, fullgraph=True, dynamic=False)
+        fresh.forward = torch.compile(fresh.forward, fullgraph=True, dynamic=False)
     return fresh, artifact_bytes, code_bytes
 
 
