@@ -189,6 +189,14 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        """A rank's loss covers only its micro-batches; the step's loss is the mean over ranks."""
+        if not self.ctx.enabled:
+            return float(value)
+        total = value.detach().clone()
+        dist.all_reduce(total)  # SUM: gloo has no AVG
+        return float(total) / self.ctx.world_size
+
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> str:
@@ -308,7 +316,7 @@ class Trainer:
                         f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data"
                     )
                 if logging or last or stop:
-                    train_loss = float(loss)
+                    train_loss = self.mean_over_ranks(loss)
                     log.log(
                         f"step:{self.step}/{cfg.iterations} train_loss:{train_loss:.4f} lr_scale:{scale:.3f} "
                         f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / self.step:.2f}ms"

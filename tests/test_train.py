@@ -140,3 +140,26 @@ def test_bad_input_gets_one_clear_line(tmp_path, args, env, message):
 def test_tokenizer_vocab_mismatch(tmp_path, shared_data):
     result = train(tmp_path, *TINY, "--vocab_size", "512", check=False)
     assert result.returncode == 1 and "VOCAB_SIZE=512" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # two processes under torchrun with gloo: about 30 s on two cores
+def test_two_ranks_follow_the_one_rank_run(tmp_path):
+    """DDP + distributed Muon + the rank-sliced loader: 2 ranks x 2 micro-batches see the same tokens
+    per step as 1 rank x 4, so the losses agree up to summation order."""
+    args = [*TINY, "--iterations", "6", "--warmdown_iters", "3", "--swa_every", "2", "--val_loss_every", "0",
+            "--ttt_enabled", "0", "--train_log_every", "1"]
+    train(tmp_path, *args, "--run_id", "one")
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ["KERNELS"] = "reference"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+                             *args, "--run_id", "two"], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size 2" in (tmp_path / "runs" / "two" / "train.log").read_text()
+
+    def losses(run):
+        lines = (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        return [m["train_loss"] for m in map(json.loads, lines) if m["kind"] == "train"]
+
+    assert len(losses("one")) == len(losses("two")) == 6
+    torch.testing.assert_close(losses("two"), losses("one"), rtol=1e-3, atol=0)
+    assert finals(tmp_path / "runs" / "two")["val_bpb"] == pytest.approx(finals(tmp_path / "runs" / "one")["val_bpb"], rel=1e-3)
