@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import kernels
+from kernels._launch import INTERPRET
 from model import evaluate, export, submission
 from model.bpb import build_byte_luts, load_tokenizer
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -120,7 +121,8 @@ class Trainer:
             DistributedDataParallel(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
             if ctx.enabled else compiled
         )
-        self.optimizers = build_optimizers(self.model, cfg)
+        # Triton's interpreter gets tl.dot wrong on bf16 operands, so Newton-Schulz runs in fp32 there.
+        self.optimizers = build_optimizers(self.model, cfg, torch.float32 if INTERPRET else torch.bfloat16)
         self.loader = DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size)
         self.swa = WeightAverage()
         self.step = 0

@@ -7,14 +7,16 @@ from model.config import Config
 from model.muon import Muon
 
 
-def build_optimizers(model, cfg: Config) -> list[torch.optim.Optimizer]:
+def build_optimizers(model, cfg: Config, muon_compute_dtype: torch.dtype = torch.bfloat16) -> list[torch.optim.Optimizer]:
+    """muon_compute_dtype: SPEC's bf16 Newton-Schulz; fp32 where Triton's interpreter runs it
+    (its tl.dot is wrong on bf16 operands)."""
     groups = model.param_groups()
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd, **fused)
     optimizers = [
         Muon(
             groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
-            backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
+            backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd, compute_dtype=muon_compute_dtype,
         ),
         torch.optim.AdamW(groups["embed"], lr=cfg.tied_embed_lr, **adam),
         torch.optim.AdamW(groups["scalar"], lr=cfg.scalar_lr, **adam),
