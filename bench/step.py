@@ -1,17 +1,39 @@
 """The whole training step on one GPU, reference vs triton kernels, and the evaluation throughput.
 
-    python -m bench.step [--name value ...]      (any model/config.py setting, e.g. --num_layers 11)
+    python -m bench.step [--steps N] [--skip-eval] [--preset smoke] [--name value ...]
 
-One step = SPEC's 786,432 tokens as 8 micro-batches of 48 x 2048 (forward + backward under bf16
-autocast through torch.compile(fullgraph=True), grad clip, Muon + both AdamW), on random tokens.
+(`--name value`: any model/config.py setting, e.g. `--num_layers 11`; defaults are SPEC's model.)
 
-MFU: FLOPs per token = 6N + 6*L*d*T, N = matrix parameters including the tied head (every 2-D
-weight of the blocks, the bigram and VE projections, and tok_emb as the head's matmul), L layers,
-d model dim, T sequence length; MFU = that x tokens/s / 989 TFLOP/s (H100 SXM dense bf16 datasheet).
-Step-time shares come from torch.profiler's CUDA kernel times, classified by kernel name.
-Evaluation: sliding-window scoring and legal TTT, projected to the 62,021,632-token validation set
-on 8 GPUs as tokens / (tokens per second per GPU x 8).
+One step = SPEC's 786,432 tokens as grad_accum_total = 8 micro-batches of 48 x 2048 on one GPU:
+forward + backward under bf16 autocast through torch.compile(model, fullgraph=True) (as train.py),
+grad-norm clip, then Muon + both AdamW (model.optim.build_optimizers), on random tokens generated
+on the device beforehand. Per backend (KERNELS=reference, then KERNELS=triton; torch._dynamo.reset()
+and a freshly built, freshly compiled model for each): 2 untimed steps compile and prime everything,
+one step measures peak memory, then bench.common.median_ms (triton.testing.do_bench, median) times
+whole steps with its millisecond budgets sized to about 2 warm-up and `--steps` (default 10) timed
+steps (do_bench first runs 5 calls of its own to estimate; about 1 s per step at SPEC's size). If a backend runs out of memory at 48 x 2048, it is retried with twice the micro-batches of
+half the size (same tokens per step); the table says which micro-batch was measured.
+
+MFU: FLOPs per token = 6N + 6*L*d*T, N = matrix parameters including the tied head (every linear
+weight: the blocks' matrices and the bigram and VE projections, plus tok_emb counted once as the
+head's matmul), L layers, d model dim, T sequence length; MFU = FLOPs/token x tokens/s / 989e12
+(H100 SXM bf16 dense datasheet peak, whatever the device).
+
+Step-time shares: torch.profiler over 2 steps. GPU kernels launched inside the optimizer phase
+(a record_function range) count as "optimizer"; every other kernel is classified by its name
+(KERNEL_CLASSES below, first match wins). Shares are of summed GPU kernel time; "GPU busy" is that
+sum over the profiled steps' wall time.
+
+Evaluation (--skip-eval leaves it out): the triton backend, the eval model compiled as train.py
+compiles it. Sliding-window scoring (evaluate_sliding, window eval_seq_len, stride eval_stride,
+eval_batch_seqs windows per batch) on random tokens, and legal score-first TTT (evaluate_ttt):
+seconds per chunk = (time of 3 chunks - time of 1 chunk) / 2, since the last chunk is only
+scored, never trained on. Both timed by wall clock (synchronised) after an untimed warm-up run,
+and projected to the 62,021,632-token validation set on 8 GPUs as tokens / (tokens/s per GPU x 8)
+(perfect 8-way scaling assumed).
 """
+import dataclasses
+import gc
 import sys
 import time
 
@@ -24,15 +46,23 @@ from model.config import Config, load_config
 from model.gpt import GPT
 from model.optim import build_optimizers, set_schedule
 
-H100_BF16_PEAK_FLOPS = 989e12
+H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM datasheet, dense bf16
 VAL_TOKENS = 62_021_632
 EVAL_GPUS = 8
-# Kernel-name patterns (lower case) -> the part of the step they belong to; first match wins.
+COMPILE_STEPS = 2  # untimed steps that compile and prime kernels, optimizer state and allocator
+OPTIMIZER_RANGE = "bench.step: optimizer"
+# Kernel-name patterns (lower case) -> the part of the step they belong to; first match wins (the loss
+# head first: its log_softmax would otherwise match attention's softmax).
+# Ours: _xsa_* (attention), _softcap_ce_* (loss head), Newton-Schulz's _sym_gram/_ns_update/
+# _sumsq_partials/_normalise (normally inside the optimizer range anyway). Inductor names its
+# fused kernels after the ops they fuse (triton_red_fused__log_softmax_...); cuBLAS/CUTLASS GEMMs
+# carry gemm/cutlass/xmma/nvjet. The reference attention is explicit matmuls + softmax, so its
+# QK^T and PV products land in the matmul row and its softmax in "attention".
 KERNEL_CLASSES = (
-    ("attention", ("xsa", "flash", "attn", "sdpa", "fmha")),
-    ("loss head", ("softcap", "cross_entropy", "nll", "log_softmax", "logsumexp")),
-    ("optimizer", ("newton_schulz", "_ns_", "adam", "multi_tensor", "foreach", "muon")),
-    ("matmul (projections, MLP)", ("gemm", "matmul", "mm_", "cutlass", "sm90_xmma", "nvjet")),
+    ("loss head", ("softcap", "cross_entropy", "nll", "log_softmax", "logsumexp", "tanh")),
+    ("attention", ("xsa", "flash", "attn", "sdpa", "fmha", "_softmax_", "fused__softmax", "masked_fill")),
+    ("optimizer", ("sym_gram", "ns_update", "sumsq_partials", "_normalise_kernel", "adam", "multi_tensor", "foreach")),
+    ("matmul (projections, MLP)", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::bmm", "aten::addmm")),
 )
 
 
@@ -44,13 +74,14 @@ def classify_kernel(name: str) -> str:
     return "other"
 
 
+# ----------------------------------------------------------------------------- arithmetic
 def matrix_params(model: GPT) -> int:
-    """N of the MFU formula: every 2-D weight (tok_emb counted once, as the tied head)."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if p.dim() == 2 and not name.endswith(("resid_mix", "skip_weights")) and name not in ("bigram.table", "ve.table"))
+    """N of the MFU formula: every linear weight (the blocks, bigram and VE projections) + tok_emb as the tied head."""
+    return sum(p.numel() for p in model.param_groups()["matrix"]) + model.tok_emb.weight.numel()
 
 
 def flops_per_token(cfg: Config, n_matrix: int) -> int:
+    """6N (forward + backward of the matmuls) + 6*L*d*T (causal attention's QK^T and PV, forward + backward)."""
     return 6 * n_matrix + 6 * cfg.num_layers * cfg.model_dim * cfg.train_seq_len
 
 
@@ -58,110 +89,228 @@ def projected_eval_seconds(tokens_per_second_per_gpu: float, tokens: int = VAL_T
     return tokens / (tokens_per_second_per_gpu * gpus)
 
 
-def autocast(device):
+def parse_args(argv: list[str]) -> tuple[Config, int, bool]:
+    """(config, timed steps, skip eval) from `--steps N`, `--skip-eval` and config settings."""
+    argv, steps, skip_eval = list(argv), 10, False
+    if "--skip-eval" in argv:
+        argv.remove("--skip-eval")
+        skip_eval = True
+    if "--steps" in argv:
+        i = argv.index("--steps")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+            raise ValueError("--steps needs a positive whole number of timed steps, e.g. --steps 10")
+        steps = int(argv.pop(i + 1))
+        argv.pop(i)
+    cfg, _ = load_config(argv)
+    return cfg, steps, skip_eval
+
+
+# ----------------------------------------------------------------------------- timers
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def do_bench_steps(fn, repeats: int, warmup: int = 2) -> float:
+    """Median ms of fn by bench.common.median_ms; do_bench takes budgets in ms, so they are
+    sized from one synchronised call to give about `warmup` and `repeats` calls."""
+    estimate = wall_ms(fn, torch.device("cuda"))
+    return median_ms(fn, warmup=warmup * estimate, rep=(repeats + 0.5) * estimate)
+
+
+def wall_clock_median(device: torch.device):
+    """A timer(fn, repeats) -> median wall-clock ms of `repeats` synchronised calls."""
+    def timer(fn, repeats: int) -> float:
+        times = sorted(wall_ms(fn, device) for _ in range(repeats))
+        return times[len(times) // 2]
+    return timer
+
+
+# ----------------------------------------------------------------------------- training step
+def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def make_step(cfg: Config, device: torch.device):
-    """A function running one full optimizer step on fixed random batches, and the model."""
+    """(step, model): step() runs one full optimizer step, as Trainer.train_step, on fixed random batches."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
     forward = torch.compile(model, fullgraph=True) if cfg.compile else model
+    # Triton's interpreter (CPU) gets tl.dot wrong on bf16 operands: fp32 Newton-Schulz there, as train.py.
     optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    micro = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
-    batches = [torch.randint(0, cfg.vocab_size, (micro, cfg.train_seq_len + 1), device=device) for _ in range(cfg.grad_accum_total)]
+    micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
+    batches = [torch.randint(0, cfg.vocab_size, (micro_seqs, cfg.train_seq_len + 1), device=device)
+               for _ in range(cfg.grad_accum_total)]  # [micro_seqs, T + 1] each
 
     def step():
         for seq in batches:
             with autocast(device):
                 loss = forward(seq[:, :-1], seq[:, 1:])
             (loss / len(batches)).backward()
-        set_schedule(optimizers, 1.0, cfg.muon_momentum)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function(OPTIMIZER_RANGE):
+            set_schedule(optimizers, 1.0, cfg.muon_momentum)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
 
     return step, model
 
 
-def measure_training_step(cfg: Config, backend: str, device: torch.device, timer) -> dict:
-    """ms/step, tokens/s, MFU and peak memory of one backend; `timer(fn)` returns median ms."""
-    with kernels.use_backend(backend):
-        torch._dynamo.reset()
-        step, model = make_step(cfg, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ms = timer(step)
-    tokens_per_s = cfg.train_batch_tokens / (ms / 1e3)
-    n_matrix = matrix_params(model)
-    return {
-        "backend": backend, "ms/step": ms, "tokens/s": tokens_per_s,
-        "MFU %": 100 * flops_per_token(cfg, n_matrix) * tokens_per_s / H100_BF16_PEAK_FLOPS,
-        "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
-        "_step": step,
-    }
-
-
-def step_shares(step) -> list[dict]:
-    """Share of CUDA kernel time per part of the step, over 2 profiled steps."""
+def step_shares(step, device: torch.device, steps: int = 2) -> tuple[list[dict], float]:
+    """([{part, share %}], busy fraction) of kernel time over `steps` profiled steps. On the CPU
+    (code-path check only) the 'kernels' are the CPU ops' self times."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        wall = wall_ms(lambda: [step() for _ in range(steps)], device)
+    events = prof.events()
+    # The optimizer range's span on the device timeline (CUDA) or host timeline (CPU).
+    optimizer_spans = [(e.time_range.start, e.time_range.end) for e in events
+                       if e.name == OPTIMIZER_RANGE and e.device_type == kind]
     totals = {}
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if us:
-            part = classify_kernel(event.key)
-            totals[part] = totals.get(part, 0.0) + us
-    grand = sum(totals.values()) or 1.0
-    return [{"part": k, "share %": 100 * v / grand} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    for e in events:
+        if e.device_type != kind or e.name == OPTIMIZER_RANGE or getattr(e, "is_user_annotation", False):
+            continue
+        us = e.time_range.end - e.time_range.start if cuda else e.self_cpu_time_total
+        in_optimizer = any(a <= e.time_range.start < b for a, b in optimizer_spans)
+        part = "optimizer" if in_optimizer else classify_kernel(e.name)
+        totals[part] = totals.get(part, 0.0) + us
+    kernel_us = sum(totals.values())
+    shares = [{"part": k, "share %": 100 * v / (kernel_us or 1.0)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    return shares, kernel_us / 1e3 / wall
 
 
-def measure_eval(cfg: Config, device: torch.device, tokens: int, chunks: int) -> dict:
-    """Sliding-window tokens/s and legal-TTT seconds per chunk on random tokens, projected."""
-    model = GPT(cfg).to(device)
-    luts = (torch.ones(cfg.vocab_size, dtype=torch.int16, device=device),
-            torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device),
-            torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device))
-    val = torch.randint(0, cfg.vocab_size, (tokens + 1,), device=device)
-    with autocast(device):
-        t0 = time.perf_counter()
-        evaluate.evaluate_sliding(model, val, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, luts)
-        sliding_s = time.perf_counter() - t0
-        ttt_tokens = torch.randint(0, cfg.vocab_size, (chunks * cfg.ttt_chunk_tokens + 1,), device=device)
-        t0 = time.perf_counter()
-        evaluate.evaluate_ttt(model, ttt_tokens, cfg, luts)
-        ttt_chunk_s = (time.perf_counter() - t0) / chunks
-    sliding_tps = tokens / sliding_s
+def measure_training_step(cfg: Config, backend: str, device: torch.device, steps: int, timer, profile: bool = True) -> dict:
+    """One backend's ms/step, tokens/s, MFU, peak memory and (profile=True) step-time shares.
+
+    timer(fn, repeats) -> median ms of one call of fn.
+    """
+    with kernels.use_backend(backend):
+        torch._dynamo.reset()  # the compiled graph bakes in the backend's ops: recompile per backend
+        step, model = make_step(cfg, device)
+        for _ in range(COMPILE_STEPS):
+            step()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        ms = timer(step, steps)
+        shares, busy = step_shares(step, device) if profile else ([], float("nan"))
+    tokens_per_s = cfg.train_batch_tokens / (ms / 1e3)
+    achieved = flops_per_token(cfg, matrix_params(model)) * tokens_per_s
+    micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
     return {
-        "sliding tokens/s/GPU": sliding_tps,
-        "sliding, full val on 8 GPUs (s)": projected_eval_seconds(sliding_tps),
-        "TTT s/chunk/GPU": ttt_chunk_s,
-        "TTT, full val on 8 GPUs (s)": VAL_TOKENS / cfg.ttt_chunk_tokens * ttt_chunk_s / EVAL_GPUS,
+        "backend": backend,
+        "micro-batches": f"{cfg.grad_accum_total} x {micro_seqs} x {cfg.train_seq_len}",
+        "ms/step": ms,
+        "tokens/s": tokens_per_s,
+        "TFLOP/s": achieved / 1e12,
+        "MFU %": 100 * achieved / H100_BF16_PEAK_FLOPS,
+        "peak GiB": peak_gib,
+        "GPU busy %": 100 * busy,
+        "shares": shares,
     }
 
 
+def measure_training_step_fitting(cfg: Config, backend: str, device: torch.device, steps: int, timer, most_micro: int = 64) -> dict:
+    """measure_training_step, retried with twice the micro-batches (same tokens) after an out-of-memory."""
+    while True:
+        try:
+            return measure_training_step(cfg, backend, device, steps, timer)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        gc.collect()
+        torch.cuda.empty_cache()
+        accum = 2 * cfg.grad_accum_total
+        if accum > most_micro or (cfg.train_batch_tokens // accum) % cfg.train_seq_len:
+            return {"backend": backend, "micro-batches": f"out of memory down to {cfg.grad_accum_total} micro-batches", "shares": []}
+        print(f"{backend}: out of memory with {cfg.grad_accum_total} micro-batches; retrying with {accum}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, grad_accum_total=accum).validate()
+
+
+# ----------------------------------------------------------------------------- evaluation
+def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, timer) -> dict:
+    """Sliding-window tokens/s over `windows` stride-spaced windows after the first, and legal-TTT
+    seconds per (score + adapt) chunk, each projected to the validation set on 8 GPUs."""
+    with kernels.use_backend(backend):
+        torch._dynamo.reset()
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg).to(device)
+        if cfg.compile:  # as train.py compiles its evaluation model
+            model.token_losses = torch.compile(model.token_losses, fullgraph=True, dynamic=False)
+            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        # Byte counts do not change the timing: every token counts 1 byte, none is a boundary.
+        luts = (torch.ones(cfg.vocab_size, dtype=torch.int16, device=device),
+                torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device),
+                torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device))
+        sliding_targets = cfg.eval_seq_len + windows * cfg.eval_stride
+        sliding_tokens = torch.randint(0, cfg.vocab_size, (sliding_targets + 1,), device=device)
+
+        def sliding():
+            evaluate.evaluate_sliding(model, sliding_tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, luts)
+
+        ttt_tokens = torch.randint(0, cfg.vocab_size, (3 * cfg.ttt_chunk_tokens + 1,), device=device)
+
+        def ttt(chunks: int):
+            return lambda: evaluate.evaluate_ttt(model, ttt_tokens[:chunks * cfg.ttt_chunk_tokens + 1], cfg, luts)
+
+        with autocast(device):
+            sliding()  # warm-up: compiles every window batch shape
+            sliding_ms = timer(sliding, 1)
+            ttt(2)()  # warm-up: compiles the TTT training shape
+            one_chunk_ms, three_chunks_ms = timer(ttt(1), 1), timer(ttt(3), 1)
+    sliding_tps = sliding_targets / (sliding_ms / 1e3)
+    ttt_chunk_s = max(three_chunks_ms - one_chunk_ms, 0.0) / 2 / 1e3
+    ttt_tps = cfg.ttt_chunk_tokens / ttt_chunk_s if ttt_chunk_s > 0 else float("inf")
+    return {
+        "sliding tokens/s/GPU": sliding_tps,
+        "sliding: val set on 8 GPUs (s)": projected_eval_seconds(sliding_tps),
+        "TTT s/chunk/GPU": ttt_chunk_s,
+        "TTT: val set on 8 GPUs (s)": projected_eval_seconds(ttt_tps),
+    }
+
+
+# ----------------------------------------------------------------------------- main
 def main(argv: list[str]) -> None:
     require_gpu("bench.step")
-    cfg, _ = load_config(argv)
+    cfg, steps, skip_eval = parse_args(argv)
     device = torch.device("cuda")
-    print(header("Training step, one GPU"))
-    print(f"FLOPs/token = 6N + 6*L*d*T; MFU against {H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s "
-          f"(H100 SXM bf16 dense{'' if 'H100' in torch.cuda.get_device_name() else '; this device is not an H100'})\n")
-    timer = lambda fn: median_ms(fn, warmup=3, rep=10)  # noqa: E731 -- whole steps: a few are enough
-    rows = [measure_training_step(cfg, backend, device, timer) for backend in ("reference", "triton")]
-    rows[1]["speed-up"], rows[0]["speed-up"] = rows[0]["ms/step"] / rows[1]["ms/step"], 1.0
-    print(table([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]))
+    name = torch.cuda.get_device_name()
+    print(header(f"Training step on one GPU: {cfg.train_batch_tokens:,} tokens, {cfg.num_layers}L d={cfg.model_dim}"))
+    not_h100 = "" if "H100" in name else f" (this device, {name}, is not an H100: the peak used is the H100's)"
+    print(f"FLOPs/token = 6N + 6*L*d*T (N = matrix params incl. tied head); MFU = FLOPs/token x tokens/s / "
+          f"{H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s, the H100 SXM bf16 dense datasheet peak{not_h100}. "
+          f"Timing: do_bench median over about {steps} whole steps after {COMPILE_STEPS} compile steps.\n")
+    rows = [measure_training_step_fitting(cfg, backend, device, steps, do_bench_steps) for backend in ("reference", "triton")]
+    if "ms/step" in rows[0] and "ms/step" in rows[1]:
+        rows[0]["speed-up"], rows[1]["speed-up"] = 1.0, rows[0]["ms/step"] / rows[1]["ms/step"]
+    print(table([{k: v for k, v in r.items() if k != "shares"} for r in rows]))
     for row in rows:
-        with kernels.use_backend(row["backend"]):
-            print(f"\nStep time by part ({row['backend']} backend; by CUDA kernel name)\n")
-            print(table(step_shares(row["_step"])))
-    print("\nEvaluation (random tokens; projection = 62,021,632 tokens / (tokens/s per GPU x 8))\n")
-    print(table([measure_eval(cfg, device, tokens=cfg.eval_batch_seqs * cfg.eval_stride * 64, chunks=2)]))
+        if row["shares"]:
+            print(f"\nShare of GPU kernel time, {row['backend']} backend (kernels inside the optimizer step count as "
+                  f"optimizer; the rest classified by kernel name)\n")
+            print(table(row["shares"]))
+    if skip_eval:
+        return
+    print(f"\nEvaluation, triton backend, random tokens: window {cfg.eval_seq_len}, stride {cfg.eval_stride}, "
+          f"{cfg.eval_batch_seqs} windows/batch; TTT chunks of {cfg.ttt_chunk_tokens} (s/chunk = (t(3 chunks) - t(1 chunk)) / 2). "
+          f"Projection: time = {VAL_TOKENS:,} tokens / (tokens/s per GPU x {EVAL_GPUS}).\n")
+    print(table([measure_eval(cfg, "triton", device, windows=16 * cfg.eval_batch_seqs, timer=wall_clock_median(device))]))
 
 
 if __name__ == "__main__":
