@@ -51,8 +51,10 @@ _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
     interpreter_config=(32, 16),
 )
+# dK/dV holds two [BLOCK_N, D] fp32 accumulators: with 4 warps ptxas spills (bench/sm90_compile.py
+# showed 8-368 bytes per thread in bf16), with 8 warps none of these do.
 _DKDV_CONFIGS = _configs(  # BLOCK_M: query rows per step, BLOCK_N: key rows owned by the program
-    [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 4), (32, 64, 8, 4)],
     interpreter_config=(16, 32),
 )
 _DQ_CONFIGS = _configs(
@@ -61,6 +63,24 @@ _DQ_CONFIGS = _configs(
 )
 _PREPROCESS_BLOCK_T = 16 if INTERPRET else 64
 _TUNE_KEY = ["T", "HEAD_DIM", "GROUP", "XSA"]
+# Autotuning pays only at training shapes. fp32 inputs (the CPU tests, run natively on a GPU: fp32
+# products go to FMA units and big tiles spill) and short sequences take each list's last, smallest
+# config, so a test run compiles one variant per shape instead of the whole list, which would
+# cost many minutes of GPU time.
+TUNE_MIN_T = 512
+
+
+def _tuners(kernel, configs):
+    """(autotuned over configs, fixed to the last config) around one JIT kernel."""
+    return (
+        triton.autotune(configs=configs, key=_TUNE_KEY)(kernel),
+        triton.autotune(configs=configs[-1:], key=_TUNE_KEY)(kernel),
+    )
+
+
+def _tuner(tuners, q: torch.Tensor):
+    full, single = tuners
+    return full if q.dtype != torch.float32 and q.shape[1] >= TUNE_MIN_T else single
 
 # --------------------------------------------------------------------------- Triton kernels
 
@@ -97,7 +117,6 @@ def _fwd_step(
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _xsa_fwd_kernel(
     Q, K, V, Y, C, LSE,
@@ -253,7 +272,6 @@ def _dkdv_step(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _xsa_bwd_dkdv_kernel(
     Q, K, V, DU, LSE, DELTA, DV_SELF, DK, DV,
@@ -339,7 +357,6 @@ def _dq_step(
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _xsa_bwd_dq_kernel(
     Q, K, V, DU, LSE, DELTA, DQ,
@@ -393,6 +410,10 @@ def _xsa_bwd_dq_kernel(
         dq.to(DQ.dtype.element_ty), mask=row_ok[:, None],
     )
 
+
+_FWD_TUNERS = _tuners(_xsa_fwd_kernel, _FWD_CONFIGS)
+_DKDV_TUNERS = _tuners(_xsa_bwd_dkdv_kernel, _DKDV_CONFIGS)
+_DQ_TUNERS = _tuners(_xsa_bwd_dq_kernel, _DQ_CONFIGS)
 
 # --------------------------------------------------------------------------- launch wrappers
 
@@ -463,7 +484,7 @@ def xsa_attention_fwd(
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    torch.library.wrap_triton(_xsa_fwd_kernel)[grid](
+    torch.library.wrap_triton(_tuner(_FWD_TUNERS, q))[grid](
         q, k, v, y, c, lse,
         *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(y),
         T, H, **_meta(q, k, xsa),
@@ -512,7 +533,7 @@ def xsa_attention_bwd(
     def dkdv_grid(meta):
         return (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)
 
-    torch.library.wrap_triton(_xsa_bwd_dkdv_kernel)[dkdv_grid](
+    torch.library.wrap_triton(_tuner(_DKDV_TUNERS, q))[dkdv_grid](
         q, k, v, du, lse, delta, dv_self, dk, dv,
         *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(du),
         *(_bth_strides(dv_self) if xsa else (0, 0, 0)),
@@ -523,7 +544,7 @@ def xsa_attention_bwd(
     def dq_grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    torch.library.wrap_triton(_xsa_bwd_dq_kernel)[dq_grid](
+    torch.library.wrap_triton(_tuner(_DQ_TUNERS, q))[dq_grid](
         q, k, v, du, lse, delta, dq,
         *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(du), *_bth_strides(dq),
         T, H, **meta,
