@@ -6,7 +6,7 @@ How a family registers its op (see kernels/fakequant.py for a complete example):
     def name(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()              # gradients arrive expanded (stride 0)
         y = new_output(x.shape, x.dtype, x.device)
-        torch.library.wrap_triton(_kernel)[grid](x, y, ...)
+        wrap_triton(_kernel)[grid](x, y, ...)   # this module's wrap_triton, below
         return y
 
     register_cpu_and_fake(name, reference=reference.name, fake=lambda x: x.new_empty(x.shape))
@@ -22,6 +22,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Tests set KERNELS_POISON=1: outputs start as NaN (floats) or -1 (ints) so an element the
 # kernel forgets to write shows up instead of passing by luck with zeroed memory.
 POISON = os.environ.get("KERNELS_POISON") == "1"
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, except under TRITON_INTERPRET=1: there @triton.jit gives an
+    InterpretedFunction, which torch 2.11 refuses ("wrap_triton only works on functions annotated
+    with triton.jit or triton.autotune") and torch 2.13 hands back unchanged, as this does.
+    torch.library.wrap_triton is looked up at each call: bench/sm90_compile.py replaces it."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._launch import new_output, register_cpu_and_fake
+from kernels._launch import new_output, register_cpu_and_fake, wrap_triton
 from kernels._numerics import _fp32_to_bf16_rne  # RNE bf16 cast the interpreter also gets right
 
 MUL_CUR, MUL_PREV = reference.BIGRAM_MUL_CUR, reference.BIGRAM_MUL_PREV
@@ -170,7 +170,7 @@ def _hash_into(ids: torch.Tensor, buckets: int, out: torch.Tensor) -> None:
     if n_pos == 0:
         return
     block_p = 1024
-    torch.library.wrap_triton(_bigram_hash_kernel)[(triton.cdiv(n_pos, block_p),)](
+    wrap_triton(_bigram_hash_kernel)[(triton.cdiv(n_pos, block_p),)](
         ids, out, n_pos, ids.shape[-1], buckets, BLOCK_P=block_p, MUL_CUR=MUL_CUR, MUL_PREV=MUL_PREV
     )
 
@@ -193,7 +193,7 @@ def _bigram_embed_op(ids: torch.Tensor, table: torch.Tensor, deterministic: bool
     n_pos = ids.numel()
     if n_pos and D:
         block_p, block_d = _position_blocks(D)
-        torch.library.wrap_triton(_bigram_embed_kernel)[(triton.cdiv(n_pos, block_p), triton.cdiv(D, block_d))](
+        wrap_triton(_bigram_embed_kernel)[(triton.cdiv(n_pos, block_p), triton.cdiv(D, block_d))](
             ids, table, out, n_pos, ids.shape[-1], buckets, D,
             BLOCK_P=block_p, BLOCK_D=block_d, MUL_CUR=MUL_CUR, MUL_PREV=MUL_PREV, num_warps=4,
         )  # fmt: skip
@@ -222,7 +222,7 @@ def _bigram_embed_backward_op(
         edges = torch.arange(buckets + 1, dtype=torch.int32, device=ids.device)
         bounds = torch.searchsorted(sorted_bucket, edges)  # [buckets + 1] int64
         if D:
-            torch.library.wrap_triton(_bigram_grad_sorted_kernel)[(buckets, triton.cdiv(D, block_d))](
+            wrap_triton(_bigram_grad_sorted_kernel)[(buckets, triton.cdiv(D, block_d))](
                 grad, order, bounds, out, D,
                 CHUNK=SORTED_CHUNK, BLOCK_D=block_d, OUT_BF16=table_dtype == torch.bfloat16, num_warps=4,
             )  # fmt: skip
@@ -230,7 +230,7 @@ def _bigram_embed_backward_op(
     acc = torch.zeros((buckets, D), dtype=torch.float32, device=ids.device)  # an accumulator: must start at 0
     if n_pos and D:
         block_p, block_d = _position_blocks(D)
-        torch.library.wrap_triton(_bigram_grad_atomic_kernel)[(triton.cdiv(n_pos, block_p), triton.cdiv(D, block_d))](
+        wrap_triton(_bigram_grad_atomic_kernel)[(triton.cdiv(n_pos, block_p), triton.cdiv(D, block_d))](
             ids, grad, acc, n_pos, ids.shape[-1], buckets, D,
             BLOCK_P=block_p, BLOCK_D=block_d, MUL_CUR=MUL_CUR, MUL_PREV=MUL_PREV, num_warps=4,
         )  # fmt: skip

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._launch import INTERPRET, new_output, register_cpu_and_fake
+from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
 from kernels._numerics import _fp32_to_bf16_rne, _round_half_even
 
 INT6_MIN, INT6_MAX = reference.INT6_MIN, reference.INT6_MAX
@@ -129,7 +129,7 @@ def _launch(w: torch.Tensor, deq, q, scale) -> None:
     if rows == 0:
         return
     block_rows, block_n, one_tile, num_warps = _blocks(rows, n)
-    torch.library.wrap_triton(_int6_rows_kernel)[(triton.cdiv(rows, block_rows),)](
+    wrap_triton(_int6_rows_kernel)[(triton.cdiv(rows, block_rows),)](
         w, deq, q, scale, rows, n,
         BLOCK_ROWS=block_rows, BLOCK_N=block_n, ROW_IN_ONE_TILE=one_tile,
         WRITE_DEQUANT=deq is not None, WRITE_QUANT=q is not None,

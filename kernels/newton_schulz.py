@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._launch import INTERPRET, new_output, register_cpu_and_fake
+from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NORM_EPS = 1e-7  # the reference's X / (||X||_F + 1e-7)
@@ -204,7 +204,7 @@ def _launch_gram(X: torch.Tensor, out: torch.Tensor, alpha: float, C: torch.Tens
     cfg = _gram_config(batch, rows, X.device)
     tiles = triton.cdiv(rows, cfg["BLOCK"])
     grid = (batch, tiles * (tiles + 1) // 2)
-    torch.library.wrap_triton(_sym_gram_kernel)[grid](
+    wrap_triton(_sym_gram_kernel)[grid](
         X, X if C is None else C, out, rows, inner, alpha, beta,
         HAS_C=C is not None, DOT_PRECISION=_dot_precision(X.dtype), **cfg,
     )
@@ -215,7 +215,7 @@ def _launch_update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float
     batch, rows, cols = X.shape
     cfg = _update_config(batch, rows, cols, X.device)
     grid = (batch, triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]))
-    torch.library.wrap_triton(_ns_update_kernel)[grid](
+    wrap_triton(_ns_update_kernel)[grid](
         B, X, out, rows, cols, a, out_strides[0], out_strides[1],
         DOT_PRECISION=_dot_precision(X.dtype), **cfg,
     )
@@ -228,14 +228,14 @@ def _launch_normalise(G3: torch.Tensor, out: torch.Tensor, tall: bool, out_strid
     block, chunk_blocks = (256, 4) if INTERPRET else (1024, 8)
     num_chunks = triton.cdiv(numel, block * chunk_blocks)
     partials = new_output((batch, num_chunks), torch.float32, G3.device)
-    torch.library.wrap_triton(_sumsq_partials_kernel)[(batch, num_chunks)](
+    wrap_triton(_sumsq_partials_kernel)[(batch, num_chunks)](
         G3, partials, numel, num_chunks,
         COMPUTE_DTYPE=_TL_DTYPE[out.dtype], BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
     )
     rows, cols = (C, R) if tall else (R, C)
     g_strides = (1, C) if tall else (C, 1)  # the wide view of a tall matrix is its transpose
     block_r, block_c = (16, 32) if INTERPRET else (32, 128)
-    torch.library.wrap_triton(_normalise_kernel)[(batch, triton.cdiv(rows, block_r))](
+    wrap_triton(_normalise_kernel)[(batch, triton.cdiv(rows, block_r))](
         G3, partials, out, rows, cols, num_chunks, g_strides[0], g_strides[1], out_strides[0], out_strides[1],
         NORM_EPS, CHUNKS_POW2=triton.next_power_of_2(num_chunks), BLOCK_R=block_r, BLOCK_C=block_c,
     )

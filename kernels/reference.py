@@ -69,7 +69,10 @@ def int6_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int6_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+    out = q.float() * scale.float().unsqueeze(-1)
+    # No same-dtype .to(): it returns its input, and under torch.compile torch 2.11 then gives
+    # _StraightThrough (below) an all-zero gradient.
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class _StraightThrough(torch.autograd.Function):

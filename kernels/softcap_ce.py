@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._launch import INTERPRET, new_output, register_cpu_and_fake
+from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
 
 IGNORE_INDEX = -100  # F.cross_entropy's default, which the reference inherits
 
@@ -195,7 +195,7 @@ def softcap_ce_fwd(
         return loss, lse
     config = _config(x)
     grid = (triton.cdiv(N, config["BLOCK_N"]),)
-    torch.library.wrap_triton(_softcap_ce_fwd_kernel)[grid](
+    wrap_triton(_softcap_ce_fwd_kernel)[grid](
         x, weight, targets, loss, lse, N, V, D, softcap, **config
     )
     return loss, lse
@@ -223,7 +223,7 @@ def softcap_ce_dlogits(
         return d_raw
     config = _config(x)
     grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(V, config["BLOCK_V"]))
-    torch.library.wrap_triton(_softcap_ce_dlogits_kernel)[grid](
+    wrap_triton(_softcap_ce_dlogits_kernel)[grid](
         x, weight, targets, lse, grad_loss, grad_lse, d_raw, N, V, D, softcap, **config
     )
     return d_raw

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._launch import INTERPRET, new_output, register_cpu_and_fake
+from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
 
 # F.normalize's floor on ||v||: v_hat = v / max(||v||, NORM_EPS), as the reference does.
 NORM_EPS = 1e-12
@@ -484,7 +484,7 @@ def xsa_attention_fwd(
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    torch.library.wrap_triton(_tuner(_FWD_TUNERS, q))[grid](
+    wrap_triton(_tuner(_FWD_TUNERS, q))[grid](
         q, k, v, y, c, lse,
         *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(y),
         T, H, **_meta(q, k, xsa),
@@ -517,7 +517,7 @@ def xsa_attention_bwd(
     else:
         du, dv_self = dy, delta  # dv_self is never read without XSA
 
-    torch.library.wrap_triton(_xsa_bwd_preprocess_kernel)[(triton.cdiv(T, _PREPROCESS_BLOCK_T), B * Hkv)](
+    wrap_triton(_xsa_bwd_preprocess_kernel)[(triton.cdiv(T, _PREPROCESS_BLOCK_T), B * Hkv)](
         dy, y, v, c, du, delta, dv_self,
         *_bth_strides(dy), *_bth_strides(y), *_bth_strides(v), *_bth_strides(du),
         *(_bth_strides(dv_self) if xsa else (0, 0, 0)),
@@ -533,7 +533,7 @@ def xsa_attention_bwd(
     def dkdv_grid(meta):
         return (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)
 
-    torch.library.wrap_triton(_tuner(_DKDV_TUNERS, q))[dkdv_grid](
+    wrap_triton(_tuner(_DKDV_TUNERS, q))[dkdv_grid](
         q, k, v, du, lse, delta, dv_self, dk, dv,
         *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(du),
         *(_bth_strides(dv_self) if xsa else (0, 0, 0)),
@@ -544,7 +544,7 @@ def xsa_attention_bwd(
     def dq_grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    torch.library.wrap_triton(_tuner(_DQ_TUNERS, q))[dq_grid](
+    wrap_triton(_tuner(_DQ_TUNERS, q))[dq_grid](
         q, k, v, du, lse, delta, dq,
         *_bth_strides(q), *_bth_strides(k), *_bth_strides(v), *_bth_strides(du), *_bth_strides(dq),
         T, H, **meta,
