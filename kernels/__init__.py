@@ -44,6 +44,8 @@ from kernels import newton_schulz as _newton_schulz  # noqa: E402
 vars(_TRITON).update(_newton_schulz.TRITON_IMPLS)
 from kernels import softcap_ce as _softcap_ce  # noqa: E402
 vars(_TRITON).update(_softcap_ce.TRITON_IMPLS)
+from kernels import relu2_mlp as _relu2_mlp  # noqa: E402
+vars(_TRITON).update(_relu2_mlp.TRITON_IMPLS)
 
 _backend = _default_backend()
 
@@ -107,3 +109,8 @@ def newton_schulz(G, steps: int = 5, coeffs=reference.QUINTIC_COEFFS, compute_dt
 def softcap_cross_entropy(x, weight, targets, softcap: float = 30.0):
     """Per-token fp32 NLL of the soft-capped tied head: x [N,d], weight [V,d], targets [N] -> [N]."""
     return _impl("softcap_cross_entropy")(x, weight, targets, softcap)
+
+
+def relu2_mlp(x, w_up, w_down):
+    """The block's MLP relu(x @ w_up^T)^2 @ w_down^T: x [..., d], w_up [F, d], w_down [d, F] -> [..., d]."""
+    return _impl("relu2_mlp")(x, w_up, w_down)

@@ -163,3 +163,14 @@ def softcap_cross_entropy(
     logits = (x @ weight.to(x.dtype).T).to(torch.promote_types(x.dtype, torch.float32))
     logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, targets.long(), reduction="none")
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The block's MLP: relu(x @ w_up^T)^2 @ w_down^T, x [..., d], w_up [F, d], w_down [d, F] -> [..., d].
+
+    Every intermediate (h, a = relu(h)^2) is a tensor of x's dtype, as in the model's eager code.
+    """
+    return F.linear(torch.relu(F.linear(x, w_up)).square(), w_down)

@@ -1,0 +1,109 @@
+"""The block's relu^2 MLP: fused Triton op vs eager reference vs torch.compile(reference).
+
+    python -m bench.relu2_mlp
+
+One training micro-batch per GPU through one MLP: x [N, d] with N = 48 * 2048 tokens, d = 512,
+w_up [F, d] and w_down [d, F] with F = 1536, all bf16 (the model hands the op weights already
+cast to x's dtype). Times forward alone (no grad) and forward + backward (random upstream
+gradient, gradients of x, w_up and w_down), and the peak memory each allocates beyond its inputs.
+
+FLOPs: forward 2 GEMMs of 2NdF each = 4NdF; the backward 4 GEMMs (dh, dW_down, dx, dW_up) = 8NdF,
+so forward + backward is 12NdF, three times the forward. Every variant executes the same GEMMs;
+what differs is the [N, F] pointwise traffic around them (N * F * 2 bytes = 302 MB per tensor),
+which the Triton op folds into the GEMMs' prologues and epilogues.
+"""
+import torch
+
+from bench.common import compiled, header, median_ms, require_gpu, table
+
+N, D, HIDDEN = 48 * 2048, 512, 1536
+
+
+def flops(n: int, d: int, hidden: int, backward: bool) -> int:
+    """Matmul FLOPs: forward 2 * 2ndF, forward + backward 3x that."""
+    forward = 2 * 2 * n * d * hidden
+    return 3 * forward if backward else forward
+
+
+def hidden_bytes(n: int, hidden: int, element_size: int = 2) -> int:
+    """One [N, F] activation tensor (h, a, da or dh)."""
+    return n * hidden * element_size
+
+
+def make_inputs(device: str = "cuda"):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, D, generator=gen, device=device).bfloat16()
+    w_up = (torch.randn(HIDDEN, D, generator=gen, device=device) / D**0.5).bfloat16()  # h ~ N(0, 1), half of it < 0
+    w_down = (torch.randn(D, HIDDEN, generator=gen, device=device) / HIDDEN**0.5).bfloat16()
+    dy = torch.randn(N, D, generator=gen, device=device).bfloat16()
+    return x, w_up, w_down, dy
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes allocated while fn runs, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def main() -> None:
+    require_gpu("bench.relu2_mlp")
+    import importlib
+
+    from kernels import reference
+
+    relu2_mlp = importlib.import_module("kernels.relu2_mlp")  # the module; kernels.relu2_mlp is the function
+    x, w_up, w_down, dy = make_inputs()
+    variants = {
+        "triton": relu2_mlp.relu2_mlp,
+        "eager reference": reference.relu2_mlp,
+        "compiled reference": compiled(reference.relu2_mlp),
+    }
+    leaves = [t.detach().requires_grad_() for t in (x, w_up, w_down)]
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                return fn(x, w_up, w_down)
+        return run
+
+    def forward_backward(fn):
+        def run():
+            return torch.autograd.grad(fn(*leaves), leaves, dy)
+        return run
+
+    rows = []
+    for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
+        timed = {}
+        for name, fn in variants.items():
+            run = make_run(fn)
+            run()  # compile and autotune outside the timing
+            timed[name] = (median_ms(run), peak_extra_bytes(run))
+        eager_ms, compiled_ms = timed["eager reference"][0], timed["compiled reference"][0]
+        for name, (ms, peak) in timed.items():
+            rows.append(
+                {
+                    "pass": pass_name,
+                    "variant": name,
+                    "median ms": ms,
+                    "TFLOP/s": flops(N, D, HIDDEN, backward) / ms / 1e9,
+                    "peak extra MiB": peak / 2**20,
+                    "speed-up vs eager": eager_ms / ms,
+                    "speed-up vs compiled": compiled_ms / ms,
+                }
+            )
+
+    print(header(f"relu^2 MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
+    print(
+        f"FLOPs: forward 2 * 2NdF = {flops(N, D, HIDDEN, False):.3e}, forward+backward 3 * 4NdF = "
+        f"{flops(N, D, HIDDEN, True):.3e}. One [N, F] bf16 activation is {hidden_bytes(N, HIDDEN) / 1e6:.0f} MB; "
+        f"the Triton op never stores a = relu(h)^2 or da.\n"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The relu^2 MLP with the activation fused into the GEMMs: a = relu(h)^2 is never stored.
+
+    h = x @ w_up^T          a = relu(h)^2          y = a @ w_down^T
+    x [N, d], w_up [F, d], w_down [d, F]; every tensor in x's dtype (fp32, bf16 or fp16)
+
+Rounding is the eager reference's (kernels.reference.relu2_mlp): h and a are rounded to x's
+dtype, so the kernel squares relu(h) in fp32 and rounds it before the product, exactly as
+torch's bf16 `relu(h).square()` does. What a torch.compile'd reference spends beyond the GEMMs
+is the [N, F] pointwise traffic (302 MB per tensor at N = 98,304, F = 1536 in bf16): relu^2 in
+the forward, and in the backward da written and read back, dh = da * 2 relu(h), and a
+recomputed for dW_down. Here all of it rides inside the GEMMs.
+
+One Triton GEMM, C[M, N] = pro(A)[M, K] @ pro(B)[K, N], with any strides (so transposed views
+are free), fp32 accumulation, grouped tile order for L2 reuse, and three switches:
+    RELU2_A / RELU2_B   prologue: the operand tile becomes round(relu(t)^2) before tl.dot
+    EPILOGUE_DRELU2     epilogue: da = round(acc); C = round(da * 2 relu(E)), 0 where E <= 0
+and split-K (program_id 2 takes one contiguous K range and writes its own fp32 partial [M, N];
+a torch sum adds them: deterministic, no atomics).
+
+Forward (`golf::relu2_mlp_fwd`): h = x @ w_up^T by cuBLAS (torch op in the body), then
+y = relu2(h) @ w_down^T with the prologue on A. Saved: x, h, w_up, w_down (not a).
+Backward (`golf::relu2_mlp_bwd`), given dy [N, d]:
+    dh         = drelu2(dy @ w_down, h)    GEMM with the epilogue (h read in the epilogue)
+    dW_down^T  = relu2(h)^T @ dy           GEMM with the prologue on A = h^T, split-K over the tokens
+    dx = dh @ w_up,  dW_up = dh^T @ x      cuBLAS
+dW_down's output is only [d, F] (48 tiles of 128 x 128 at the model shape, fewer than the
+H100's 132 SMs) while its K = N is long, hence split-K there. It is computed transposed, with
+relu^2 on the A operand, because compiled for sm_90a that form keeps the activated tile in
+registers as wgmma's A operand and spills in no config, where dy^T @ relu2(h) (prologue on B,
+which wgmma must read from shared memory) spills at 128 x 256; RELU2_B stays in the family.
+FLOPs: forward 4NdF (2 GEMMs), backward 8NdF (4 GEMMs), nothing recomputed beyond a.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Split-K of the dW_down GEMM: None picks it from the shape (_split_k); tests set an int to force it.
+SPLIT_K_OVERRIDE = None
+MAX_SPLIT_K = 16
+MIN_K_PER_SPLIT = 16 if INTERPRET else 2048  # rows of K a split must have to pay for its own tile write
+
+# --------------------------------------------------------------------------- tile configurations
+# On a GPU a short Hopper-minded autotune list (checked for shared memory, registers and wgmma
+# with bench.sm90_compile's helpers); in the interpreter one small config, so the small test
+# shapes are ragged in M, N and K and cross several tile groups. Autotuning pays only at
+# training shapes: fp32 operands (the CPU tests run natively on a GPU; fp32 products go to the
+# FMA units) and small products take one fixed config, so a test run compiles one variant per
+# shape instead of the whole list.
+
+
+def _config(block_m, block_n, block_k, warps, stages, group_m=8):
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m), num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    _GEMM_CONFIGS = [_config(32, 16, 16, 4, 1, group_m=2)]
+    _FIXED_CONFIG = _GEMM_CONFIGS[0]
+else:
+    # bf16 on sm_90a, all three launches (y, dh, dW_down^T): wgmma, 0 spills, <= 192 KiB shared.
+    # 256 x 128 tiles were left out: the forward's A-in-registers prologue spills there (48 B).
+    _GEMM_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        _config(128, 256, 64, 8, 3),
+        _config(128, 256, 64, 8, 4),
+        _config(128, 128, 64, 8, 4),
+        _config(128, 128, 64, 8, 5),
+        _config(128, 128, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+    ]
+    # Also spill-free for fp32 operands (IEEE products on the FMA units), which bigger tiles are not.
+    _FIXED_CONFIG = _config(64, 64, 32, 4, 3)
+_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "RELU2_A", "RELU2_B", "EPILOGUE_DRELU2"]
+TUNE_MIN_MNK = 2**30  # M * N * K from which a 16-bit GEMM is autotuned (the model's are ~2^36)
+
+# --------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _relu2(t):
+    """round(relu(t)^2) in t's dtype, squared in fp32 like torch's low-precision pointwise ops.
+    `t < 0` (not `t > 0`) keeps a NaN a NaN, as torch.relu does."""
+    t32 = t.to(tl.float32)
+    r = tl.where(t32 < 0.0, 0.0, t32)
+    return (r * r).to(t.dtype)
+
+
+@triton.jit
+def _relu2_gemm_kernel(
+    A, B, C, E,
+    M, N, K, SPLIT_K,
+    stride_am, stride_ak,
+    stride_bk, stride_bn,
+    stride_cs, stride_cm, stride_cn,
+    stride_em, stride_en,
+    RELU2_A: tl.constexpr, RELU2_B: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # C[split, M, N] = pro(A)[M, K-range of split] @ pro(B)[K-range, N], epilogue optional.
+    # Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), 1, SPLIT_K). E [M, N] is read only by the epilogue.
+    pid = tl.program_id(0)
+    split = tl.program_id(2)
+    # Grouped order: GROUP_M row tiles sweep the column tiles together, so the B panel they share
+    # (and, along a group, the A panels) stays in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_m
+    pid_n = (pid % pids_per_group) // group_m
+
+    # This split's K range: whole BLOCK_K steps, the last split ragged (or empty: it writes zeros).
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = split * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, K)
+
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = row0 + rm < M
+    n_ok = col0 + rn < N
+    # int64 base offsets (N * F passes 2^31 at a few million tokens); in-tile offsets stay int32.
+    a_ptrs = A + row0.to(tl.int64) * stride_am + k_start.to(tl.int64) * stride_ak
+    a_ptrs = a_ptrs + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + k_start.to(tl.int64) * stride_bk + col0.to(tl.int64) * stride_bn
+    b_ptrs = b_ptrs + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_ok = k + rk < k_end
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # relu2(0) = 0: padding stays 0
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if RELU2_A:
+            a = _relu2(a)
+        if RELU2_B:
+            b = _relu2(b)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    if EPILOGUE_DRELU2:
+        # Eager autograd of relu(h).square() in x's dtype: da = round(dy @ w_down), then
+        # grad * (2 * relu(h)) with 2 * relu(h) a tensor of that dtype (exact unless it
+        # overflows, so it is rounded too), one rounding of the product, and relu's backward
+        # zeroing where h <= 0.
+        e_ptrs = E + row0.to(tl.int64) * stride_em + col0.to(tl.int64) * stride_en
+        h = tl.load(e_ptrs + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0)
+        h32 = h.to(tl.float32)
+        da = acc.to(C.dtype.element_ty).to(tl.float32)
+        two_r = (2.0 * tl.where(h32 < 0.0, 0.0, h32)).to(h.dtype).to(tl.float32)
+        acc = tl.where(h32 <= 0.0, 0.0, da * two_r)
+    c_ptrs = C + split.to(tl.int64) * stride_cs + row0.to(tl.int64) * stride_cm + col0.to(tl.int64) * stride_cn
+    tl.store(c_ptrs + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
+
+
+_TUNED_GEMM = triton.autotune(configs=_GEMM_CONFIGS, key=_TUNE_KEY)(_relu2_gemm_kernel)
+_FIXED_GEMM = triton.autotune(configs=[_FIXED_CONFIG], key=_TUNE_KEY)(_relu2_gemm_kernel)
+
+# --------------------------------------------------------------------------- launch wrappers
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the H100 the GPU path is tuned for
+
+
+def _split_k(M: int, N: int, K: int, device) -> int:
+    """How many K ranges the dW_down GEMM splits into. With at least a wave of output tiles,
+    none; else the count (at most MAX_SPLIT_K, each range >= MIN_K_PER_SPLIT rows) that leaves
+    the least of the last wave idle, counted in 128 x 128 tiles: for [512, 1536] (48 tiles) on
+    132 SMs that is 11, exactly 4 waves (2 with 128 x 256 tiles)."""
+    if SPLIT_K_OVERRIDE is not None:
+        return int(SPLIT_K_OVERRIDE)
+    sms = _num_sms(device)
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    if tiles >= sms:
+        return 1
+    best, best_use = 1, 0.0
+    for split in range(1, MAX_SPLIT_K + 1):
+        if split > 1 and K < split * MIN_K_PER_SPLIT:
+            break
+        programs = tiles * split
+        use = programs / (triton.cdiv(programs, sms) * sms)  # busy fraction of the SM-waves it takes
+        if use > best_use + 1e-9:
+            best, best_use = split, use
+    return best
+
+
+def _gemm(a, b, out, *, relu2_a=False, relu2_b=False, epilogue_h=None, split_k=1) -> None:
+    """out = pro(a) @ pro(b) for a [M, K], b [K, N] (any strides); out [M, N], or fp32
+    [split_k, M, N] partials when split_k > 1; epilogue_h [M, N] switches the dReLU^2 epilogue on."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    out3 = out if out.dim() == 3 else out.unsqueeze(0)
+    e = epilogue_h if epilogue_h is not None else out3[0]  # never read without the epilogue
+    # Triton's interpreter returns garbage from a bf16 tl.dot; bf16 products are exact in fp32, so
+    # there it multiplies fp32 copies of the (already rounded) operand tiles: same sums, no garbage.
+    dot_in_fp32 = INTERPRET and a.dtype == torch.bfloat16
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1, split_k)
+
+    tuned = a.dtype != torch.float32 and M * N * K >= TUNE_MIN_MNK
+    wrap_triton(_TUNED_GEMM if tuned else _FIXED_GEMM)[grid](
+        a, b, out3, e,
+        M, N, K, split_k,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        out3.stride(0), out3.stride(1), out3.stride(2),
+        e.stride(0), e.stride(1),
+        RELU2_A=relu2_a, RELU2_B=relu2_b, EPILOGUE_DRELU2=epilogue_h is not None,
+        # fp32 operands get true fp32 products (tf32 would miss the fp32 tolerance); bf16/fp16 use tensor cores.
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 or dot_in_fp32 else "tf32",
+        DOT_IN_FP32=dot_in_fp32,
+    )
+
+
+def _no_autocast(x: torch.Tensor):
+    """The ops compute in their inputs' dtype: autocast, which would turn an fp32 product into a
+    bf16 one next to the Triton kernel's fp32 operands, is off inside them (the public function
+    applies autocast's cast to the inputs instead, as F.linear would)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _check_inputs(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, where: str) -> None:
+    if x.dim() < 1 or w_up.dim() != 2 or w_down.dim() != 2:
+        raise ValueError(
+            f"{where}: expected x [..., d], w_up [F, d] and w_down [d, F], got x {tuple(x.shape)}, "
+            f"w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}; pass the weights as 2-D matrices."
+        )
+    d, hidden = x.shape[-1], w_up.shape[0]
+    if w_up.shape[1] != d or tuple(w_down.shape) != (d, hidden):
+        raise ValueError(
+            f"{where}: with x [..., {d}] and w_up {tuple(w_up.shape)}, w_up must be [F, {d}] and w_down "
+            f"[{d}, F] = ({d}, {hidden}), got w_up {tuple(w_up.shape)} and w_down {tuple(w_down.shape)}; "
+            f"check the layer's in/out features."
+        )
+    if x.dtype not in SUPPORTED_DTYPES or not (x.dtype == w_up.dtype == w_down.dtype):
+        raise TypeError(
+            f"{where}: x, w_up and w_down must share one dtype among fp32, bf16 and fp16, got {x.dtype}, "
+            f"{w_up.dtype} and {w_down.dtype}; cast the weights to x's dtype first."
+        )
+
+
+@torch.library.triton_op("golf::relu2_mlp_fwd", mutates_args=())
+def relu2_mlp_fwd(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, d], w_up [F, d], w_down [d, F] -> (y [N, d], h = x @ w_up^T [N, F], saved for the backward)."""
+    _check_inputs(x, w_up, w_down, "golf::relu2_mlp_fwd")
+    if x.dim() != 2:
+        raise ValueError(f"golf::relu2_mlp_fwd: x must be [N, d], got {tuple(x.shape)}; kernels.relu2_mlp flattens it")
+    N, d = x.shape
+    with _no_autocast(x):
+        h = F.linear(x, w_up)  # cuBLAS; [N, F] in x's dtype
+    y = new_output((N, d), x.dtype, x.device)
+    _gemm(h, w_down.T, y, relu2_a=True)  # y = relu2(h) @ w_down^T
+    return y, h
+
+
+@torch.library.triton_op("golf::relu2_mlp_bwd", mutates_args=())
+def relu2_mlp_bwd(
+    dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [N, d], dw_up [F, d], dw_down [d, F]) from the output gradient dy [N, d] and the saved x, h."""
+    _check_inputs(x, w_up, w_down, "golf::relu2_mlp_bwd")
+    N, d = x.shape
+    hidden = w_up.shape[0]
+    dh = new_output((N, hidden), x.dtype, x.device)
+    _gemm(dy, w_down, dh, epilogue_h=h)  # dh = drelu2(dy @ w_down, h)
+    # dW_down^T = relu2(h)^T @ dy [F, d], split over the N tokens; the relu^2 operand is A (see the
+    # module docstring), and a fixed-order sum of the fp32 partials: deterministic.
+    split_k = _split_k(hidden, d, N, x.device)
+    partials = new_output((split_k, hidden, d), torch.float32, x.device)
+    _gemm(h.T, dy, partials, relu2_a=True, split_k=split_k)
+    dw_down = partials.sum(0).to(x.dtype).T.contiguous()
+    with _no_autocast(x):
+        dx = dh @ w_up  # [N, d]
+        dw_up = dh.T @ x  # [F, d]
+    return dx, dw_up, dw_down
+
+
+# --------------------------------------------------------------------------- eager twins
+# The CPU path without the interpreter (see kernels._launch.register_cpu_and_fake): the same
+# formulas as the kernels, in torch ops and in the inputs' dtype.
+
+
+def eager_forward(x, w_up, w_down):
+    with _no_autocast(x):
+        h = F.linear(x, w_up)
+        return F.linear(torch.relu(h).square(), w_down), h
+
+
+def eager_backward(dy, x, h, w_up, w_down):
+    with _no_autocast(x):
+        da = dy @ w_down  # [N, F]
+        dh = torch.where(h <= 0, 0.0, da * (2 * torch.relu(h)))
+        dw_down = dy.T @ torch.relu(h).square()
+        return dh @ w_up, dh.T @ x, dw_down
+
+
+def _fake_forward(x, w_up, w_down):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_up.shape[0]))
+
+
+def _fake_backward(dy, x, h, w_up, w_down):
+    return x.new_empty(x.shape), w_up.new_empty(w_up.shape), w_down.new_empty(w_down.shape)
+
+
+register_cpu_and_fake(relu2_mlp_fwd, reference=eager_forward, fake=_fake_forward)
+register_cpu_and_fake(relu2_mlp_bwd, reference=eager_backward, fake=_fake_backward)
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_up, w_down = inputs
+    _y, h = output
+    ctx.save_for_backward(x, h, w_up, w_down)
+
+
+def _backward(ctx, dy, _dh):
+    # h is a saved activation that the public function never returns, not an output anyone differentiates.
+    x, h, w_up, w_down = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    dx, dw_up, dw_down = torch.ops.golf.relu2_mlp_bwd(dy.to(x.dtype), x, h, w_up, w_down)
+    return dx, dw_up, dw_down
+
+
+relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# --------------------------------------------------------------------------- public function
+
+
+def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """relu(x @ w_up^T)^2 @ w_down^T: x [..., d], w_up [F, d], w_down [d, F] -> [..., d], one dtype.
+
+    Same semantics as kernels.reference.relu2_mlp (h and a rounded to x's dtype), autocast
+    included: under autocast the fp32/fp16/bf16 operands are cast to its dtype first, as
+    F.linear's would be."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_up, w_down = (t.to(dtype) if t.dtype in SUPPORTED_DTYPES else t for t in (x, w_up, w_down))
+    _check_inputs(x, w_up, w_down, "relu2_mlp")
+    y, _h = torch.ops.golf.relu2_mlp_fwd(x.reshape(-1, x.shape[-1]), w_up, w_down)
+    return y.reshape(x.shape)
+
+
+TRITON_IMPLS = {"relu2_mlp": relu2_mlp}
