@@ -134,6 +134,7 @@ def _cases(dtypes) -> list[tuple[str, object]]:
     # kernels.newton_schulz and kernels.xsa_attention are also the names of the public functions
     ns = importlib.import_module("kernels.newton_schulz")
     xsa = importlib.import_module("kernels.xsa_attention")
+    mlp = importlib.import_module("kernels.relu2_mlp")
     cfg = Config()
     model = GPT(cfg)
     B, T = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len, cfg.train_seq_len
@@ -197,6 +198,15 @@ def _cases(dtypes) -> list[tuple[str, object]]:
         cases.append((
             f"softcap_ce_dlogits {name}",
             lambda x=x: _body(softcap_ce.softcap_ce_dlogits)(x, weight, targets, per_token, per_token, per_token, 30.0),
+        ))
+        # relu^2 MLP: the bodies run their cuBLAS half as CPU matmuls, so 8192 tokens stand in for the
+        # micro-batch's 98,304 (the same autotune list and constexprs; only the split-K count differs)
+        tokens, hidden = 8192, cfg.mlp_hidden
+        xs, h = empty(tokens, cfg.model_dim, dtype=dtype), empty(tokens, hidden, dtype=dtype)
+        w_up, w_down = empty(hidden, cfg.model_dim, dtype=dtype), empty(cfg.model_dim, hidden, dtype=dtype)
+        cases.append((f"relu2_mlp_fwd {name}", lambda xs=xs, u=w_up, w=w_down: _body(mlp.relu2_mlp_fwd)(xs, u, w)))
+        cases.append((
+            f"relu2_mlp_bwd {name}", lambda xs=xs, h=h, u=w_up, w=w_down: _body(mlp.relu2_mlp_bwd)(xs, xs, h, u, w),
         ))
     return cases
 

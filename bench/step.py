@@ -53,7 +53,7 @@ COMPILE_STEPS = 2  # untimed steps that compile and prime kernels, optimizer sta
 OPTIMIZER_RANGE = "bench.step: optimizer"
 # Kernel-name patterns (lower case) -> the part of the step they belong to; first match wins (the loss
 # head first: its log_softmax would otherwise match attention's softmax).
-# Ours: _xsa_* (attention), _softcap_ce_* (loss head), Newton-Schulz's _sym_gram/_ns_update/
+# Ours: _xsa_* (attention), _softcap_ce_* (loss head), _relu2_gemm (MLP relu^2), Newton-Schulz's _sym_gram/_ns_update/
 # _sumsq_partials/_normalise (normally inside the optimizer range anyway). Inductor names its
 # fused kernels after the ops they fuse (triton_red_fused__log_softmax_...); cuBLAS/CUTLASS GEMMs
 # carry gemm/cutlass/xmma/nvjet. The reference attention is explicit matmuls + softmax, so its
@@ -62,6 +62,9 @@ KERNEL_CLASSES = (
     ("loss head", ("softcap", "cross_entropy", "nll", "log_softmax", "logsumexp", "tanh")),
     ("attention", ("xsa", "flash", "attn", "sdpa", "fmha", "_softmax_", "fused__softmax", "masked_fill")),
     ("optimizer", ("sym_gram", "ns_update", "sumsq_partials", "_normalise_kernel", "adam", "multi_tensor", "foreach")),
+    # Inductor's relu^2 passes (fused_pow_relu, ..._threshold_backward); under triton, _relu2_gemm_kernel
+    # also carries three of the MLP's GEMMs, so this row is activation + those GEMMs there.
+    ("MLP relu^2", ("relu",)),
     ("matmul (projections, MLP)", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::bmm", "aten::addmm")),
 )
 

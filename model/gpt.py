@@ -54,10 +54,14 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.qat = False
 
+    def operand(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as the product sees it: in `dtype`, int6 fake-quantised when QAT is on."""
+        if self.qat:  # quantise the fp32 master weight, as the exporter will, straight into dtype
+            return kernels.int6_fakequant(self.weight, dtype)
+        return self.weight.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qat:  # quantise the fp32 master weight, as the exporter will, straight into x's dtype
-            return F.linear(x, kernels.int6_fakequant(self.weight, x.dtype))
-        return F.linear(x, self.weight.to(x.dtype))
+        return F.linear(x, self.operand(x.dtype))
 
 
 class BigramHash(nn.Module):
@@ -163,7 +167,8 @@ class MLP(nn.Module):
         self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        # proj(relu(fc(x))^2) as one op: the triton backend fuses the activation into the GEMMs
+        return kernels.relu2_mlp(x, self.fc.operand(x.dtype), self.proj.operand(x.dtype))
 
 
 class Block(nn.Module):

@@ -22,6 +22,7 @@ DOT_KERNELS = {
     "_xsa_fwd_kernel", "_xsa_bwd_dkdv_kernel", "_xsa_bwd_dq_kernel",
     "_sym_gram_kernel", "_ns_update_kernel",
     "_softcap_ce_fwd_kernel", "_softcap_ce_dlogits_kernel",
+    "_relu2_gemm_kernel",
 }
 
 
