@@ -5,6 +5,7 @@ its products run on Hopper's warp-group MMA (wgmma) or the older mma.sync path.
     python -m bench.sm90_compile                  # every autotune config of every launch
     python -m bench.sm90_compile --first-config   # one config per launch (quick; what CI runs)
     python -m bench.sm90_compile --json out.json  # the same rows, machine-readable
+    python -m bench.sm90_compile --summary        # one line per kernel and dtype
 
 Why: the CPU tests run the kernels in Triton's interpreter, in fp32. Nothing there compiles the
 bf16 code the GPU runs, checks that an autotune config fits in 227 KiB of shared memory (the
@@ -339,11 +340,32 @@ def _table(rows: list[Row]) -> str:
     ])
 
 
+def _summary(rows: list[Row]) -> str:
+    """One line per (kernel, dtype): how many variants compiled, and the range over them."""
+    from bench.common import table
+
+    groups = {}
+    for r in rows:
+        dtype = next((d for d in ("bfloat16", "float32", "float16") if d in r.case), "-")
+        groups.setdefault((r.kernel, dtype), []).append(r)
+    return table([
+        {
+            "kernel": kernel, "dtype": dtype, "variants": len(vs),
+            "shared KiB": f"{min(v.shared_kib for v in vs):.0f}-{max(v.shared_kib for v in vs):.0f}",
+            "max regs": max(v.registers for v in vs), "max spill B": max(v.spill_bytes for v in vs),
+            "spilling variants": sum(v.spill_bytes > 0 for v in vs),
+            "mma": "/".join(sorted({v.mma for v in vs})), "ok": sum(v.usable for v in vs),
+        }
+        for (kernel, dtype), vs in groups.items()
+    ])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--first-config", action="store_true", help="compile only the first autotune config of each launch")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="activation dtypes for the dot kernels (default: bfloat16,float32)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--summary", action="store_true", help="one line per kernel and dtype instead of one per variant")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("sm90_compile: TRITON_INTERPRET=1 replaces the kernels with the interpreter; unset it and run again", file=sys.stderr)
@@ -358,7 +380,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     rows = run(args.first_config, dtypes)
     print(f"## Triton kernels compiled for sm_{TARGET_ARCH}a (H100), triton {triton.__version__}, torch {torch.__version__}\n")
-    print(_table(rows))
+    print(_summary(rows) if args.summary else _table(rows))
     print(f"\n{len(rows)} variants compiled in {time.perf_counter() - started:.0f} s; shared-memory limit {H100_SHARED_BYTES // 1024} KiB")
     if args.json:
         with open(args.json, "w") as f:
