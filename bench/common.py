@@ -17,6 +17,45 @@ def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes allocated while fn runs, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def time_variants(variants: dict, make_run) -> dict:
+    """{name: (median ms, peak extra bytes)} of make_run(fn) for each variant; one untimed call
+    first, so compilation and autotuning stay outside the timing."""
+    timed = {}
+    for name, fn in variants.items():
+        run = make_run(fn)
+        run()
+        timed[name] = (median_ms(run), peak_extra_bytes(run))
+    return timed
+
+
+def variant_rows(pass_name: str, timed: dict, flops: int, flops_column: str = "TFLOP/s") -> list[dict]:
+    """Table rows from time_variants' result: time, achieved TFLOP/s for `flops`, peak extra
+    memory and the speed-ups over the "eager reference" and "compiled reference" variants."""
+    eager_ms, compiled_ms = timed["eager reference"][0], timed["compiled reference"][0]
+    return [
+        {
+            "pass": pass_name,
+            "variant": name,
+            "median ms": ms,
+            flops_column: flops / ms / 1e9,
+            "peak extra MiB": peak / 2**20,
+            "speed-up vs eager": eager_ms / ms,
+            "speed-up vs compiled": compiled_ms / ms,
+        }
+        for name, (ms, peak) in timed.items()
+    ]
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device copy bandwidth (read + write bytes / time): the ceiling memory-bound kernels are judged by."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()

@@ -14,7 +14,7 @@ which the Triton op folds into the GEMMs' prologues and epilogues.
 """
 import torch
 
-from bench.common import compiled, header, median_ms, require_gpu, table
+from bench.common import compiled, header, require_gpu, table, time_variants, variant_rows
 
 N, D, HIDDEN = 48 * 2048, 512, 1536
 
@@ -37,16 +37,6 @@ def make_inputs(device: str = "cuda"):
     w_down = (torch.randn(D, HIDDEN, generator=gen, device=device) / HIDDEN**0.5).bfloat16()
     dy = torch.randn(N, D, generator=gen, device=device).bfloat16()
     return x, w_up, w_down, dy
-
-
-def peak_extra_bytes(fn) -> int:
-    """Peak bytes allocated while fn runs, beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
 
 
 def main() -> None:
@@ -77,24 +67,7 @@ def main() -> None:
 
     rows = []
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
-        timed = {}
-        for name, fn in variants.items():
-            run = make_run(fn)
-            run()  # compile and autotune outside the timing
-            timed[name] = (median_ms(run), peak_extra_bytes(run))
-        eager_ms, compiled_ms = timed["eager reference"][0], timed["compiled reference"][0]
-        for name, (ms, peak) in timed.items():
-            rows.append(
-                {
-                    "pass": pass_name,
-                    "variant": name,
-                    "median ms": ms,
-                    "TFLOP/s": flops(N, D, HIDDEN, backward) / ms / 1e9,
-                    "peak extra MiB": peak / 2**20,
-                    "speed-up vs eager": eager_ms / ms,
-                    "speed-up vs compiled": compiled_ms / ms,
-                }
-            )
+        rows += variant_rows(pass_name, time_variants(variants, make_run), flops(N, D, HIDDEN, backward))
 
     print(header(f"relu^2 MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
     print(

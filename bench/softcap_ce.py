@@ -12,7 +12,7 @@ TFLOP/s below count the useful work (the same numerator for every variant, so th
 """
 import torch
 
-from bench.common import compiled, header, median_ms, require_gpu, table
+from bench.common import compiled, header, require_gpu, table, time_variants, variant_rows
 
 N, V, D = 48 * 2048, 1024, 512
 SOFTCAP = 30.0
@@ -42,16 +42,6 @@ def make_inputs(device: str = "cuda"):
     return x, weight, targets, grad_loss
 
 
-def peak_extra_bytes(fn) -> int:
-    """Peak bytes allocated while fn runs, beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
 def main() -> None:
     require_gpu("bench.softcap_ce")
     from kernels import reference, softcap_ce
@@ -79,23 +69,8 @@ def main() -> None:
 
     rows = []
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
-        timed = {}
-        for name, fn in variants.items():
-            run = make_run(fn)
-            run()  # compile outside the timing
-            timed[name] = (median_ms(run), peak_extra_bytes(run))
-        eager_ms = timed["eager reference"][0]
-        for name, (ms, peak) in timed.items():
-            rows.append(
-                {
-                    "pass": pass_name,
-                    "variant": name,
-                    "median ms": ms,
-                    "useful TFLOP/s": useful_flops(N, V, D, backward) / ms / 1e9,
-                    "peak extra MiB": peak / 2**20,
-                    "speed-up vs eager": eager_ms / ms,
-                }
-            )
+        timed = time_variants(variants, make_run)
+        rows += variant_rows(pass_name, timed, useful_flops(N, V, D, backward), flops_column="useful TFLOP/s")
 
     print(header(f"softcap cross-entropy, N={N}, V={V}, d={D}, bf16, softcap {SOFTCAP}"))
     print(
