@@ -1,7 +1,26 @@
-"""Triton device helpers that several kernel families share: exact rounding that also holds in
-Triton's interpreter, so CPU tests can demand the same bits as torch."""
+"""Triton device helpers that several kernel families share: exact rounding and a tl.dot that also
+hold in Triton's interpreter, so CPU tests can demand the same numbers as torch."""
 import triton
 import triton.language as tl
+
+from kernels._launch import INTERPRET
+
+# Triton's interpreter (3.6 to 3.9) returns garbage from tl.dot on bf16 operands (fp16 and fp32 are
+# right). bf16 values and their products are exact in fp32, so there the operands are widened
+# first: the sums the GPU's bf16 MMA gives with fp32 accumulation. False on the GPU, where the
+# branch compiles away.
+_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """tl.dot(a, b, acc) with fp32 accumulation, right in the interpreter too (_WIDEN_BF16_DOT)."""
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit

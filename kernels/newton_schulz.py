@@ -24,6 +24,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
+from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NORM_EPS = 1e-7  # the reference's X / (||X||_F + 1e-7)
@@ -108,7 +109,7 @@ def _sym_gram_kernel(
         k_ok = kk[None, :] < inner
         xi = tl.load(x_base + offs_i[:, None] * inner + kk[None, :], mask=(offs_i[:, None] < rows) & k_ok, other=0.0)
         xj = tl.load(x_base + offs_j[:, None] * inner + kk[None, :], mask=(offs_j[:, None] < rows) & k_ok, other=0.0)
-        acc = tl.dot(xi, tl.trans(xj), acc, input_precision=DOT_PRECISION)
+        acc = _dot(xi, tl.trans(xj), acc, DOT_PRECISION)
     if ti == tj:
         # a diagonal tile is symmetric in exact arithmetic only; make it exactly so, so that A is
         # bitwise symmetric (its mirrored halves already are by construction)
@@ -151,7 +152,7 @@ def _ns_update_kernel(
         kk = k0 * BLOCK_K + offs_k
         b = tl.load(b_base + offs_m[:, None] * rows + kk[None, :], mask=(offs_m[:, None] < rows) & (kk[None, :] < rows), other=0.0)
         x = tl.load(x_base + kk[:, None] * cols + offs_n[None, :], mask=(kk[:, None] < rows) & (offs_n[None, :] < cols), other=0.0)
-        acc = tl.dot(b, x, acc, input_precision=DOT_PRECISION)
+        acc = _dot(b, x, acc, DOT_PRECISION)
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
     x_own = tl.load(x_base + offs_m[:, None] * cols + offs_n[None, :], mask=mask, other=0.0)
     acc += tl.cast(a, tl.float32) * x_own.to(tl.float32)

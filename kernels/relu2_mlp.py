@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
+from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,7 +98,7 @@ def _relu2_gemm_kernel(
     stride_cs, stride_cm, stride_cn,
     stride_em, stride_en,
     RELU2_A: tl.constexpr, RELU2_B: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # C[split, M, N] = pro(A)[M, K-range of split] @ pro(B)[K-range, N], epilogue optional.
@@ -141,10 +142,7 @@ def _relu2_gemm_kernel(
             a = _relu2(a)
         if RELU2_B:
             b = _relu2(b)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = _dot(a, b, acc, DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -207,9 +205,6 @@ def _gemm(a, b, out, *, relu2_a=False, relu2_b=False, epilogue_h=None, split_k=1
         return
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     e = epilogue_h if epilogue_h is not None else out3[0]  # never read without the epilogue
-    # Triton's interpreter returns garbage from a bf16 tl.dot; bf16 products are exact in fp32, so
-    # there it multiplies fp32 copies of the (already rounded) operand tiles: same sums, no garbage.
-    dot_in_fp32 = INTERPRET and a.dtype == torch.bfloat16
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1, split_k)
@@ -224,8 +219,7 @@ def _gemm(a, b, out, *, relu2_a=False, relu2_b=False, epilogue_h=None, split_k=1
         e.stride(0), e.stride(1),
         RELU2_A=relu2_a, RELU2_B=relu2_b, EPILOGUE_DRELU2=epilogue_h is not None,
         # fp32 operands get true fp32 products (tf32 would miss the fp32 tolerance); bf16/fp16 use tensor cores.
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 or dot_in_fp32 else "tf32",
-        DOT_IN_FP32=dot_in_fp32,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
     )
 
 

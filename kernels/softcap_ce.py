@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
+from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
 
 IGNORE_INDEX = -100  # F.cross_entropy's default, which the reference inherits
 
@@ -57,7 +58,7 @@ def _capped_logits_tile(
         x_tile = tl.load(x_ptr + rows[:, None] * D + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w_tile = tl.load(w_ptr + cols[:, None] * D + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         # The weight is cast to x's dtype for the product, as the reference does.
-        raw = tl.dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), raw, input_precision=INPUT_PRECISION)
+        raw = _dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), raw, INPUT_PRECISION)
     # tanh from one exp of a non-positive argument (no overflow): e = exp(-2|z|) in (0, 1],
     # |tanh z| = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2, the latter without the
     # cancellation of 1 - t*t when the cap saturates.

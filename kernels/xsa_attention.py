@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
+from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
 
 # F.normalize's floor on ||v||: v_hat = v / max(||v||, NORM_EPS), as the reference does.
 NORM_EPS = 1e-12
@@ -106,14 +107,14 @@ def _fwd_step(
     """One key tile of the online softmax; DIAGONAL tiles apply the causal and bounds masks."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, T, DIAGONAL)  # [BLOCK_N, D] each
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+    s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
     if DIAGONAL:
         s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, None, DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -261,14 +262,14 @@ def _dkdv_step(
     # Padded rows get lse = +inf, so their probabilities are exactly 0.
     lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.exp2(s_t - lse2[None, :])
     if DIAGONAL:
         p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-    dv += tl.dot(p_t.to(du.dtype), du, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(du), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    dv += _dot(p_t.to(du.dtype), du, None, DOT_PRECISION)
+    dp_t = _dot(v, tl.trans(du), None, DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk += _dot(ds_t.to(q.dtype), q, None, DOT_PRECISION)
     return dk, dv
 
 
@@ -348,12 +349,12 @@ def _dq_step(
     """One key tile's contribution to a query tile's dQ (unscaled)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, T, DIAGONAL)  # [BLOCK_N, D] each
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    p = tl.exp2(_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale - lse2[:, None])
     if DIAGONAL:
         p = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T), p, 0.0)
-    dp = tl.dot(du, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    dp = _dot(du, tl.trans(v), None, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq += _dot(ds.to(k.dtype), k, None, DOT_PRECISION)
     return dq
 
 

@@ -1,7 +1,8 @@
 """Triton Newton-Schulz (kernels/newton_schulz.py) against the eager reference.
 
-On the CPU the kernels run in Triton's interpreter with fp32 operands (bf16 tl.dot is wrong
-there); the bf16 comparisons at the model's shapes need a GPU. Outputs and every intermediate
+On the CPU the kernels run in Triton's interpreter, mostly with fp32 operands; fp16 and bf16 run
+there at small shapes (test_16bit_compute_dtypes), the bf16 comparisons at the model's shapes need
+a GPU. Outputs and every intermediate
 buffer start as NaN (KERNELS_POISON=1), so a tile the kernels forget to write fails the test.
 """
 import importlib
@@ -86,6 +87,20 @@ def test_matches_reference_fp32_and_lands_in_band(shape, schedule):
     lo, hi = singular_value_band(coeffs, 5, smallest)
     s = torch.linalg.svdvals(out.double())
     assert s.min() >= lo - 1e-3 and s.max() <= hi + 1e-3, (s.min().item(), s.max().item(), lo, hi)
+
+
+# A 16-bit compute dtype takes the GPU's path (16-bit MMA operands, X and A stored in it), held to
+# the fair bound as on the GPU. The interpreter rounds fp16 as torch does; for bf16 it widens the
+# MMA operands (kernels/_numerics.py) and truncates casts, which the bound still absorbs here.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 40, 72), (2, 72, 40)])
+def test_16bit_compute_dtypes(dtype, shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(16))
+    exact = reference.newton_schulz(G.double(), 5, reference.QUINTIC_COEFFS, torch.float64)
+    same_dtype = reference.newton_schulz(G, 5, reference.QUINTIC_COEFFS, dtype)
+    out = ns.newton_schulz(G, 5, reference.QUINTIC_COEFFS, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_within_pytorch_error(out, exact, same_dtype)
 
 
 def test_unstructured_input_and_leading_dims():

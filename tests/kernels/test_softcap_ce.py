@@ -1,7 +1,8 @@
 """Soft-capped cross-entropy kernel (kernels/softcap_ce.py) against kernels.reference.
 
 On the CPU the Triton kernels run in the interpreter with fp32 operands and 32-wide blocks, so
-N in {37, 130}, V = 100 and d = 48 are ragged in every dimension; bf16 and Inductor need a GPU.
+N in {37, 130}, V = 100 and d = 48 are ragged in every dimension; fp16 and bf16 inputs run there
+too (test_16bit_inputs); the model-size bf16 case and Inductor need a GPU.
 """
 import pytest
 import torch
@@ -53,6 +54,20 @@ def test_outputs_are_poisoned_in_tests():
 def test_loss_and_grads_match_reference(N, V, d):
     x, weight, targets, grad_loss = make_inputs(N, V, d, x_scale=4.0, seed=N * V + d)
     check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+
+
+# 16-bit x and weight take the GPU's 16-bit path (16-bit MMA operands, 16-bit gradients), held to
+# the fair bound as on the GPU. The interpreter rounds fp16 as torch does; for bf16 it widens the
+# MMA operands (kernels/_numerics.py) and truncates casts, which the bound still absorbs here.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_inputs(dtype):
+    x, weight, targets, grad_loss = make_inputs(130, 100, 48, x_scale=8.0, dtype=dtype, seed=15)
+    got = loss_and_grads(softcap_ce.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    exact = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0, cast=torch.float64)
+    same_dtype = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    for g, e, t in zip(got, exact, same_dtype):
+        assert_within_pytorch_error(g, e, t)
 
 
 @pytest.mark.parametrize("softcap", [15.0, 30.0])

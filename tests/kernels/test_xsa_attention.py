@@ -1,8 +1,9 @@
 """Fused XSA attention (kernels/xsa_attention.py) against kernels.reference.xsa_attention.
 
 On the CPU the Triton kernels run in the interpreter on fp32 inputs and are compared with the
-fp64 reference cast down (fp32 tolerance of tests/tolerances.py); outputs and the backward's
-scratch buffers start as NaN (KERNELS_POISON), so an element a kernel forgets shows up.
+fp64 reference cast down (fp32 tolerance of tests/tolerances.py), and on fp16 and bf16 inputs
+under the fair bound (test_16bit_inputs); outputs and the backward's scratch buffers start as NaN
+(KERNELS_POISON), so an element a kernel forgets shows up.
 On a GPU the same tests run natively, plus bf16 at the training shape under the fair bound.
 """
 import pytest
@@ -60,6 +61,22 @@ def test_forward_and_gradients_match_reference(B, T, H, Hkv, D, xsa, device):
     for name, actual, exact in zip(("y", "dq", "dk", "dv"), got, expected):
         assert actual.dtype == torch.float32, name
         assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# 16-bit inputs take the GPU's 16-bit path (16-bit operands into the MMA, probabilities cast down
+# before P @ V, 16-bit outputs and gradients), held to the fair bound as on the GPU. The interpreter
+# rounds fp16 as torch does; for bf16 it widens the MMA operands (kernels/_numerics.py) and
+# truncates casts, which the bound still absorbs here.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("xsa", [False, True])
+def test_16bit_inputs(dtype, xsa, device):
+    q, k, v, dy = _inputs(1, 130, 4, 2, 64, dtype, device, seed=10)
+    exact = _reference_grads(q, k, v, dy, xsa, dtype=torch.float64)
+    same_dtype = _reference_grads(q, k, v, dy, xsa)
+    got = _kernel_grads(q, k, v, dy, xsa)
+    for name, actual, ex, torch_16 in zip(("y", "dq", "dk", "dv"), got, exact, same_dtype):
+        assert actual.dtype == dtype, name
+        assert_within_pytorch_error(actual, ex, torch_16)
 
 
 def test_saved_statistics_are_lse_and_projection_coefficient(device):
