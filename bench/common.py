@@ -1,6 +1,9 @@
 """What every benchmark shares: timing, the copy-bandwidth ceiling, and the printed table."""
+import argparse
 import datetime
+import os
 import subprocess
+import time
 
 import torch
 
@@ -17,29 +20,8 @@ def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def peak_extra_bytes(fn) -> int:
-    """Peak bytes allocated while fn runs, beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
-def time_variants(variants: dict, make_run) -> dict:
-    """{name: (median ms, peak extra bytes)} of make_run(fn) for each variant; one untimed call
-    first, so compilation and autotuning stay outside the timing."""
-    timed = {}
-    for name, fn in variants.items():
-        run = make_run(fn)
-        run()
-        timed[name] = (median_ms(run), peak_extra_bytes(run))
-    return timed
-
-
 def variant_rows(pass_name: str, timed: dict, flops: int, flops_column: str = "TFLOP/s") -> list[dict]:
-    """Table rows from time_variants' result: time, achieved TFLOP/s for `flops`, peak extra
+    """Table rows from Bench.time_variants' result: time, achieved TFLOP/s for `flops`, peak extra
     memory and the speed-ups over the "eager reference" and "compiled reference" variants."""
     eager_ms, compiled_ms = timed["eager reference"][0], timed["compiled reference"][0]
     return [
@@ -56,17 +38,81 @@ def variant_rows(pass_name: str, timed: dict, flops: int, flops_column: str = "T
     ]
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Measured device copy bandwidth (read + write bytes / time): the ceiling memory-bound kernels are judged by."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / ms / 1e6
+class Bench:
+    """Where and how a kernel benchmark runs, from its command line.
 
+    The real run: CUDA, the model's shapes, do_bench medians, Inductor for the compiled baseline.
+    --smoke: tiny shapes and one wall-clock call per timing, on the GPU or else on the CPU through
+    Triton's interpreter (TRITON_INTERPRET=1) with the compiled baseline traced by aot_eager (the
+    same fullgraph trace, no C++ build): the script checked end to end in seconds, its figures
+    meaningless.
+    """
 
-def compiled(fn):
-    """torch.compile(fn), the fair 'compiled reference' baseline."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    def __init__(self, script: str, argv=None):
+        parser = argparse.ArgumentParser(prog=f"python -m {script}", description=f"{script}: see its docstring")
+        parser.add_argument("--smoke", action="store_true", help="tiny shapes, one call per timing: checks the script, figures mean nothing")
+        self.smoke = parser.parse_args(argv).smoke
+        self.cuda = torch.cuda.is_available()
+        if not self.smoke:
+            require_gpu(script)
+        elif not self.cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit(f"{script} --smoke: no GPU here, so the kernels need Triton's interpreter: run it with TRITON_INTERPRET=1")
+        self.device = "cuda" if self.cuda else "cpu"
+
+    def shapes(self, real, smoke):
+        """The model's shapes, or the tiny ones under --smoke."""
+        return smoke if self.smoke else real
+
+    def ms(self, fn, warmup: int = 25, rep: int = 100) -> float:
+        if not self.smoke:
+            return median_ms(fn, warmup, rep)
+        self.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        self.synchronize()
+        return 1e3 * (time.perf_counter() - t0)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def peak_extra_bytes(self, fn) -> int:
+        """Peak bytes allocated while fn runs, beyond what was allocated before it (0 on the CPU)."""
+        if not self.cuda:
+            fn()
+            return 0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def time_variants(self, variants: dict, make_run) -> dict:
+        """{name: (median ms, peak extra bytes)} of make_run(fn) for each variant; one untimed call
+        first, so compilation and autotuning stay outside the timing."""
+        timed = {}
+        for name, fn in variants.items():
+            run = make_run(fn)
+            run()
+            timed[name] = (self.ms(run), self.peak_extra_bytes(run))
+        return timed
+
+    def copy_bandwidth_gbs(self) -> float:
+        """Measured device copy bandwidth (read + write bytes / time): the ceiling memory-bound kernels are judged by."""
+        src = torch.empty((1 << 14 if self.smoke else 1 << 29), dtype=torch.bfloat16, device=self.device).normal_()
+        dst = torch.empty_like(src)
+        ms = self.ms(lambda: dst.copy_(src))
+        return 2 * src.numel() * src.element_size() / ms / 1e6
+
+    def compiled(self, fn):
+        """torch.compile(fn), the fair 'compiled reference' baseline (aot_eager on the CPU: see the class)."""
+        backend = "inductor" if self.cuda else "aot_eager"
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+    def header(self, title: str) -> str:
+        smoke = "\nSMOKE RUN (--smoke): tiny shapes, one call per timing; the figures mean nothing.\n" if self.smoke else ""
+        return header(title) + smoke
 
 
 def header(title: str) -> str:

@@ -1,4 +1,4 @@
-"""Newton-Schulz / Muon benchmark: `python -m bench.newton_schulz` (GPU only).
+"""Newton-Schulz / Muon benchmark: `python -m bench.newton_schulz [--smoke]`.
 
 1. The full Muon step for the 11-layer model's matrix set (SPEC.md), four ways: eager per-matrix
    reference, torch.compile'd per-matrix reference, Muon batched by shape on the reference backend
@@ -24,6 +24,10 @@ from kernels import reference
 STEPS = 5
 COMPUTE_DTYPE = torch.bfloat16
 LR, MOMENTUM, WEIGHT_DECAY = 0.025, 0.99, 0.04
+
+
+# --smoke: one layer of small matrices, square and not
+SMOKE_MODEL = dict(num_layers=1, dim=48, kv_dim=24, hidden=80, small=16)
 
 
 def model_matrix_shapes(num_layers: int = 11, dim: int = 512, kv_dim: int = 256, hidden: int = 1536, small: int = 128):
@@ -70,19 +74,19 @@ def reference_ns(g):
     return reference.newton_schulz(g, STEPS, reference.QUINTIC_COEFFS, COMPUTE_DTYPE)
 
 
-def bench_muon_step(shapes) -> list[dict]:
+def bench_muon_step(bench: common.Bench, shapes) -> list[dict]:
     from model.muon import Muon
 
     def fresh():
-        params = [torch.randn(s, device="cuda") * 0.02 for s in shapes]
-        grads = [torch.randn(s, device="cuda") for s in shapes]
+        params = [torch.randn(s, device=bench.device) * 0.02 for s in shapes]
+        grads = [torch.randn(s, device=bench.device) for s in shapes]
         return params, grads, [torch.zeros_like(p) for p in params]
 
     rows = []
     params, grads, buffers = fresh()
     eager = per_matrix_step(reference_ns)
     rows.append(("eager per-matrix reference", lambda: eager(params, grads, buffers)))
-    compiled = per_matrix_step(common.compiled(reference_ns))
+    compiled = per_matrix_step(bench.compiled(reference_ns))
     rows.append(("torch.compile per-matrix reference", lambda: compiled(params, grads, buffers)))
     for backend in ("reference", "triton"):
         muon_params = [torch.nn.Parameter(p.clone()) for p in params]
@@ -98,7 +102,7 @@ def bench_muon_step(shapes) -> list[dict]:
         rows.append((label, run))
 
     flops = muon_flops(shapes)
-    timed = [(label, common.median_ms(fn)) for label, fn in rows]
+    timed = [(label, bench.ms(fn)) for label, fn in rows]
     baseline = dict(timed)["torch.compile per-matrix reference"]
     return [
         {"matrices": len(shapes), "variant": label, "ms": ms, "TFLOP/s": flops / ms / 1e9, "speed-up vs compiled": baseline / ms}
@@ -109,13 +113,13 @@ def bench_muon_step(shapes) -> list[dict]:
 # ----------------------------------------------------------------------------- kernels alone
 
 
-def bench_kernels(shapes) -> list[dict]:
+def bench_kernels(bench: common.Bench, shapes) -> list[dict]:
     ns = importlib.import_module("kernels.newton_schulz")  # the module; kernels.newton_schulz is the function
     a, b, c = reference.QUINTIC_COEFFS
     rows = []
     for (r, cdim), count in shape_counts(shapes).items():
         m, n = min(r, cdim), max(r, cdim)
-        X = torch.randn(count, m, n, device="cuda", dtype=COMPUTE_DTYPE) / math.sqrt(m * n)
+        X = torch.randn(count, m, n, device=bench.device, dtype=COMPUTE_DTYPE) / math.sqrt(m * n)
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         flops = {k: count * v for k, v in ns_step_flops(m, n).items()}
@@ -125,9 +129,9 @@ def bench_kernels(shapes) -> list[dict]:
             "update": (lambda: ns.ns_update(B, X, a), lambda: torch.baddbmm(X, B, X, beta=a)),
         }
         for kernel, (triton_fn, torch_fn) in cases.items():
-            t_ms, ref_ms = common.median_ms(triton_fn), common.median_ms(torch_fn)
+            t_ms, ref_ms = bench.ms(triton_fn), bench.ms(torch_fn)
             rows.append({
-                "shape": f"{count}x{m}x{n}", "kernel": kernel,
+                "matrices": f"{count} x {r}x{cdim}", "kernel": kernel,
                 "triton ms": t_ms, "torch ms": ref_ms,
                 "triton TFLOP/s": flops[kernel] / t_ms / 1e9, "torch TFLOP/s": flops[kernel] / ref_ms / 1e9,
                 "speed-up": ref_ms / t_ms,
@@ -135,15 +139,15 @@ def bench_kernels(shapes) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    common.require_gpu("bench/newton_schulz.py")
-    shapes = model_matrix_shapes()
-    print(common.header("Newton-Schulz / Muon step"))
+def main(argv=None) -> None:
+    bench = common.Bench("bench.newton_schulz", argv)
+    shapes = model_matrix_shapes(**bench.shapes({}, SMOKE_MODEL))
+    print(bench.header("Newton-Schulz / Muon step"))
     print(f"{len(shapes)} matrices, {STEPS} quintic steps in {COMPUTE_DTYPE}; dense-equivalent FLOPs per step "
           f"and matrix (wide m <= n): 4 m^2 n + 2 m^3; {muon_flops(shapes) / 1e9:.1f} GFLOP per Muon step\n")
-    print(common.table(bench_muon_step(shapes)))
+    print(common.table(bench_muon_step(bench, shapes)))
     print("\nKernels alone vs torch (bmm / baddbmm); FLOPs: gram 2 m^2 n, gram_poly 2 m^3, update 2 m^2 n per matrix\n")
-    print(common.table(bench_kernels(shapes)))
+    print(common.table(bench_kernels(bench, shapes)))
 
 
 if __name__ == "__main__":

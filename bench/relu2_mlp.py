@@ -1,6 +1,6 @@
 """The block's relu^2 MLP: fused Triton op vs eager reference vs torch.compile(reference).
 
-    python -m bench.relu2_mlp
+    python -m bench.relu2_mlp [--smoke]
 
 One training micro-batch per GPU through one MLP: x [N, d] with N = 48 * 2048 tokens, d = 512,
 w_up [F, d] and w_down [d, F] with F = 1536, all bf16 (the model hands the op weights already
@@ -14,9 +14,10 @@ which the Triton op folds into the GEMMs' prologues and epilogues.
 """
 import torch
 
-from bench.common import compiled, header, require_gpu, table, time_variants, variant_rows
+from bench.common import Bench, table, variant_rows
 
-N, D, HIDDEN = 48 * 2048, 512, 1536
+SHAPE = dict(N=48 * 2048, D=512, HIDDEN=1536)
+SMOKE_SHAPE = dict(N=70, D=48, HIDDEN=144)  # --smoke: ragged against every block
 
 
 def flops(n: int, d: int, hidden: int, backward: bool) -> int:
@@ -30,27 +31,28 @@ def hidden_bytes(n: int, hidden: int, element_size: int = 2) -> int:
     return n * hidden * element_size
 
 
-def make_inputs(device: str = "cuda"):
+def make_inputs(n: int, d: int, hidden: int, device: str):
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(N, D, generator=gen, device=device).bfloat16()
-    w_up = (torch.randn(HIDDEN, D, generator=gen, device=device) / D**0.5).bfloat16()  # h ~ N(0, 1), half of it < 0
-    w_down = (torch.randn(D, HIDDEN, generator=gen, device=device) / HIDDEN**0.5).bfloat16()
-    dy = torch.randn(N, D, generator=gen, device=device).bfloat16()
+    x = torch.randn(n, d, generator=gen, device=device).bfloat16()
+    w_up = (torch.randn(hidden, d, generator=gen, device=device) / d**0.5).bfloat16()  # h ~ N(0, 1), half of it < 0
+    w_down = (torch.randn(d, hidden, generator=gen, device=device) / hidden**0.5).bfloat16()
+    dy = torch.randn(n, d, generator=gen, device=device).bfloat16()
     return x, w_up, w_down, dy
 
 
-def main() -> None:
-    require_gpu("bench.relu2_mlp")
+def main(argv=None) -> None:
+    bench = Bench("bench.relu2_mlp", argv)
+    N, D, HIDDEN = bench.shapes(SHAPE, SMOKE_SHAPE).values()
     import importlib
 
     from kernels import reference
 
     relu2_mlp = importlib.import_module("kernels.relu2_mlp")  # the module; kernels.relu2_mlp is the function
-    x, w_up, w_down, dy = make_inputs()
+    x, w_up, w_down, dy = make_inputs(N, D, HIDDEN, bench.device)
     variants = {
         "triton": relu2_mlp.relu2_mlp,
         "eager reference": reference.relu2_mlp,
-        "compiled reference": compiled(reference.relu2_mlp),
+        "compiled reference": bench.compiled(reference.relu2_mlp),
     }
     leaves = [t.detach().requires_grad_() for t in (x, w_up, w_down)]
 
@@ -67,9 +69,9 @@ def main() -> None:
 
     rows = []
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
-        rows += variant_rows(pass_name, time_variants(variants, make_run), flops(N, D, HIDDEN, backward))
+        rows += variant_rows(pass_name, bench.time_variants(variants, make_run), flops(N, D, HIDDEN, backward))
 
-    print(header(f"relu^2 MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
+    print(bench.header(f"relu^2 MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
     print(
         f"FLOPs: forward 2 * 2NdF = {flops(N, D, HIDDEN, False):.3e}, forward+backward 3 * 4NdF = "
         f"{flops(N, D, HIDDEN, True):.3e}. One [N, F] bf16 activation is {hidden_bytes(N, HIDDEN) / 1e6:.0f} MB; "

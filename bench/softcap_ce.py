@@ -1,6 +1,6 @@
 """Soft-capped cross-entropy over the tied head: Triton vs eager reference vs torch.compile(reference).
 
-    python -m bench.softcap_ce
+    python -m bench.softcap_ce [--smoke]
 
 One training micro-batch per GPU: N = 48 * 2048 tokens, V = 1024, d = 512, bf16 x and weight.
 Times forward alone (no grad) and forward + backward (per-token random upstream gradient), and
@@ -12,9 +12,10 @@ TFLOP/s below count the useful work (the same numerator for every variant, so th
 """
 import torch
 
-from bench.common import compiled, header, require_gpu, table, time_variants, variant_rows
+from bench.common import Bench, table, variant_rows
 
-N, V, D = 48 * 2048, 1024, 512
+SHAPE = dict(N=48 * 2048, V=1024, D=512)
+SMOKE_SHAPE = dict(N=70, V=200, D=48)  # --smoke: ragged against every block
 SOFTCAP = 30.0
 
 
@@ -33,25 +34,26 @@ def fp32_logits_bytes(n: int, v: int) -> int:
     return 4 * n * v
 
 
-def make_inputs(device: str = "cuda"):
+def make_inputs(n: int, v: int, d: int, device: str):
     gen = torch.Generator(device=device).manual_seed(0)
-    x = (torch.randn(N, D, generator=gen, device=device) * 8 / D**0.5).bfloat16()  # raw logits of std ~ 8
-    weight = torch.randn(V, D, generator=gen, device=device).bfloat16()
-    targets = torch.randint(0, V, (N,), generator=gen, device=device)
-    grad_loss = torch.randn(N, generator=gen, device=device)
+    x = (torch.randn(n, d, generator=gen, device=device) * 8 / d**0.5).bfloat16()  # raw logits of std ~ 8
+    weight = torch.randn(v, d, generator=gen, device=device).bfloat16()
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    grad_loss = torch.randn(n, generator=gen, device=device)
     return x, weight, targets, grad_loss
 
 
-def main() -> None:
-    require_gpu("bench.softcap_ce")
+def main(argv=None) -> None:
+    bench = Bench("bench.softcap_ce", argv)
+    N, V, D = bench.shapes(SHAPE, SMOKE_SHAPE).values()
     from kernels import reference, softcap_ce
 
-    x, weight, targets, grad_loss = make_inputs()
+    x, weight, targets, grad_loss = make_inputs(N, V, D, bench.device)
     # Every variant takes (x, weight, targets); the soft cap is a constant of the model.
     variants = {
         "triton": lambda x, w, t: softcap_ce.softcap_cross_entropy(x, w, t, SOFTCAP),
         "eager reference": lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP),
-        "compiled reference": compiled(lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP)),
+        "compiled reference": bench.compiled(lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP)),
     }
     x_grad, weight_grad = x.detach().requires_grad_(), weight.detach().requires_grad_()
 
@@ -69,10 +71,10 @@ def main() -> None:
 
     rows = []
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
-        timed = time_variants(variants, make_run)
+        timed = bench.time_variants(variants, make_run)
         rows += variant_rows(pass_name, timed, useful_flops(N, V, D, backward), flops_column="useful TFLOP/s")
 
-    print(header(f"softcap cross-entropy, N={N}, V={V}, d={D}, bf16, softcap {SOFTCAP}"))
+    print(bench.header(f"softcap cross-entropy, N={N}, V={V}, d={D}, bf16, softcap {SOFTCAP}"))
     print(
         f"useful FLOPs: forward 2NVd = {useful_flops(N, V, D, False):.3e}, forward+backward 6NVd = "
         f"{useful_flops(N, V, D, True):.3e}; the Triton backward recomputes the logits, so it executes "

@@ -1,6 +1,6 @@
 """Fused XSA attention vs its baselines, forward and forward+backward, bf16, at the training shape.
 
-    python -m bench.xsa_attention
+    python -m bench.xsa_attention [--smoke]
 
 Variants: the Triton kernel; kernels.reference.xsa_attention_sdpa (SDPA flash + eager XSA, the
 practical baseline and the speed-up's denominator); torch.compile of that; FlashAttention-3
@@ -8,10 +8,11 @@ practical baseline and the speed-up's denominator); torch.compile of that; Flash
 """
 import torch
 
-from bench.common import compiled, header, median_ms, require_gpu, table
+from bench.common import Bench, table
 from kernels import reference
 
 SHAPE = dict(B=48, T=2048, H=8, Hkv=4, D=64)
+SMOKE_SHAPE = dict(B=2, T=70, H=4, Hkv=2, D=16)  # --smoke: T ragged against every block
 # flash-attention's convention: the backward costs 2.5 forwards (5 matmuls to the forward's 2).
 BWD_OVER_FWD = 2.5
 FLOP_FORMULA = (
@@ -47,13 +48,13 @@ def flash3_with_eager_xsa():
     return fn
 
 
-def variants():
+def variants(bench: Bench):
     from kernels.xsa_attention import xsa_attention
 
     found = {
         "triton": xsa_attention,
         "sdpa + eager xsa": reference.xsa_attention_sdpa,
-        "compile(sdpa + eager xsa)": compiled(reference.xsa_attention_sdpa),
+        "compile(sdpa + eager xsa)": bench.compiled(reference.xsa_attention_sdpa),
     }
     fa3 = flash3_with_eager_xsa()
     if fa3 is not None:
@@ -67,24 +68,24 @@ def timed_call(fn, q, k, v, dy, xsa: bool, mode: str):
     return lambda: torch.autograd.grad(fn(q, k, v, xsa), (q, k, v), dy)
 
 
-def main():
-    require_gpu("bench/xsa_attention.py")
-    B, T, H, Hkv, D = (SHAPE[n] for n in ("B", "T", "H", "Hkv", "D"))
+def main(argv=None):
+    bench = Bench("bench.xsa_attention", argv)
+    B, T, H, Hkv, D = bench.shapes(SHAPE, SMOKE_SHAPE).values()
     torch.manual_seed(0)
-    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(B, T, H, D, device=bench.device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, device=bench.device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, device=bench.device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(q)
     rows = []
     for xsa in (False, True):
         for mode in ("fwd", "fwd+bwd"):
             flops = causal_attention_flops(B, T, H, D, mode)
             timings = {}
-            for name, fn in variants().items():
+            for name, fn in variants(bench).items():
                 call = timed_call(fn, q, k, v, dy, xsa, mode)
                 call()  # autotune / compile outside the timed region
-                torch.cuda.synchronize()
-                timings[name] = median_ms(call)
+                bench.synchronize()
+                timings[name] = bench.ms(call)
             baseline = timings["sdpa + eager xsa"]
             for name, ms in timings.items():
                 rows.append(
@@ -98,7 +99,7 @@ def main():
                         "speed-up vs sdpa": baseline / ms,
                     }
                 )
-    print(header("xsa_attention (bf16)"))
+    print(bench.header("xsa_attention (bf16)"))
     print(FLOP_FORMULA + "\n")
     print(table(rows))
 
