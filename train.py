@@ -24,7 +24,7 @@ import kernels
 from kernels._launch import INTERPRET
 from model import evaluate, export, submission
 from model.bpb import build_byte_luts, load_tokenizer
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from model.config import Config, load_config
 from model.data import DistributedTokenLoader, load_validation_tokens, shard_paths
 from model.gpt import GPT
@@ -214,7 +214,7 @@ class Trainer:
             "qat": self.qat,
             "step": self.step,
             "elapsed_ms": self.elapsed_ms,
-            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_states(),
         }
 
     def load_state_dict(self, state: dict, source: str) -> None:
@@ -232,9 +232,7 @@ class Trainer:
         self.set_qat(state["qat"])
         self.step, self.elapsed_ms = state["step"], state["elapsed_ms"]
         self.last_checkpoint_ms = self.elapsed_ms
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_rng_states(state["rng"])
 
     def save(self) -> None:
         """Every rank holds the same state (DDP and Muon keep them identical): rank 0 writes."""

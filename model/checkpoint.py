@@ -50,3 +50,17 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             f"{'ok' if hashlib.sha256(payload).digest() == digest else 'wrong'}); resume from an earlier checkpoint"
         )
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+
+
+def rng_states() -> dict:
+    """The generators' states, to store in a checkpoint."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(saved: dict) -> None:
+    """Set the generators from rng_states() of an earlier run. The states go back to the CPU first:
+    a checkpoint loaded with map_location=cuda brings them onto the GPU, and the setters take only
+    CPU byte tensors."""
+    torch.set_rng_state(saved["cpu"].cpu())
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in saved["cuda"]])

@@ -1,5 +1,6 @@
 """train.py end to end on the CPU: the smoke pipeline, dry run, checkpoint + resume, and one clear
-line for each kind of bad input. Each run is a subprocess in its own folder, as a user runs it."""
+line for each kind of bad input. Each run is a subprocess in its own folder, as a user runs it,
+with the GPU hidden (CUDA_VISIBLE_DEVICES="") on machines that have one."""
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 # A smaller smoke model, so the suite stays quick; the preset itself is exercised by the README's command.
@@ -17,9 +18,16 @@ TINY = ["--preset", "smoke", "--model_dim", "64", "--num_heads", "4", "--num_kv_
         "--max_val_tokens", "2048", "--val_batch_size", "2048", "--ttt_chunk_tokens", "1024"]
 
 
-def train(folder, *args, env=None, check=True):
+def cpu_environ(**extra) -> dict:
+    """The environment of a train.py subprocess: no torchrun variables, the reference kernels, and no
+    GPU (these tests are of the CPU pipeline; on a GPU machine train.py would take the GPU)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environ.update(KERNELS="reference", **(env or {}))
+    environ.update(KERNELS="reference", CUDA_VISIBLE_DEVICES="", **extra)
+    return environ
+
+
+def train(folder, *args, env=None, check=True):
+    environ = cpu_environ(**(env or {}))
     result = subprocess.run([sys.executable, TRAIN, *args], cwd=folder, env=environ, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -81,10 +89,8 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     # The same run, interrupted by SIGTERM after step 5 and resumed from its checkpoint.
     killed = tmp_path / "killed"
     killed.mkdir()
-    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environ["KERNELS"] = "reference"
     proc = subprocess.Popen([sys.executable, TRAIN, *args, "--checkpoint_every", "14", "--run_id", "b"], cwd=killed,
-                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=cpu_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step:5/"):
             proc.send_signal(signal.SIGTERM)
@@ -104,6 +110,18 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
         assert torch.equal(value, b["swa"]["sums"][name]), name
     assert a["swa"]["count"] == b["swa"]["count"] and a["qat"] == b["qat"] and a["loader"] == b["loader"]
     assert finals(straight / "runs" / "a")["val_bpb"] == finals(killed / "runs" / "b")["val_bpb"]
+
+
+def test_rng_states_restore_from_a_checkpoint_loaded_onto_the_device(tmp_path, device):
+    # train.py loads checkpoints with map_location=<its device>; on a GPU that carries the saved
+    # RNG states there too, and torch's setters take only CPU byte tensors.
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint({"rng": rng_states()}, path)
+    expected = torch.rand(5), (torch.rand(5, device=device) if device == "cuda" else None)
+    restore_rng_states(load_checkpoint(path, map_location=device)["rng"])
+    again = torch.rand(5), (torch.rand(5, device=device) if device == "cuda" else None)
+    assert torch.equal(again[0], expected[0])
+    assert device != "cuda" or torch.equal(again[1], expected[1])
 
 
 def test_torn_checkpoint_is_refused(tmp_path):
@@ -149,10 +167,8 @@ def test_two_ranks_follow_the_one_rank_run(tmp_path):
     args = [*TINY, "--iterations", "6", "--warmdown_iters", "3", "--swa_every", "2", "--val_loss_every", "0",
             "--ttt_enabled", "0", "--train_log_every", "1"]
     train(tmp_path, *args, "--run_id", "one")
-    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environ["KERNELS"] = "reference"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
-                             *args, "--run_id", "two"], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=600)
+                             *args, "--run_id", "two"], cwd=tmp_path, env=cpu_environ(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size 2" in (tmp_path / "runs" / "two" / "train.log").read_text()
 
