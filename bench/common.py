@@ -3,6 +3,7 @@ import argparse
 import datetime
 import os
 import subprocess
+import sys
 import time
 
 import torch
@@ -71,6 +72,20 @@ class Bench:
         fn()
         self.synchronize()
         return 1e3 * (time.perf_counter() - t0)
+
+    def graph_ms(self, fn) -> float:
+        """Median ms of fn replayed as a CUDA graph (triton.testing.do_bench_cudagraph): the GPU's
+        time without the host's launch overhead; NaN, with the reason on stderr, where fn cannot be
+        captured. Under --smoke, one plain call."""
+        if self.smoke:
+            return self.ms(fn)
+        import triton.testing
+
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        except Exception as e:  # a capture failure must not cost the rest of the table
+            print(f"CUDA-graph timing failed: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+            return float("nan")
 
     def synchronize(self) -> None:
         if self.cuda:

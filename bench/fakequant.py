@@ -71,10 +71,17 @@ def main(argv=None) -> None:
         return rows
 
     results = []
+    # The Triton variants must give the exporter's bits. Inductor's compiled reference divides with
+    # the GPU's approximate division (unless TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1), so a scale
+    # or a rounded value may land one step off: counted and printed, not fatal.
+    differing = {v: 0 for v in variants}
+    checked = 0
     for name, rows, n, count in weight_shapes:
         w = torch.randn(rows, n, device=bench.device, generator=gen) * 0.02
-        for fn in variants.values():  # every variant must give the exporter's bits
-            assert torch.equal(fn(w), eager(w)), f"{name}: variant disagrees with the reference"
+        for v, fn in variants.items():
+            differing[v] += int((fn(w) != eager(w)).sum())
+            assert v == "compiled" or not differing[v], f"{name}: {v} disagrees with the reference"
+        checked += w.numel()
         fns = {v: (lambda f=f, w=w: f(w)) for v, f in variants.items()}
         results += row(f"{name} {rows}x{n} (x{count})", fns, moved_bytes(rows, n))
 
@@ -86,6 +93,8 @@ def main(argv=None) -> None:
     print(bench.header("int6 fake-quant, fp32 weight -> bf16"))
     print(f"copy bandwidth measured: {copy_gbs:.0f} GB/s\n")
     print(table(results))
+    print(f"\nElements differing from the eager reference over the {checked:,} checked: "
+          + ", ".join(f"{v} {n:,}" for v, n in differing.items()))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ How a family registers its op (see kernels/fakequant.py for a complete example):
     register_cpu_and_fake(name, reference=reference.name, fake=lambda x: x.new_empty(x.shape))
     name.register_autograd(backward, setup_context=setup_context)
 """
+import contextlib
 import os
 
 import torch
+import torch._library.triton  # noqa: F401  (launch_directly)
 
 # Set before triton is first imported (tests/conftest.py does it on CPU-only machines).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,6 +32,15 @@ def wrap_triton(kernel):
     with triton.jit or triton.autotune") and torch 2.13 hands back unchanged, as this does.
     torch.library.wrap_triton is looked up at each call: bench/sm90_compile.py replaces it."""
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+
+def launch_directly():
+    """A context for eager calls outside any triton_op (the kernels-alone helpers tests and bench/
+    call): launches go straight to Triton, as in an op's own eager body. Otherwise
+    torch.library.wrap_triton routes each launch through its tracing HOP, which costs host time
+    (about 1 ms by torch's own note) that would swamp a microsecond kernel."""
+    switch = getattr(torch._library.triton, "set_wrap_triton_enabled", None)  # private; torch 2.11-2.13 have it
+    return switch(False) if switch is not None else contextlib.nullcontext()
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
+from kernels._launch import INTERPRET, launch_directly, new_output, register_cpu_and_fake, wrap_triton
 from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -329,21 +329,24 @@ def newton_schulz(
 def gram(X: torch.Tensor) -> torch.Tensor:
     """X X^T for X [batch, m, k]."""
     out = new_output((X.shape[0], X.shape[1], X.shape[1]), X.dtype, X.device)
-    _launch_gram(X, out, 1.0)
+    with launch_directly():
+        _launch_gram(X, out, 1.0)
     return out
 
 
 def gram_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
     """b A + c A A for symmetric A [batch, m, m]."""
     out = new_output(A.shape, A.dtype, A.device)
-    _launch_gram(A, out, c, C=A, beta=b)
+    with launch_directly():
+        _launch_gram(A, out, c, C=A, beta=b)
     return out
 
 
 def ns_update(B: torch.Tensor, X: torch.Tensor, a: float) -> torch.Tensor:
     """a X + B X for B [batch, m, m], X [batch, m, n]."""
     out = new_output(X.shape, X.dtype, X.device)
-    _launch_update(B, X, out, a, (X.shape[2], 1))
+    with launch_directly():
+        _launch_update(B, X, out, a, (X.shape[2], 1))
     return out
 
 

@@ -87,3 +87,11 @@ def test_eval_code_path_on_cpu():
     result = bench_step.measure_eval(cfg, "reference", torch.device("cpu"), windows=4, timer=one_call_timer)
     assert set(result) == {"sliding tokens/s/GPU", "sliding: val set on 8 GPUs (s)", "TTT s/chunk/GPU", "TTT: val set on 8 GPUs (s)"}
     assert result["sliding: val set on 8 GPUs (s)"] == pytest.approx(62_021_632 / (8 * result["sliding tokens/s/GPU"]))
+
+
+def test_sliding_throughput_counts_stride_targets_per_window():
+    # 4 windows after the first, stride 8: 5 windows x 8 targets in the (fixed) 1 s each call takes.
+    cfg, _ = load_config(TINY, environ={})
+    one_second = lambda fn, repeats: (fn(), 1000.0)[1]  # noqa: E731
+    result = bench_step.measure_eval(cfg, "reference", torch.device("cpu"), windows=4, timer=one_second)
+    assert result["sliding tokens/s/GPU"] == pytest.approx(5 * 8)

@@ -112,3 +112,16 @@ def test_int6_fakequant_out_dtype_is_one_rounding_of_the_fp32_result(backend):
     assert torch.equal(out, reference.int6_dequantize(*reference.int6_quantize(w.detach())).to(torch.bfloat16))
     out.float().sum().backward()
     assert w.grad.dtype == torch.float32 and torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_launch_directly_turns_wrap_triton_tracing_off():
+    # The kernels-alone helpers (newton_schulz.gram, ...) rely on torch's private switch; a torch
+    # without it would silently fall back to the slow tracing path.
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from kernels._launch import launch_directly
+
+    assert is_wrap_triton_enabled()
+    with launch_directly():
+        assert not is_wrap_triton_enabled()
+    assert is_wrap_triton_enabled()
