@@ -21,6 +21,20 @@ def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn, device) -> float:
+    """Wall-clock milliseconds of one synchronised call of fn."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return 1e3 * (time.perf_counter() - t0)
+
+
 def variant_rows(pass_name: str, timed: dict, flops: int, flops_column: str = "TFLOP/s") -> list[dict]:
     """Table rows from Bench.time_variants' result: time, achieved TFLOP/s for `flops`, peak extra
     memory and the speed-ups over the "eager reference" and "compiled reference" variants."""
@@ -65,13 +79,7 @@ class Bench:
         return smoke if self.smoke else real
 
     def ms(self, fn, warmup: int = 25, rep: int = 100) -> float:
-        if not self.smoke:
-            return median_ms(fn, warmup, rep)
-        self.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        self.synchronize()
-        return 1e3 * (time.perf_counter() - t0)
+        return wall_ms(fn, self.device) if self.smoke else median_ms(fn, warmup, rep)
 
     def graph_ms(self, fn) -> float:
         """Median ms of fn replayed as a CUDA graph (triton.testing.do_bench_cudagraph): the GPU's
@@ -88,8 +96,7 @@ class Bench:
             return float("nan")
 
     def synchronize(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        synchronize(self.device)
 
     def peak_extra_bytes(self, fn) -> int:
         """Peak bytes allocated while fn runs, beyond what was allocated before it (0 on the CPU)."""

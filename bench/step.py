@@ -35,12 +35,11 @@ and projected to the 62,021,632-token validation set on 8 GPUs as tokens / (toke
 import dataclasses
 import gc
 import sys
-import time
 
 import torch
 
 import kernels
-from bench.common import header, median_ms, require_gpu, table
+from bench.common import header, median_ms, require_gpu, synchronize, table, wall_ms
 from model import evaluate
 from model.config import Config, load_config
 from model.gpt import GPT
@@ -109,19 +108,6 @@ def parse_args(argv: list[str]) -> tuple[Config, int, bool]:
 
 
 # ----------------------------------------------------------------------------- timers
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def wall_ms(fn, device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return 1e3 * (time.perf_counter() - t0)
-
-
 def do_bench_steps(fn, repeats: int, warmup: int = 2) -> float:
     """Median ms of fn by bench.common.median_ms; do_bench takes budgets in ms, so they are
     sized from one synchronised call to give about `warmup` and `repeats` calls."""
