@@ -1,8 +1,11 @@
 """The whole training step on one GPU, reference vs triton kernels, and the evaluation throughput.
 
-    python -m bench.step [--steps N] [--skip-eval] [--preset smoke] [--name value ...]
+    python -m bench.step [--steps N] [--skip-eval] [--smoke] [--name value ...]
 
 (`--name value`: any model/config.py setting, e.g. `--num_layers 11`; defaults are SPEC's model.)
+`--smoke`: the whole script at a tiny model (SMOKE_ARGS, uncompiled; settings given after it win),
+one wall-clock call per timing, on the GPU or else on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1): it checks the script end to end, its figures mean nothing.
 
 One step = SPEC's 786,432 tokens as grad_accum_total = 8 micro-batches of 48 x 2048 on one GPU:
 forward + backward under bf16 autocast through torch.compile(model, fullgraph=True) (as train.py),
@@ -34,6 +37,7 @@ and projected to the 62,021,632-token validation set on 8 GPUs as tokens / (toke
 """
 import dataclasses
 import gc
+import os
 import sys
 
 import torch
@@ -68,6 +72,14 @@ KERNEL_CLASSES = (
 )
 
 
+# --smoke's model and batch: 2 layers (one encoder, one decoder with XSA and VE), T = 32, 2 micro-batches.
+SMOKE_ARGS = ["--preset", "smoke", "--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--num_kv_heads", "1",
+              "--rope_dims", "8", "--xsa_last_n", "1", "--ve_layers", "1", "--bigram_vocab_size", "31", "--bigram_dim", "8",
+              "--ve_dim", "8", "--train_seq_len", "32", "--train_batch_tokens", "128", "--grad_accum_total", "2",
+              "--eval_seq_len", "32", "--eval_stride", "8", "--eval_batch_seqs", "4", "--ttt_chunk_tokens", "64",
+              "--ttt_batch_seqs", "2"]
+
+
 def classify_kernel(name: str) -> str:
     low = name.lower()
     for part, patterns in KERNEL_CLASSES:
@@ -91,12 +103,16 @@ def projected_eval_seconds(tokens_per_second_per_gpu: float, tokens: int = VAL_T
     return tokens / (tokens_per_second_per_gpu * gpus)
 
 
-def parse_args(argv: list[str]) -> tuple[Config, int, bool]:
-    """(config, timed steps, skip eval) from `--steps N`, `--skip-eval` and config settings."""
-    argv, steps, skip_eval = list(argv), 10, False
+def parse_args(argv: list[str]) -> tuple[Config, int, bool, bool]:
+    """(config, timed steps, skip eval, smoke) from `--steps N`, `--skip-eval`, `--smoke` and config settings."""
+    argv, steps, skip_eval, smoke = list(argv), 10, False, False
     if "--skip-eval" in argv:
         argv.remove("--skip-eval")
         skip_eval = True
+    if "--smoke" in argv:
+        argv.remove("--smoke")
+        smoke, steps = True, 1
+        argv = SMOKE_ARGS + argv
     if "--steps" in argv:
         i = argv.index("--steps")
         if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
@@ -104,7 +120,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int, bool]:
         steps = int(argv.pop(i + 1))
         argv.pop(i)
     cfg, _ = load_config(argv)
-    return cfg, steps, skip_eval
+    return cfg, steps, skip_eval, smoke
 
 
 # ----------------------------------------------------------------------------- timers
@@ -182,15 +198,16 @@ def step_shares(step, device: torch.device, steps: int = 2) -> tuple[list[dict],
     return shares, kernel_us / 1e3 / wall
 
 
-def measure_training_step(cfg: Config, backend: str, device: torch.device, steps: int, timer, profile: bool = True) -> dict:
-    """One backend's ms/step, tokens/s, MFU, peak memory and (profile=True) step-time shares.
+def measure_training_step(cfg: Config, backend: str, device: torch.device, steps: int, timer,
+                          warm_steps: int = COMPILE_STEPS, profile_steps: int = 2) -> dict:
+    """One backend's ms/step, tokens/s, MFU, peak memory and (profile_steps > 0) step-time shares.
 
     timer(fn, repeats) -> median ms of one call of fn.
     """
     with kernels.use_backend(backend):
         torch._dynamo.reset()  # the compiled graph bakes in the backend's ops: recompile per backend
         step, model = make_step(cfg, device)
-        for _ in range(COMPILE_STEPS):
+        for _ in range(warm_steps):
             step()
         synchronize(device)
         if device.type == "cuda":
@@ -199,7 +216,7 @@ def measure_training_step(cfg: Config, backend: str, device: torch.device, steps
         synchronize(device)
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         ms = timer(step, steps)
-        shares, busy = step_shares(step, device) if profile else ([], float("nan"))
+        shares, busy = step_shares(step, device, profile_steps) if profile_steps else ([], float("nan"))
     tokens_per_s = cfg.train_batch_tokens / (ms / 1e3)
     achieved = flops_per_token(cfg, matrix_params(model)) * tokens_per_s
     micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
@@ -216,11 +233,12 @@ def measure_training_step(cfg: Config, backend: str, device: torch.device, steps
     }
 
 
-def measure_training_step_fitting(cfg: Config, backend: str, device: torch.device, steps: int, timer, most_micro: int = 64) -> dict:
+def measure_training_step_fitting(cfg: Config, backend: str, device: torch.device, steps: int, timer, most_micro: int = 64,
+                                  **measure) -> dict:
     """measure_training_step, retried with twice the micro-batches (same tokens) after an out-of-memory."""
     while True:
         try:
-            return measure_training_step(cfg, backend, device, steps, timer)
+            return measure_training_step(cfg, backend, device, steps, timer, **measure)
         except torch.cuda.OutOfMemoryError:
             pass
         gc.collect()
@@ -233,10 +251,10 @@ def measure_training_step_fitting(cfg: Config, backend: str, device: torch.devic
 
 
 # ----------------------------------------------------------------------------- evaluation
-def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, timer) -> dict:
+def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, timer, warm_up: bool = True) -> dict:
     """Sliding-window tokens/s (windows + 1 windows, each counted for the `stride` targets it scores
     in steady state) and legal-TTT seconds per (score + adapt) chunk, each projected to the
-    validation set on 8 GPUs."""
+    validation set on 8 GPUs. warm_up=False skips the untimed compiling calls (a smoke run)."""
     with kernels.use_backend(backend):
         torch._dynamo.reset()
         torch.manual_seed(cfg.seed)
@@ -260,9 +278,11 @@ def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, 
             return lambda: evaluate.evaluate_ttt(model, ttt_tokens[:chunks * cfg.ttt_chunk_tokens + 1], cfg, luts)
 
         with autocast(device):
-            sliding()  # warm-up: compiles every window batch shape
+            if warm_up:
+                sliding()  # compiles every window batch shape
             sliding_ms = timer(sliding, 1)
-            ttt(2)()  # warm-up: compiles the TTT training shape
+            if warm_up:
+                ttt(2)()  # compiles the TTT training shape
             one_chunk_ms, three_chunks_ms = timer(ttt(1), 1), timer(ttt(3), 1)
     # Every window costs one full forward; in steady state it scores `stride` targets (only the
     # first scores a whole window's worth, an edge effect the 62M-token set does not have).
@@ -279,16 +299,27 @@ def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, 
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str]) -> None:
-    require_gpu("bench.step")
-    cfg, steps, skip_eval = parse_args(argv)
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name()
+    cfg, steps, skip_eval, smoke = parse_args(argv)
+    if not smoke:
+        require_gpu("bench.step")
+    elif not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("bench.step --smoke: no GPU here, so the triton backend needs Triton's interpreter: run it with TRITON_INTERPRET=1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    # A smoke run checks the glue, not the figures: no warm-up (the smoke model is not compiled),
+    # one wall-clock call, one profiled step and a few eval windows.
+    if smoke:
+        step_timer, timing, measure, windows = wall_clock_median(device), "one wall-clock call", dict(warm_steps=0, profile_steps=1), 2
+    else:
+        step_timer, timing, measure, windows = do_bench_steps, "do_bench median", {}, 16
     print(header(f"Training step on one GPU: {cfg.train_batch_tokens:,} tokens, {cfg.num_layers}L d={cfg.model_dim}"))
+    if smoke:
+        print("SMOKE RUN (--smoke): a tiny uncompiled model, one call per timing; the figures mean nothing.\n")
     not_h100 = "" if "H100" in name else f" (this device, {name}, is not an H100: the peak used is the H100's)"
     print(f"FLOPs/token = 6N + 6*L*d*T (N = matrix params incl. tied head); MFU = FLOPs/token x tokens/s / "
           f"{H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s, the H100 SXM bf16 dense datasheet peak{not_h100}. "
-          f"Timing: do_bench median over about {steps} whole steps after {COMPILE_STEPS} compile steps.\n")
-    rows = [measure_training_step_fitting(cfg, backend, device, steps, do_bench_steps) for backend in ("reference", "triton")]
+          f"Timing: {timing} over about {steps} whole steps after {measure.get('warm_steps', COMPILE_STEPS)} compile steps.\n")
+    rows = [measure_training_step_fitting(cfg, backend, device, steps, step_timer, **measure) for backend in ("reference", "triton")]
     if "ms/step" in rows[0] and "ms/step" in rows[1]:
         rows[0]["speed-up"], rows[1]["speed-up"] = 1.0, rows[0]["ms/step"] / rows[1]["ms/step"]
     print(table([{k: v for k, v in r.items() if k != "shares"} for r in rows]))
@@ -302,7 +333,8 @@ def main(argv: list[str]) -> None:
     print(f"\nEvaluation, triton backend, random tokens: window {cfg.eval_seq_len}, stride {cfg.eval_stride}, "
           f"{cfg.eval_batch_seqs} windows/batch; TTT chunks of {cfg.ttt_chunk_tokens} (s/chunk = (t(3 chunks) - t(1 chunk)) / 2). "
           f"Projection: time = {VAL_TOKENS:,} tokens / (tokens/s per GPU x {EVAL_GPUS}).\n")
-    print(table([measure_eval(cfg, "triton", device, windows=16 * cfg.eval_batch_seqs, timer=wall_clock_median(device))]))
+    print(table([measure_eval(cfg, "triton", device, windows=windows * cfg.eval_batch_seqs,
+                                   timer=wall_clock_median(device), warm_up=not smoke)]))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,7 @@ from bench import step as bench_step
 from model.config import load_config
 from model.gpt import GPT
 
-# A tiny model and batch: 2 layers (one encoder, one decoder with XSA and VE), T = 32.
-TINY = ["--preset", "smoke", "--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--num_kv_heads", "1",
-        "--rope_dims", "8", "--xsa_last_n", "1", "--ve_layers", "1", "--bigram_vocab_size", "31", "--bigram_dim", "8",
-        "--ve_dim", "8", "--train_seq_len", "32", "--train_batch_tokens", "128", "--grad_accum_total", "2",
-        "--eval_seq_len", "32", "--eval_stride", "8", "--eval_batch_seqs", "4", "--ttt_chunk_tokens", "64",
-        "--ttt_batch_seqs", "2"]
+TINY = bench_step.SMOKE_ARGS  # 2 layers (one encoder, one decoder with XSA and VE), T = 32
 
 
 def one_call_timer(fn, repeats):
@@ -62,10 +57,13 @@ def test_kernel_classifier(name, part):
 
 
 def test_parse_args():
-    cfg, steps, skip_eval = bench_step.parse_args(["--steps", "3", "--model_dim", "256", "--skip-eval"])
-    assert (cfg.model_dim, steps, skip_eval) == (256, 3, True)
-    cfg, steps, skip_eval = bench_step.parse_args([])
-    assert (cfg.train_batch_tokens, cfg.grad_accum_total, steps, skip_eval) == (786_432, 8, 10, False)
+    cfg, steps, skip_eval, smoke = bench_step.parse_args(["--steps", "3", "--model_dim", "256", "--skip-eval"])
+    assert (cfg.model_dim, steps, skip_eval, smoke) == (256, 3, True, False)
+    cfg, steps, skip_eval, smoke = bench_step.parse_args([])
+    assert (cfg.train_batch_tokens, cfg.grad_accum_total, steps, skip_eval, smoke) == (786_432, 8, 10, False, False)
+    # --smoke: the tiny model, one timed step; settings after it still win.
+    cfg, steps, _, smoke = bench_step.parse_args(["--smoke", "--model_dim", "64"])
+    assert (cfg.num_layers, cfg.model_dim, cfg.train_seq_len, cfg.compile, steps, smoke) == (2, 64, 32, False, 1, True)
     with pytest.raises(ValueError, match="--steps"):
         bench_step.parse_args(["--steps", "zero"])
 
@@ -95,3 +93,32 @@ def test_sliding_throughput_counts_stride_targets_per_window():
     one_second = lambda fn, repeats: (fn(), 1000.0)[1]  # noqa: E731
     result = bench_step.measure_eval(cfg, "reference", torch.device("cpu"), windows=4, timer=one_second)
     assert result["sliding tokens/s/GPU"] == pytest.approx(5 * 8)
+
+
+def test_main_without_a_gpu_refuses_a_real_run_and_a_smoke_run_without_the_interpreter(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="run it on a machine with a GPU"):
+        bench_step.main([])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
+        bench_step.main(["--smoke"])
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_every_table(capsys):
+    """main() end to end at the tiny model, both backends (triton through the interpreter here), so a
+    GPU visit is not spent on a Python error in the script's glue."""
+    torch._dynamo.reset()
+    bench_step.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "SMOKE RUN" in out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    header = rows[0]
+    steps = [r for r in rows if r[0] in ("reference", "triton")]
+    assert [r[0] for r in steps] == ["reference", "triton"] and header[-1] == "speed-up", out
+    for row in steps:  # peak memory is the GPU's alone: NaN on the CPU
+        cells = dict(zip(header, row))
+        assert all(v and v not in ("nan", "inf") for k, v in cells.items() if k != "peak GiB"), row
+    assert out.count("Share of GPU kernel time") == 2
+    evaluation = rows[-1]
+    assert len(evaluation) == 4 and all(v not in ("", "nan", "inf") for v in evaluation), out
