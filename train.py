@@ -77,6 +77,16 @@ def setup_distributed() -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def leave_process_group(settle_s: float = 0.5) -> None:
+    """destroy_process_group, after a pause that avoids a teardown deadlock (seen with gloo on a
+    loaded machine, about one 2-rank run in two): a gloo worker thread frees a finished collective's
+    tensors only once it holds the GIL, and when the group's last reference goes (DDP's reducer, as
+    main() returns) the group's destructor joins that thread while holding the GIL. Sleeping hands
+    the GIL over, so the workers are idle before the group can be destroyed."""
+    time.sleep(settle_s)
+    dist.destroy_process_group()
+
+
 def source_files() -> list[str]:
     """Every source file a run needs: what the artifact's code bytes count."""
     files = [os.path.join(REPO, "train.py")]
@@ -447,7 +457,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         if ctx.enabled:
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 if __name__ == "__main__":
