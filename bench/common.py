@@ -9,9 +9,15 @@ import time
 import torch
 
 
-def require_gpu(script: str) -> None:
-    if not torch.cuda.is_available():
+def bench_device(script: str, smoke: bool) -> str:
+    """"cuda"; or "cpu" for a smoke run through Triton's interpreter; else one line and exit."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if not smoke:
         raise SystemExit(f"{script}: benchmarks time CUDA kernels; run it on a machine with a GPU")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(f"{script} --smoke: no GPU here, so the kernels need Triton's interpreter: run it with TRITON_INTERPRET=1")
+    return "cpu"
 
 
 def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -67,12 +73,8 @@ class Bench:
         parser = argparse.ArgumentParser(prog=f"python -m {script}", description=f"{script}: see its docstring")
         parser.add_argument("--smoke", action="store_true", help="tiny shapes, one call per timing: checks the script, figures mean nothing")
         self.smoke = parser.parse_args(argv).smoke
-        self.cuda = torch.cuda.is_available()
-        if not self.smoke:
-            require_gpu(script)
-        elif not self.cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit(f"{script} --smoke: no GPU here, so the kernels need Triton's interpreter: run it with TRITON_INTERPRET=1")
-        self.device = "cuda" if self.cuda else "cpu"
+        self.device = bench_device(script, self.smoke)
+        self.cuda = self.device == "cuda"
 
     def shapes(self, real, smoke):
         """The model's shapes, or the tiny ones under --smoke."""

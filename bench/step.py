@@ -37,13 +37,12 @@ and projected to the 62,021,632-token validation set on 8 GPUs as tokens / (toke
 """
 import dataclasses
 import gc
-import os
 import sys
 
 import torch
 
 import kernels
-from bench.common import header, median_ms, require_gpu, synchronize, table, wall_ms
+from bench.common import bench_device, header, median_ms, synchronize, table, wall_ms
 from model import evaluate
 from model.config import Config, load_config
 from model.gpt import GPT
@@ -300,11 +299,7 @@ def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str]) -> None:
     cfg, steps, skip_eval, smoke = parse_args(argv)
-    if not smoke:
-        require_gpu("bench.step")
-    elif not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("bench.step --smoke: no GPU here, so the triton backend needs Triton's interpreter: run it with TRITON_INTERPRET=1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(bench_device("bench.step", smoke))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     # A smoke run checks the glue, not the figures: no warm-up (the smoke model is not compiled),
     # one wall-clock call, one profiled step and a few eval windows.
