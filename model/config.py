@@ -3,97 +3,113 @@
 Every field is set, in increasing priority, by its default, a preset (`--preset smoke`), the
 environment variable named as the challenge names it (the field name in upper case: NUM_LAYERS,
 XSA_LAST_N, TTT_LR, ...), and `--field_name value` (or `--field-name value`) on the command line.
+
+Each field is declared with `setting(default, help, ...)`: the help text `train.py --help` prints,
+the valid range `Config.validate` enforces, and `model=True` on the fields that define the
+model's function (a checkpoint or an artifact made with other values is refused).
 """
+import argparse
 import dataclasses
+import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 SHARED_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+def setting(default, help: str, *, low=None, high=None, above=None, below=None, model: bool = False):
+    """A Config field: `low`/`high` are inclusive bounds, `above`/`below` exclusive ones; `model`
+    marks a field that defines the trained function (architecture, head, positions)."""
+    return field(default=default, metadata=dict(help=help, low=low, high=high, above=above, below=below, model=model))
+
+
 @dataclass
 class Config:
     # run
-    run_id: str = ""  # run folder name under runs/; empty = a timestamp
-    seed: int = 1337
-    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder with fineweb_{train,val}_*.bin
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    compile: bool = True  # torch.compile(model, fullgraph=True)
+    run_id: str = setting("", "run folder name under runs/; empty = a timestamp")
+    seed: int = setting(1337, "seed of the weights' initialisation", low=0)
+    data_path: str = setting("./data/datasets/fineweb10B_sp1024", "folder with fineweb_{train,val}_*.bin")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
+    compile: bool = setting(True, "torch.compile(model, fullgraph=True)")
+    overwrite: bool = setting(False, "replace an existing runs/<RUN_ID>/ (refused otherwise, unless resuming into it)")
+    eval_only: str = setting("", "score this artifact (a final_model.int6.ptz) and write the record, without training")
 
     # model (SPEC.md "Model")
-    vocab_size: int = 1024
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 3
-    rope_dims: int = 16  # partial RoPE: rotate only the first rope_dims of each head
-    rope_base: float = 10000.0
-    rope_train_len: int = 1024  # NTK base rescale beyond this sequence length
-    qk_gain_init: float = 1.5
-    logit_softcap: float = 30.0
-    tied_embed_init_std: float = 0.005
-    ln_scale: bool = True  # scale each block's norm output by 1/sqrt(layer + 1)
-    xsa_last_n: int = 4
-    bigram_vocab_size: int = 2048
-    bigram_dim: int = 128
-    bigram_scale_init: float = 0.05
-    ve_enabled: bool = True
-    ve_dim: int = 128
-    ve_layers: str = "9,10"
-    ve_scale_init: float = 0.1
-    ve_table_init_std: float = 0.01
+    vocab_size: int = setting(1024, "tokenizer vocabulary", low=2, high=65536, model=True)
+    num_layers: int = setting(11, "transformer blocks", low=1, model=True)
+    model_dim: int = setting(512, "residual stream width", low=1, model=True)
+    num_heads: int = setting(8, "query heads", low=1, model=True)
+    num_kv_heads: int = setting(4, "key/value heads (GQA)", low=1, model=True)
+    mlp_mult: int = setting(3, "MLP hidden width = mlp_mult x model_dim", low=1, model=True)
+    rope_dims: int = setting(16, "partial RoPE: rotate only the first rope_dims of each head", low=0, model=True)
+    rope_base: float = setting(10000.0, "RoPE frequency base", above=0, model=True)
+    rope_train_len: int = setting(1024, "NTK base rescale beyond this sequence length", low=1, model=True)
+    qk_gain_init: float = setting(1.5, "initial per-head query gain")
+    logit_softcap: float = setting(30.0, "tanh soft cap of the logits", above=0, model=True)
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's initialisation", low=0)
+    ln_scale: bool = setting(True, "scale each block's norm output by 1/sqrt(layer + 1)", model=True)
+    xsa_last_n: int = setting(4, "XSA (exclusive self-attention) on the last this many layers", low=0, model=True)
+    bigram_vocab_size: int = setting(2048, "BigramHash buckets", low=1, model=True)
+    bigram_dim: int = setting(128, "BigramHash table width", low=1, model=True)
+    bigram_scale_init: float = setting(0.05, "initial BigramHash output scale")
+    ve_enabled: bool = setting(True, "value embeddings", model=True)
+    ve_dim: int = setting(128, "value-embedding table width", low=1, model=True)
+    ve_layers: str = setting("9,10", "layers that add the value embedding, comma-separated", model=True)
+    ve_scale_init: float = setting(0.1, "initial value-embedding scale")
+    ve_table_init_std: float = setting(0.01, "std of the value-embedding table's initialisation", low=0)
 
     # training (SPEC.md "Training recipe")
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0  # 0 = no cap (the warmdown then counts steps)
-    train_batch_tokens: int = 786_432
-    train_seq_len: int = 2048
-    grad_accum_total: int = 8  # micro-batches per step summed over all ranks
-    warmup_steps: int = 20  # compile/prime steps; weights and optimizer state are restored after
-    warmdown_iters: int = 3000
-    matrix_lr: float = 0.025
-    tied_embed_lr: float = 0.035  # token, bigram and VE tables
-    scalar_lr: float = 0.025
-    muon_momentum: float = 0.99
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
-    muon_wd: float = 0.04
-    adam_wd: float = 0.04
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3
-    swa_enabled: bool = True
-    swa_every: int = 50
-    swa_threshold: float = 0.2  # average while the LR scale is below this
-    late_qat_threshold: float = 0.1  # int6 fake-quant once the LR scale is below this
-    train_log_every: int = 200
-    val_loss_every: int = 0  # periodic validation during training; 0 = only at the end
-    val_batch_size: int = 524_288  # tokens per validation batch over all ranks
-    checkpoint_every: int = 0  # save runs/<id>/checkpoint.pt every this many steps; 0 = off
-    checkpoint_minutes: float = 0.0  # ... or every this many minutes of training; 0 = off
-    resume: str = ""  # path of a checkpoint.pt to continue from
+    iterations: int = setting(20000, "training steps at most", low=1)
+    max_wallclock_seconds: float = setting(600.0, "training time cap; 0 = no cap (the warmdown then counts steps)", low=0)
+    train_batch_tokens: int = setting(786_432, "tokens per step over all ranks", low=1)
+    train_seq_len: int = setting(2048, "training sequence length", low=1)
+    grad_accum_total: int = setting(8, "micro-batches per step summed over all ranks", low=1)
+    warmup_steps: int = setting(20, "compile/prime steps; weights, optimizer state and data are restored after", low=0)
+    warmdown_iters: int = setting(3000, "linear LR warmdown over the last this many steps' worth of time", low=0)
+    matrix_lr: float = setting(0.025, "Muon learning rate of the matrices", low=0)
+    tied_embed_lr: float = setting(0.035, "AdamW learning rate of the token, bigram and VE tables", low=0)
+    scalar_lr: float = setting(0.025, "AdamW learning rate of the scalars and control tensors", low=0)
+    muon_momentum: float = setting(0.99, "Muon momentum after its warm-up", low=0, below=1)
+    muon_momentum_warmup_start: float = setting(0.92, "Muon momentum at step 0", low=0, below=1)
+    muon_momentum_warmup_steps: int = setting(1500, "steps of the linear Muon momentum warm-up", low=0)
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations", low=1)
+    muon_wd: float = setting(0.04, "Muon decoupled weight decay", low=0)
+    adam_wd: float = setting(0.04, "AdamW weight decay", low=0)
+    beta1: float = setting(0.9, "AdamW beta1", low=0, below=1)
+    beta2: float = setting(0.95, "AdamW beta2", low=0, below=1)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", above=0)
+    grad_clip_norm: float = setting(0.3, "gradient-norm clip; 0 = off", low=0)
+    swa_enabled: bool = setting(True, "Tight SWA: average weight snapshots late in the warmdown")
+    swa_every: int = setting(50, "steps between SWA snapshots", low=1)
+    swa_threshold: float = setting(0.2, "average while the LR scale is below this", low=0)
+    late_qat_threshold: float = setting(0.1, "int6 fake-quant once the LR scale is below this; 0 = off", low=0)
+    train_log_every: int = setting(200, "log the train loss every this many steps; 0 = off", low=0)
+    val_loss_every: int = setting(0, "periodic validation during training; 0 = only at the end", low=0)
+    val_batch_size: int = setting(524_288, "tokens per validation batch over all ranks", low=1)
+    checkpoint_every: int = setting(0, "save runs/<id>/checkpoint.pt every this many steps; 0 = off", low=0)
+    checkpoint_minutes: float = setting(0.0, "... or every this many minutes of training; 0 = off", low=0)
+    resume: str = setting("", "path of a checkpoint.pt to continue from")
 
     # evaluation (SPEC.md "Evaluation")
-    max_val_tokens: int = 0  # score only the first this many validation tokens; 0 = all
-    eval_seq_len: int = 2048  # sliding window length
-    eval_stride: int = 64
-    eval_batch_seqs: int = 32
-    ttt_enabled: bool = True
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.9
-    ttt_epochs: int = 3
-    ttt_chunk_tokens: int = 32_768
-    ttt_grad_clip: float = 1.0
-    ttt_freeze_blocks: int = 0
-    ttt_batch_seqs: int = 32
+    max_val_tokens: int = setting(0, "score only the first this many validation tokens; 0 = all", low=0)
+    eval_seq_len: int = setting(2048, "sliding window length", low=1)
+    eval_stride: int = setting(64, "sliding window stride", low=1)
+    eval_batch_seqs: int = setting(32, "windows per evaluation batch", low=1)
+    ttt_enabled: bool = setting(True, "legal score-first test-time training")
+    ttt_lr: float = setting(0.002, "TTT SGD learning rate", low=0)
+    ttt_momentum: float = setting(0.9, "TTT SGD momentum", low=0, below=1)
+    ttt_epochs: int = setting(3, "TTT epochs over each scored chunk", low=0)
+    ttt_chunk_tokens: int = setting(32_768, "TTT chunk length in tokens", low=1)
+    ttt_grad_clip: float = setting(1.0, "TTT gradient-norm clip; 0 = off", low=0)
+    ttt_freeze_blocks: int = setting(0, "TTT leaves the first this many blocks frozen", low=0)
+    ttt_batch_seqs: int = setting(32, "TTT sequences per batch", low=1)
 
     # export (SPEC.md "Export")
-    artifact_budget_bytes: int = 16_000_000
-    zstd_level: int = 22
+    artifact_budget_bytes: int = setting(16_000_000, "artifact + code bytes allowed", low=1)
+    zstd_level: int = setting(22, "zstd compression level of the artifact", low=1, high=22)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -128,8 +144,11 @@ class Config:
         return self.grad_accum_total // world_size
 
     def validate(self) -> "Config":
-        """One clear line for a config that cannot build or train a model."""
-        problems = []
+        """Every problem of a config that cannot build, train, export or score a model, one line
+        each (ValueError, lines joined by newlines): ranges first, then what depends on them."""
+        problems = [problem for f in fields(self) if (problem := _range_problem(f, getattr(self, f.name)))]
+        if problems:  # the relations below divide by these fields
+            raise ValueError("\n".join(problems))
         if self.model_dim % self.num_heads:
             problems.append(f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}")
         elif self.num_heads % self.num_kv_heads:
@@ -138,6 +157,8 @@ class Config:
             problems.append(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {self.head_dim}")
         if not 0 <= self.xsa_last_n <= self.num_layers:
             problems.append(f"XSA_LAST_N={self.xsa_last_n} must lie in [0, NUM_LAYERS={self.num_layers}]")
+        if self.ttt_freeze_blocks > self.num_layers:
+            problems.append(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
         try:
             bad = [i for i in self.ve_layer_indices if not 0 <= i < self.num_layers]
             if bad:
@@ -150,14 +171,42 @@ class Config:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not GRAD_ACCUM_TOTAL={self.grad_accum_total} "
                 f"x a whole number of TRAIN_SEQ_LEN={self.train_seq_len} sequences"
             )
-        if self.eval_stride <= 0 or self.eval_stride > self.eval_seq_len:
+        if self.eval_stride > self.eval_seq_len:
             problems.append(f"EVAL_STRIDE={self.eval_stride} must lie in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
+
+    def model_differences(self, other: dict) -> list[str]:
+        """`NAME=theirs vs ours` for every function-defining field where `other` (a config saved as a
+        dict, by a checkpoint or beside an artifact) differs from this config."""
+        return [f"{name.upper()}={other.get(name)!r} vs {getattr(self, name)!r}"
+                for name in model_fields() if other.get(name) != getattr(self, name)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def model_fields() -> tuple[str, ...]:
+    """The fields that define the model's function (`setting(..., model=True)`)."""
+    return tuple(f.name for f in fields(Config) if f.metadata["model"])
+
+
+def _range_text(meta: dict) -> str:
+    low = f"[{meta['low']}" if meta["low"] is not None else f"({meta['above']}" if meta["above"] is not None else "(-inf"
+    high = f"{meta['high']}]" if meta["high"] is not None else f"{meta['below']})" if meta["below"] is not None else "inf)"
+    return f"{low}, {high}"
+
+
+def _range_problem(f: dataclasses.Field, value) -> str | None:
+    meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{f.name.upper()}={value!r} is not a finite number; it must lie in {_range_text(meta)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    inside = ((meta["low"] is None or value >= meta["low"]) and (meta["high"] is None or value <= meta["high"])
+              and (meta["above"] is None or value > meta["above"]) and (meta["below"] is None or value < meta["below"]))
+    return None if inside else f"{f.name.upper()}={value!r} is out of range; it must lie in {_range_text(meta)}"
 
 
 def _sample_data_or_generated() -> tuple[str, str]:
@@ -190,6 +239,15 @@ def _smoke() -> dict:
 PRESETS = {"smoke": _smoke}
 
 
+# Sections of `train.py --help`, by the first field of each.
+SECTIONS = {"run_id": "run", "vocab_size": "model (SPEC.md \"Model\")", "iterations": "training (SPEC.md \"Training recipe\")",
+            "max_val_tokens": "evaluation (SPEC.md \"Evaluation\")", "artifact_budget_bytes": "export (SPEC.md \"Export\")"}
+# Environment variables that are not settings but belong to the run's world: torchrun's, the kernel
+# backend's, Triton's. Only names close to a setting's are ever warned about.
+WORLD_ENVIRONMENT = frozenset({"PRESET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                               "MASTER_ADDR", "MASTER_PORT", "KERNELS", "KERNELS_POISON", "TRITON_INTERPRET"})
+
+
 def _parse(value: str, default):
     kind = type(default)
     if kind is bool:
@@ -202,55 +260,99 @@ def _parse(value: str, default):
     return kind(value)
 
 
-def load_config(argv: list[str] = (), environ=None) -> tuple[Config, list[str]]:
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises one ValueError line instead of printing usage and exiting."""
+
+    def error(self, message):
+        missing = re.match(r"argument (--[\w-]+)\S*: expected one argument", message)
+        if missing:
+            raise ValueError(f"{missing.group(1)} needs a value: {missing.group(1)} <value>")
+        raise ValueError(message)
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    """The command line, generated from Config: `--name value` (or `--name=value`) for every field,
+    plus --preset, --dry-run and --help. `--name-with-dashes` is accepted too (see _underscored)."""
+    parser = _Parser(prog=prog, usage="%(prog)s [--preset NAME] [--name value ...] [--dry-run] [-h]", add_help=False, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Every setting is a field of model/config.py: its default, then a preset, then its "
+                                 "environment variable (the\nname in upper case), then --name value, each overriding the one before.")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the parameter count, then exit")
+    parser.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME",
+                        help=f"named defaults: {', '.join(PRESETS)} [env PRESET]")
+    group = parser
+    for f in fields(Config):
+        if f.name in SECTIONS:
+            group = parser.add_argument_group(SECTIONS[f.name])
+        meta, kind = f.metadata, type(f.default).__name__.upper()
+        bounds = "" if kind in ("STR", "BOOL") else f"; range {_range_text(meta)}"
+        group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=kind,
+                           help=f"{meta['help']} [env {f.name.upper()}; default {f.default!r}{bounds}]")
+    return parser
+
+
+def _underscored(arg: str) -> str:
+    """`--num-layers=5` -> `--num_layers=5`: both spellings of a setting name one field."""
+    if not arg.startswith("--") or arg == "--dry-run":
+        return arg
+    key, eq, value = arg[2:].partition("=")
+    return f"--{key.replace('-', '_')}{eq}{value}"
+
+
+def help_text(prog: str = "train.py") -> str:
+    return build_parser(prog).format_help()
+
+
+def setting_warnings(environ=None) -> list[str]:
+    """A warning for each environment variable that looks like a misspelt setting (ITERATONS=5)."""
+    environ = os.environ if environ is None else environ
+    names = [f.name.upper() for f in fields(Config)]
+    warnings = []
+    for key in sorted(environ):
+        if key in names or key in WORLD_ENVIRONMENT or not re.fullmatch(r"[A-Z][A-Z0-9_]{3,}", key):
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+        if close:
+            warnings.append(f"environment variable {key} is not a setting (ignored); did you mean {close[0]}?")
+    return warnings
+
+
+def load_config(argv: list[str] = (), environ=None, prog: str = "train.py") -> tuple[Config, list[str]]:
     """Resolve the config from preset, environment and `--name value` arguments.
 
-    Returns the config and the arguments that are flags of train.py itself (`--dry-run`).
-    Unknown `--name` arguments raise with the list of valid ones.
+    Returns the config and the flags of train.py itself that were given (`--dry-run`, `--help`).
+    A bad setting raises ValueError, one line per problem, naming the variable and its valid range.
     """
     environ = os.environ if environ is None else environ
-    names = {f.name: f for f in fields(Config)}
-    values, flags, overrides, preset = {}, [], {}, environ.get("PRESET", "")
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--dry-run",):
-            flags.append(arg)
-            i += 1
-            continue
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; settings are given as --name value")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv):
-            value = argv[i + 1]
-            i += 2
-        else:
-            raise ValueError(f"{arg} needs a value: {arg} <value>")
-        key = key.replace("-", "_").lower()
-        if key == "preset":
-            preset = value
-        elif key in names:
-            overrides[key] = value
-        else:
-            raise ValueError(f"unknown setting --{key}; valid settings: preset, {', '.join(names)}")
+    parser = build_parser(prog)
+    given, rest = parser.parse_known_args([_underscored(arg) for arg in argv])
+    if rest:
+        unknown = rest[0]
+        if not unknown.startswith("--"):
+            raise ValueError(f"unexpected argument {unknown!r}; settings are given as --name value")
+        key = unknown[2:].split("=", 1)[0].replace("-", "_").lower()
+        close = difflib.get_close_matches(key, [f.name for f in fields(Config)], n=1)
+        hint = f"did you mean --{close[0]}? " if close else ""
+        raise ValueError(f"unknown setting --{key}; {hint}`{prog} --help` lists every setting")
+    given = vars(given)
+    flags = [flag for flag, dest in (("--help", "help"), ("--dry-run", "dry_run")) if given.pop(dest)]
+    preset = given.pop("preset", environ.get("PRESET", ""))
+    values = {}
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
         values.update(PRESETS[preset]())
-    defaults = Config()
-    for name in names:
-        if name.upper() in environ:
-            values[name] = environ[name.upper()]
-    values.update(overrides)
+    for f in fields(Config):
+        if f.name.upper() in environ:
+            values[f.name] = environ[f.name.upper()]
+    values.update(given)
     resolved = {}
-    for name, value in values.items():
-        default = getattr(defaults, name)
+    for f in fields(Config):
+        if f.name not in values:
+            continue
+        value = values[f.name]
         try:
-            resolved[name] = _parse(value, default) if isinstance(value, str) and not isinstance(default, str) else value
+            resolved[f.name] = _parse(value, f.default) if isinstance(value, str) and not isinstance(f.default, str) else value
         except ValueError as e:
-            raise ValueError(f"setting {name.upper()}={value!r}: {e}") from None
+            raise ValueError(f"setting {f.name.upper()}={value!r}: {e}") from None
     return Config(**resolved).validate(), flags

@@ -58,3 +58,68 @@ def test_bad_settings_get_one_line(argv, environ, message):
 def test_world_size_must_divide_accumulation():
     with pytest.raises(ValueError, match="WORLD_SIZE=3 does not divide"):
         Config().grad_accum_steps(3)
+
+
+def test_help_lists_every_setting_with_its_env_name_default_and_meaning():
+    from model.config import help_text
+
+    text = " ".join(help_text().split())  # argparse wraps lines
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name} " in text and f"[env {f.name.upper()}; default {f.default!r}" in text, f.name
+        assert f.metadata["help"].split()[0] in text
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_a_flag_not_a_setting(flag):
+    cfg, flags = load_config([flag], environ={})
+    assert flags == ["--help"] and cfg == Config()
+
+
+@pytest.mark.parametrize("name, value, valid", [
+    ("ITERATIONS", "0", "[1, inf)"), ("ITERATIONS", "-3", "[1, inf)"), ("GRAD_ACCUM_TOTAL", "0", "[1, inf)"),
+    ("TRAIN_SEQ_LEN", "0", "[1, inf)"), ("SWA_EVERY", "0", "[1, inf)"), ("ZSTD_LEVEL", "0", "[1, 22]"),
+    ("ZSTD_LEVEL", "23", "[1, 22]"), ("EVAL_BATCH_SEQS", "0", "[1, inf)"), ("MATRIX_LR", "nan", "[0, inf)"),
+    ("TIED_EMBED_LR", "inf", "[0, inf)"), ("SCALAR_LR", "-0.1", "[0, inf)"), ("MUON_MOMENTUM", "1.0", "[0, 1)"),
+    ("ADAM_EPS", "0", "(0, inf)"), ("VOCAB_SIZE", "70000", "[2, 65536]"), ("TTT_FREEZE_BLOCKS", "12", "[0, NUM_LAYERS=11]"),
+    ("EVAL_STRIDE", "0", "[1, inf)"), ("LOGIT_SOFTCAP", "0", "(0, inf)"),
+])
+def test_every_range_is_checked_up_front_naming_the_variable_and_its_range(name, value, valid):
+    with pytest.raises(ValueError) as err:
+        load_config([], environ={name: value})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{name}=") and valid in message, message
+
+
+def test_several_bad_settings_get_one_line_each_and_no_division_by_zero():
+    with pytest.raises(ValueError) as err:
+        load_config([], environ={"GRAD_ACCUM_TOTAL": "0", "TRAIN_SEQ_LEN": "0", "ITERATIONS": "0"})
+    lines = str(err.value).splitlines()
+    assert sorted(line.split("=")[0] for line in lines) == ["GRAD_ACCUM_TOTAL", "ITERATIONS", "TRAIN_SEQ_LEN"]
+
+
+def test_a_misspelt_setting_in_the_environment_gets_a_warning_with_the_closest_name():
+    from model.config import setting_warnings
+
+    warnings = setting_warnings({"ITERATONS": "5", "WORLD_SIZE": "2", "PATH": "/bin", "HOME": "/root", "KERNELS": "triton"})
+    assert warnings == ["environment variable ITERATONS is not a setting (ignored); did you mean ITERATIONS?"]
+
+
+def test_an_unknown_option_suggests_the_closest_setting():
+    with pytest.raises(ValueError, match=r"unknown setting --iteratons; did you mean --iterations\?"):
+        load_config(["--iteratons", "5"], environ={})
+
+
+def test_dashed_names_and_the_equals_form_name_the_same_fields():
+    cfg, _ = load_config(["--eval-only", "a.ptz", "--run-id=x-y", "--max-val-tokens", "64"], environ={})
+    assert (cfg.eval_only, cfg.run_id, cfg.max_val_tokens) == ("a.ptz", "x-y", 64)
+
+
+def test_the_function_defining_fields_are_marked_on_the_config():
+    from model.config import model_fields
+
+    # The hand list these marks replace missed ln_scale, rope_base, rope_train_len and logit_softcap.
+    assert {"ln_scale", "rope_base", "rope_train_len", "logit_softcap", "num_layers", "vocab_size", "ve_layers"} <= set(model_fields())
+    assert not {"seed", "matrix_lr", "iterations", "qk_gain_init", "ttt_lr"} & set(model_fields())
+    saved = dataclasses.asdict(Config())
+    assert Config().model_differences(saved) == []
+    assert Config(logit_softcap=20.0).model_differences(saved) == ["LOGIT_SOFTCAP=30.0 vs 20.0"]
