@@ -1,13 +1,19 @@
 """Token shards in the challenge's format: 256 little-endian int32 header words (magic, version,
 token count, zeros), then the tokens as little-endian uint16; the training stream that ranks share,
-and the validation tokens."""
+and the validation tokens. Also the tokenizer manifest that data/prepare.py and data/download.py
+leave beside the shards, so a run with another tokenizer stops at start-up."""
 import glob
+import hashlib
+import json
 import os
 
 import numpy as np
 import torch
 
+from model.atomic import atomic_open, atomic_write
+
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+TOKENIZER_MANIFEST = "tokenizer.json"  # beside the shards: which tokenizer made them
 
 
 def write_shard(path: str, tokens) -> None:
@@ -17,28 +23,48 @@ def write_shard(path: str, tokens) -> None:
         raise ValueError(f"{path}: token ids must lie in [0, 65535] to fit a uint16 shard")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb", fsync=False) as f:  # no fsync: a lost shard is re-exported, not a lost run
         f.write(header.tobytes())
         f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
 
 
-def read_shard(path: str) -> np.ndarray:
-    """Tokens of one shard as uint16, after checking its header against its size."""
+def shard_token_count(path: str) -> int:
+    """The token count of a shard from its header, checked against the file size; reads 1 KiB."""
     header_bytes = HEADER_WORDS * 4
     size = os.path.getsize(path)
     if size < header_bytes:
-        raise ValueError(f"{path}: {size} bytes is shorter than the {header_bytes}-byte shard header; the file is truncated")
+        raise ValueError(f"{path}: {size} bytes is shorter than the {header_bytes}-byte shard header; the file is truncated, re-download or re-export it")
     header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(
             f"{path}: not a token shard (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})"
         )
     count = int(header[2])
-    if size != header_bytes + 2 * count:
+    if count < 0 or size != header_bytes + 2 * count:
         raise ValueError(f"{path}: header says {count} tokens but the file holds {(size - header_bytes) / 2:g}; re-download or re-export it")
-    return np.fromfile(path, dtype="<u2", count=count, offset=header_bytes)
+    return count
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int | None, source: str) -> None:
+    """ValueError naming the first id >= vocab_size: on the GPU such an id is an out-of-bounds
+    embedding read (a device assert or silent garbage), not an error. One vectorised pass."""
+    if vocab_size is None or not tokens.size:
+        return
+    if int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(
+            f"{source}: token id {int(tokens[position])} at position {position:,} is not below VOCAB_SIZE={vocab_size}; "
+            f"the shards were made with a larger tokenizer: set VOCAB_SIZE and TOKENIZER_PATH to that one or re-export the shards"
+        )
+
+
+def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
+    """Tokens of one shard as uint16, after checking its header against its size and, when
+    vocab_size is given, every id against it."""
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_WORDS * 4)
+    check_vocab(tokens, vocab_size, path)
+    return tokens
 
 
 def shard_paths(data_path: str, split: str) -> list[str]:
@@ -52,9 +78,14 @@ def shard_paths(data_path: str, split: str) -> list[str]:
     return paths
 
 
-def _shard_token_count(path: str) -> int:
-    """Token count from the file size alone (read_shard checks it against the header on load)."""
-    return max(0, (os.path.getsize(path) - HEADER_WORDS * 4) // 2)
+def check_train_shards(data_path: str) -> int:
+    """Every train shard's header against its size, without reading tokens (a truncated shard
+    stops the run at start-up, not when the stream reaches it); returns the total token count."""
+    paths = shard_paths(data_path, "train")
+    total = sum(shard_token_count(p) for p in paths)
+    if total == 0:
+        raise ValueError(f"the {len(paths)} train shards starting with {paths[0]} hold no tokens; re-export them")
+    return total
 
 
 class TokenStream:
@@ -64,11 +95,14 @@ class TokenStream:
     are held in memory (at most two: the current one and the next while a read crosses over).
     """
 
-    def __init__(self, paths: list[str]):
-        self.paths = list(paths)
+    def __init__(self, paths: list[str], vocab_size: int | None = None):
+        self.paths, self.vocab_size = list(paths), vocab_size
         if not self.paths:
             raise ValueError("TokenStream needs at least one shard path; pass shard_paths(data_path, 'train')")
-        if sum(_shard_token_count(p) for p in self.paths) == 0:
+        # Every header now (1 KiB each), so a broken shard fails at start-up; the ids of a shard are
+        # checked against vocab_size when it is read.
+        self.counts = [shard_token_count(p) for p in self.paths]
+        if sum(self.counts) == 0:
             raise ValueError(f"the {len(self.paths)} shards starting with {self.paths[0]} hold no tokens; re-export them")
         self.shard_index, self.position = 0, 0
         self._loaded: dict[int, np.ndarray] = {}
@@ -77,7 +111,7 @@ class TokenStream:
         if index not in self._loaded:
             # Keep the shard the stream stands in; drop any other before loading a new one.
             self._loaded = {i: t for i, t in self._loaded.items() if i == self.shard_index}
-            self._loaded[index] = read_shard(self.paths[index])
+            self._loaded[index] = read_shard(self.paths[index], self.vocab_size)
         return self._loaded[index]
 
     def read(self, count: int, advance: int = None) -> np.ndarray:
@@ -111,7 +145,7 @@ class TokenStream:
                 f"resume with the same DATA_PATH contents"
             )
         index, position = int(state["shard_index"]), int(state["position"])
-        if not 0 <= index < len(self.paths) or not 0 <= position <= _shard_token_count(self.paths[index]):
+        if not 0 <= index < len(self.paths) or not 0 <= position <= self.counts[index]:
             raise ValueError(f"loader state (shard {index}, position {position}) lies outside the shards at {self.paths[0]}")
         self.shard_index, self.position = index, position
 
@@ -125,11 +159,11 @@ class DistributedTokenLoader:
     call is the first input of the next, so every token is a target once per pass over the data.
     """
 
-    def __init__(self, data_path: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, data_path: str, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"DistributedTokenLoader: rank {rank} must lie in [0, world_size={world_size})")
         self.rank, self.world_size = rank, world_size
-        self.stream = TokenStream(shard_paths(data_path, "train"))
+        self.stream = TokenStream(shard_paths(data_path, "train"), vocab_size)
 
     def next_batch(self, batch_tokens_per_rank: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), int64 [batch_tokens_per_rank // seq_len, seq_len] each, on `device`."""
@@ -156,10 +190,11 @@ class DistributedTokenLoader:
         self.stream.load_state_dict(state)
 
 
-def load_validation_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> torch.Tensor:
+def load_validation_tokens(data_path: str, seq_len: int, max_tokens: int = 0, vocab_size: int | None = None) -> torch.Tensor:
     """All validation shards concatenated (int64 [n * seq_len + 1]): cut to max_tokens + 1 tokens
-    when max_tokens > 0, then to a whole number of seq_len targets plus the first input."""
-    tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
+    when max_tokens > 0, then to a whole number of seq_len targets plus the first input. With
+    vocab_size, every id of every shard is checked against it."""
+    tokens = np.concatenate([read_shard(p, vocab_size) for p in shard_paths(data_path, "val")])
     if max_tokens > 0:
         tokens = tokens[:max_tokens + 1]
     usable_targets = (len(tokens) - 1) // seq_len * seq_len if seq_len > 0 else 0
@@ -169,3 +204,64 @@ def load_validation_tokens(data_path: str, seq_len: int, max_tokens: int = 0) ->
             f"seq_len + 1 = {seq_len + 1}; use a shorter sequence length or more validation tokens"
         )
     return torch.from_numpy(tokens[:usable_targets + 1].astype(np.int64))
+
+
+# -- the tokenizer the shards were made with ---------------------------------------------------------
+
+
+def open_sentencepiece(path: str):
+    """A SentencePieceProcessor for path: FileNotFoundError when it is missing, one ValueError line
+    when the file is not a SentencePiece model (sentencepiece raises a bare RuntimeError)."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path} does not exist; pass the SentencePiece .model file the shards were made with")
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"tokenizer {path} is not a SentencePiece model ({str(e).strip()}); pass a .model file") from None
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_tokenizer_manifest(data_path: str, tokenizer_path: str, vocab_size: int | None) -> str:
+    """data_path/tokenizer.json: the name, sha256 and piece count of the tokenizer that made the
+    shards there (written by data/prepare.py and data/download.py); returns its path."""
+    manifest = {"tokenizer": os.path.basename(tokenizer_path), "sha256": sha256_of(tokenizer_path), "vocab_size": vocab_size}
+    path = os.path.join(data_path, TOKENIZER_MANIFEST)
+    atomic_write(path, json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def check_tokenizer_matches(data_path: str, tokenizer_path: str) -> dict | None:
+    """One ValueError line when tokenizer_path is not the tokenizer the shards in data_path were
+    made with (by sha256, per their tokenizer.json); returns the manifest, or None when the folder
+    has none (older data: nothing to check)."""
+    path = os.path.join(data_path, TOKENIZER_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        expected = manifest["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a tokenizer manifest ({type(e).__name__}: {e}); delete it or re-export the shards") from None
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(
+            f"tokenizer {tokenizer_path} does not exist; set TOKENIZER_PATH to {manifest.get('tokenizer')}, "
+            f"the tokenizer the shards in {data_path} were made with"
+        )
+    actual = sha256_of(tokenizer_path)
+    if actual != expected:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} (sha256 {actual[:12]}) is not the one the shards in {data_path} were made with "
+            f"({manifest.get('tokenizer')}, {manifest.get('vocab_size')} pieces, sha256 {str(expected)[:12]}); "
+            f"set TOKENIZER_PATH to that file or re-export the shards with this tokenizer"
+        )
+    return manifest

@@ -1,18 +1,28 @@
 """Shard discovery, the shared training stream (rank slices, wrap-around, resume) and the
-validation tokens, on small synthetic shards; then a check on the real sample shards."""
+validation tokens, on small synthetic shards; the start-up checks (shard headers, token ids
+against the vocabulary, the tokenizer the shards were made with); then the real sample shards."""
+import errno
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from model import data
+from model.atomic import WriteFailed
 from model.data import (
+    TOKENIZER_MANIFEST,
     DistributedTokenLoader,
     TokenStream,
+    check_tokenizer_matches,
+    check_train_shards,
     load_validation_tokens,
+    open_sentencepiece,
     read_shard,
     shard_paths,
     write_shard,
+    write_tokenizer_manifest,
 )
 
 SHARD_LENGTHS = (37, 0, 5, 61)  # ragged, one empty shard, one shorter than a batch
@@ -140,6 +150,153 @@ def test_validation_tokens_too_few(train_dir):
         load_validation_tokens(folder, 10, max_tokens=8)
 
 
+def one_line(message: str) -> bool:
+    return "\n" not in message and len(message) > 20
+
+
+# -- token ids against the vocabulary ---------------------------------------------------------------
+
+
+def test_token_id_beyond_vocab_names_shard_and_position(train_dir):
+    folder, stream_tokens = train_dir
+    # Shard 0 holds 1000..1036: with 1030 ids, position 30 (id 1030) is the first one out of range.
+    loader = DistributedTokenLoader(folder, vocab_size=1030)
+    with pytest.raises(ValueError, match=r"fineweb_train_000000\.bin: token id 1030 at position 30 is not below VOCAB_SIZE=1030") as err:
+        loader.next_batch(4, 4, "cpu")
+    assert one_line(str(err.value))
+    # Large enough: the same batches as without a check; no vocab_size: no check at all.
+    for vocab_size in (4061, None):
+        loader = DistributedTokenLoader(folder, vocab_size=vocab_size)
+        x, _ = loader.next_batch(100, 4, "cpu")
+        assert (x.flatten().numpy() == stream_tokens[:100]).all()
+
+
+def test_token_id_beyond_vocab_in_a_later_shard(train_dir):
+    folder, _ = train_dir
+    loader = DistributedTokenLoader(folder, vocab_size=3005)  # shards 0 and 2 are fine; shard 3 (4000..) is not
+    loader.next_batch(40, 4, "cpu")
+    with pytest.raises(ValueError, match=r"fineweb_train_000003\.bin: token id 4000 at position 0 is not below VOCAB_SIZE=3005"):
+        loader.next_batch(40, 4, "cpu")
+
+
+def test_validation_ids_checked_against_vocab(train_dir):
+    folder, _ = train_dir
+    # val shard 0 holds 0..29, shard 1 holds 30..52: id 40 sits at position 10 of shard 1.
+    with pytest.raises(ValueError, match=r"fineweb_val_000001\.bin: token id 40 at position 10 is not below VOCAB_SIZE=40") as err:
+        load_validation_tokens(folder, 4, vocab_size=40)
+    assert one_line(str(err.value))
+    # every shard is checked, even past max_tokens (a bad id there means the wrong tokenizer all the same)
+    with pytest.raises(ValueError, match="VOCAB_SIZE=40"):
+        load_validation_tokens(folder, 4, max_tokens=8, vocab_size=40)
+    assert torch.equal(load_validation_tokens(folder, 4, vocab_size=53), torch.arange(53))
+
+
+# -- shard headers at start-up ----------------------------------------------------------------------
+
+
+def test_check_train_shards_counts_tokens_without_reading_them(train_dir, monkeypatch):
+    folder, stream_tokens = train_dir
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("check_train_shards read a shard's tokens")
+
+    monkeypatch.setattr(data, "read_shard", no_reading)
+    assert check_train_shards(folder) == len(stream_tokens) == 103
+    DistributedTokenLoader(folder)  # the loader's start-up checks read headers only, too
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-4], r"header says 61 tokens but the file holds 59"),
+    (lambda b: b[:100], r"100 bytes is shorter than the 1024-byte shard header"),
+    (lambda b: b"\0" * 4 + b[4:], r"not a token shard \(magic 0"),
+])
+def test_damaged_train_shard_fails_at_start_up(train_dir, damage, message):
+    folder, _ = train_dir
+    path = os.path.join(folder, "fineweb_train_000003.bin")  # the last shard: the stream reaches it last
+    with open(path, "rb") as f:
+        good = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(good))
+    with pytest.raises(ValueError, match=r"fineweb_train_000003\.bin: " + message) as err:
+        check_train_shards(folder)
+    assert one_line(str(err.value))
+    with pytest.raises(ValueError, match=message):
+        DistributedTokenLoader(folder)  # before the first batch, not when the stream gets there
+
+
+def test_check_train_shards_empty_or_missing(tmp_path):
+    with pytest.raises(ValueError, match="fineweb_train_"):
+        check_train_shards(str(tmp_path))
+    write_shard(str(tmp_path / "fineweb_train_000000.bin"), np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="hold no tokens"):
+        check_train_shards(str(tmp_path))
+
+
+def test_write_shard_failure_leaves_the_old_shard(tmp_path, monkeypatch):
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(str(path), np.arange(10))
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(WriteFailed, match=r"could not write .*fineweb_train_000000\.bin: No space left on device") as err:
+        write_shard(str(path), np.arange(20))
+    assert one_line(str(err.value))
+    monkeypatch.undo()
+    assert (read_shard(str(path)) == np.arange(10)).all()
+    assert os.listdir(tmp_path) == ["fineweb_train_000000.bin"]  # no temp file left
+
+
+# -- the tokenizer the shards were made with --------------------------------------------------------
+
+
+def test_tokenizer_manifest_match_and_mismatch(tmp_path):
+    tokenizer, other = tmp_path / "mine.model", tmp_path / "other.model"
+    tokenizer.write_bytes(b"tokenizer one")
+    other.write_bytes(b"tokenizer two")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    assert check_tokenizer_matches(str(shards), str(other)) is None  # no manifest (older data): no check
+    write_tokenizer_manifest(str(shards), str(tokenizer), 1024)
+    manifest = json.loads((shards / TOKENIZER_MANIFEST).read_text())
+    assert manifest["tokenizer"] == "mine.model" and manifest["vocab_size"] == 1024 and len(manifest["sha256"]) == 64
+    assert check_tokenizer_matches(str(shards), str(tokenizer)) == manifest
+    with pytest.raises(ValueError, match=r"tokenizer .*other\.model .* is not the one the shards in .* were made with \(mine\.model, 1024 pieces") as err:
+        check_tokenizer_matches(str(shards), str(other))
+    assert one_line(str(err.value)) and "TOKENIZER_PATH" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="missing.model does not exist.*mine.model"):
+        check_tokenizer_matches(str(shards), str(tmp_path / "missing.model"))
+    (shards / TOKENIZER_MANIFEST).write_text('{"tokenizer": "mine.mo')  # torn or hand-edited
+    with pytest.raises(ValueError, match="is not a tokenizer manifest") as err:
+        check_tokenizer_matches(str(shards), str(tokenizer))
+    assert one_line(str(err.value))
+    assert sorted(os.listdir(shards)) == [TOKENIZER_MANIFEST]
+
+
+def test_tokenizer_manifest_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    tokenizer = tmp_path / "t.model"
+    tokenizer.write_bytes(b"x")
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(WriteFailed, match=r"tokenizer\.json: No space left on device"):
+        write_tokenizer_manifest(str(tmp_path), str(tokenizer), 2)
+    assert os.listdir(tmp_path) == ["t.model"]
+
+
+def test_open_sentencepiece_refuses_other_files(tmp_path):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"<html>not a model</html>")
+    with pytest.raises(ValueError, match=r"junk\.model is not a SentencePiece model") as err:
+        open_sentencepiece(str(junk))
+    assert one_line(str(err.value))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_sentencepiece(str(tmp_path / "none.model"))
+
+
 def test_real_shards(shared_data):
     folder = os.path.join(shared_data, "fineweb10B_sp1024_sample")
     loader = DistributedTokenLoader(folder, rank=1, world_size=2)
@@ -148,9 +305,16 @@ def test_real_shards(shared_data):
     assert (x.flatten().numpy() == first_shard[4096:8192]).all()
     assert (y.flatten().numpy() == first_shard[4097:8193]).all()
     assert int(first_shard[0]) == 1  # documents start with BOS
-    val = load_validation_tokens(folder, 1024)
+    val = load_validation_tokens(folder, 1024, vocab_size=1024)
     assert val.numel() == 628_456 // 1024 * 1024 + 1
     assert int(val.max()) < 1024
+    assert check_train_shards(folder) == 7_303_509
+    sp = open_sentencepiece(os.path.join(shared_data, "tokenizers", "fineweb_1024_bpe.model"))
+    assert sp.vocab_size() == 1024
+    loader = DistributedTokenLoader(folder, vocab_size=1024)
+    loader.next_batch(4096, 1024, "cpu")
+    with pytest.raises(ValueError, match=r"fineweb_val_000000\.bin: token id \d+ at position \d+ is not below VOCAB_SIZE=512"):
+        load_validation_tokens(folder, 1024, vocab_size=512)  # the sp1024 shards under a 512-piece setting
 
 
 @pytest.mark.gpu
