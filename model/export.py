@@ -1,17 +1,23 @@
 """The artifact: quantise the state dict, serialise it, compress it with zstd, check the budget.
 
-SPEC "Export". Each tensor is stored in one of five classes, chosen by name and size:
+SPEC "Export". Each tensor is stored in one of five classes, chosen by what the model declares
+and by size:
 
-| class | which tensors                                               | stored as                          |
-|-------|-------------------------------------------------------------|------------------------------------|
-| int6  | float, > 65,536 elements, name has ".attn." or ".mlp."      | int8 in [-32, 31] + fp16 row scale |
-| int8  | other float tensors of > 65,536 elements (embedding tables) | int8 in [-127, 127] + fp16 row scale, each row clipped at the 99.99984th percentile of its abs |
-| fp32  | float, <= 65,536 elements, 0/1-D or a control tensor        | fp32 (exact for fp32/bf16/fp16)    |
-| fp16  | other small float tensors (small matrices)                  | fp16 (fp32 where fp16 overflows)   |
-| raw   | non-float tensors                                           | as is                              |
+| class | which tensors (the first row that matches)                            | stored as                          |
+|-------|-----------------------------------------------------------------------|------------------------------------|
+| raw   | non-float tensors                                                     | as is                              |
+| fp32  | declared control tensors (any size); 0/1-D ones of <= 65,536 elements | fp32 (exact for fp32/bf16/fp16)    |
+| int6  | > 65,536 elements and declared int6 (the attention and MLP matrices)  | int8 in [-32, 31] + fp16 row scale |
+| int8  | other tensors of > 65,536 elements (embedding tables)                 | int8 in [-127, 127] + fp16 row scale, each row clipped at the 99.99984th percentile of its abs |
+| fp16  | other tensors (small matrices)                                        | fp16 (fp32 where fp16 overflows)   |
 
-"Per row" means over the last dimension (a 1-D tensor is one row). Dequantisation restores every
-tensor's name, shape and dtype; the values are q * scale for int6/int8 and exact casts otherwise.
+The declarations come from the model (`fp32_names=model.control_tensor_names()`,
+`int6_names=model.int6_matrix_names()`) and are required: a state dict alone does not say which
+small matrix is a gain or which large one an attention weight, and a guess from names would store
+a new control tensor in fp16 without a word. Every declared name must be in the state dict.
+
+"Per row" means over the last dimension (a 0-D or 1-D tensor is one row). Dequantisation restores
+every tensor's name, shape and dtype; the values are q * scale for int6/int8 and exact casts otherwise.
 
 Byte layout before compression (our own, so nothing is unpickled when an artifact is read):
     MAGIC | header length (8 bytes, little-endian) | header (UTF-8 JSON) | blobs
@@ -24,18 +30,17 @@ import io
 import json
 import math
 import os
-import tempfile
 
 import torch
 import zstandard
 
 import kernels
+from model.atomic import atomic_open
+from model.config import Config  # its class attributes are the field defaults: zstd level, byte budget
 
 # --------------------------------------------------------------------------- classification
 
 SMALL_TENSOR_MAX_ELEMENTS = 65_536  # at most this many elements: kept in floating point
-INT6_NAME_PARTS = (".attn.", ".mlp.")
-CONTROL_NAME_PARTS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear", ".scale", "layer_scales")
 
 INT8_MAX = 127
 INT8_CLIP_QUANTILE = 0.9999984  # the 99.99984th percentile of |w| per row
@@ -47,23 +52,36 @@ FP16_MAX = 65504.0
 QUANTILE_MAX_ELEMENTS = 2**24
 
 CLASSES = ("int6", "int8", "fp16", "fp32", "raw")
-DEFAULT_LEVEL = 22
-BUDGET_BYTES = 16_000_000
 
 FORMAT = "golf-artifact-v1"
 MAGIC = b"GOLFART1"
 WRITE_CHUNK_BYTES = 1 << 20
 
 
-def tensor_class(name: str, t: torch.Tensor) -> str:
+def tensor_class(name: str, t: torch.Tensor, *, fp32_names, int6_names) -> str:
     """The class a state-dict entry is stored in (see the module docstring)."""
     if not t.is_floating_point():
         return "raw"
-    if t.numel() > SMALL_TENSOR_MAX_ELEMENTS:
-        return "int6" if any(part in name for part in INT6_NAME_PARTS) else "int8"
-    if t.dim() <= 1 or any(part in name for part in CONTROL_NAME_PARTS):
+    if name in fp32_names:
         return "fp32"
-    return "fp16"
+    if t.numel() > SMALL_TENSOR_MAX_ELEMENTS:
+        return "int6" if name in int6_names else "int8"
+    return "fp32" if t.dim() <= 1 else "fp16"
+
+
+def _check_declared(sd: dict, fp32_names, int6_names) -> None:
+    """One line for declarations that do not fit the state dict (another model's, or a typo)."""
+    for label, names in (("fp32_names", fp32_names), ("int6_names", int6_names)):
+        missing = sorted(set(names) - set(sd))
+        if missing:
+            raise ValueError(
+                f"export: {label} declares {missing[:3]}{' ...' if len(missing) > 3 else ''} that the state dict "
+                f"does not hold; pass the declarations of the model whose state_dict() is exported "
+                f"(model.control_tensor_names(), model.int6_matrix_names())"
+            )
+    both = sorted(set(fp32_names) & set(int6_names))
+    if both:
+        raise ValueError(f"export: {both[:3]} declared both fp32 and int6; a tensor has one class")
 
 
 # --------------------------------------------------------------------------- per-row quantisers
@@ -137,14 +155,17 @@ def _empty_report() -> dict:
     return {cls: dict(tensors=0, elements=0, bytes_before=0, bytes_after=0) for cls in (*CLASSES, "total")}
 
 
-def quantize_state_dict(sd: dict) -> tuple[dict, dict]:
-    """Quantise a state dict -> (payload, report).
+def quantize_state_dict(sd: dict, *, fp32_names, int6_names) -> tuple[dict, dict]:
+    """Quantise a state dict -> (payload, report); fp32_names and int6_names are the model's
+    declarations (see the module docstring).
 
     payload: {"format": FORMAT, "tensors": {name: {"class", "dtype", "shape", and the stored
     tensors "q" + "scale" (int6/int8) or "data"}}}, every tensor on the CPU.
     report: per class (and "total"): tensors, elements, bytes_before (original dtype) and
     bytes_after (stored, before compression); `format_report` turns it into log lines.
     """
+    _check_declared(sd, fp32_names, int6_names)
+    fp32_names, int6_names = set(fp32_names), set(int6_names)
     entries, report = {}, _empty_report()
     with torch.no_grad():
         for name, t in sd.items():
@@ -158,7 +179,7 @@ def quantize_state_dict(sd: dict) -> tuple[dict, dict]:
                     f"export: {name} holds NaN or inf values, so the weights have diverged; "
                     "export an earlier checkpoint or fix training"
                 )
-            cls = tensor_class(name, t)
+            cls = tensor_class(name, t, fp32_names=fp32_names, int6_names=int6_names)
             entry = dict(dtype=_dtype_name(t.dtype), shape=list(t.shape))
             if cls == "int6":
                 q, scale = quantize_int6(t)
@@ -278,7 +299,9 @@ def deserialize(raw: bytes) -> dict:
 
 def _check_level(level: int) -> None:
     if not isinstance(level, int) or not 1 <= level <= 22:
-        raise ValueError(f"export: zstd level {level!r} is not an integer in 1..22; use 22 for the artifact")
+        raise ValueError(
+            f"export: zstd level {level!r} is not an integer in 1..22; use {Config.zstd_level} for the artifact"
+        )
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -294,40 +317,33 @@ def _compress_into(raw: bytes, out, level: int) -> None:
             writer.write(view[start : start + WRITE_CHUNK_BYTES])
 
 
-def artifact_to_bytes(sd: dict, level: int = DEFAULT_LEVEL) -> tuple[bytes, dict]:
+def artifact_to_bytes(sd: dict, *, fp32_names, int6_names, level: int = Config.zstd_level) -> tuple[bytes, dict]:
     """The compressed artifact of a state dict, in memory -> (bytes, report)."""
     _check_level(level)
-    payload, report = quantize_state_dict(sd)
+    payload, report = quantize_state_dict(sd, fp32_names=fp32_names, int6_names=int6_names)
     out = io.BytesIO()
     _compress_into(serialize(payload), out, level)
     return out.getvalue(), report
 
 
-def write_artifact(sd: dict, path: str, level: int = DEFAULT_LEVEL, report: dict | None = None) -> int:
+def write_artifact(
+    sd: dict, path: str, *, fp32_names, int6_names, level: int = Config.zstd_level, report: dict | None = None
+) -> int:
     """Quantise, serialise and zstd-compress sd into path atomically -> the file's size in bytes.
 
-    The frame is streamed into a temp file in path's folder that replaces path only once complete,
-    so a failure at any point (including Ctrl-C) leaves path as it was and no temp file behind.
-    Pass a dict as `report` to receive the per-class report of quantize_state_dict.
+    The frame is streamed through model.atomic.atomic_open, so a failure at any point (including
+    Ctrl-C) leaves path as it was and no temp file behind; an OSError (a full disk) comes out as
+    one WriteFailed line naming path. Pass a dict as `report` to receive the per-class report of
+    quantize_state_dict.
     """
     _check_level(level)
-    payload, class_report = quantize_state_dict(sd)
+    payload, class_report = quantize_state_dict(sd, fp32_names=fp32_names, int6_names=int6_names)
     if report is not None:
         report.update(class_report)
     raw = serialize(payload)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _compress_into(raw, f, level)
-            size = f.tell()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        _compress_into(raw, f, level)
+        size = f.tell()
     return size
 
 
@@ -371,7 +387,7 @@ def code_bytes(paths) -> int:
     return total
 
 
-def check_budget(artifact_bytes: int, code_bytes: int, budget: int = BUDGET_BYTES) -> int:
+def check_budget(artifact_bytes: int, code_bytes: int, budget: int = Config.artifact_budget_bytes) -> int:
     """artifact + code bytes, or ValueError (one line) when the sum exceeds the budget (decimal bytes)."""
     total = artifact_bytes + code_bytes
     if total > budget:

@@ -15,6 +15,11 @@ bf16, scalar/control tensors fp32. The residual stream runs in the autocast dtyp
 is on (bf16 on the GPU) and in fp32 otherwise; embedding outputs and control tensors are cast
 to it so that one dtype flows through the trunk.
 
+Export: each module lists its control tensors (`control_tensors`: gains, mixes, scales, kept fp32
+in the artifact) and the matrices the artifact stores in int6 (`int6_matrices`); the model collects
+them by state-dict name (`control_tensor_names`, `int6_matrix_names`) for model/export.py, which
+does not guess from names. A module built only for one preset brings its declarations with it.
+
 RMSNorm: `F.rms_norm` without weight and with eps = 1e-6 everywhere (a fixed eps, so the norm
 behaves the same in fp32 and bf16; PyTorch's default would be the dtype's machine epsilon,
 0.0078 in bf16, which swamps the mean square of a 0.005-std embedding).
@@ -47,7 +52,9 @@ class CastedLinear(nn.Linear):
     """Linear without bias whose fp32 weight is cast to the input's dtype in the forward.
 
     With `qat` on, the weight is int6 fake-quantised first (per row, exactly as the exporter
-    quantises the fp32 weight), with a straight-through gradient.
+    quantises the fp32 weight of an int6 matrix), with a straight-through gradient. Every linear
+    gets it, the bigram and VE projections too, although the artifact does not store those in
+    int6 (at the seed's sizes they are fp16).
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -67,6 +74,8 @@ class CastedLinear(nn.Linear):
 class BigramHash(nn.Module):
     """Hashed (previous, current) token pair -> table row -> projection to the model dim, scaled."""
 
+    control_tensors = ("scale",)
+
     def __init__(self, buckets: int, dim: int, model_dim: int, scale_init: float):
         super().__init__()
         self.table = nn.Parameter(torch.zeros(buckets, dim, dtype=torch.bfloat16))
@@ -81,6 +90,8 @@ class BigramHash(nn.Module):
 class SmearGate(nn.Module):
     """x_t <- (1 - g) x_t + g x_{t-1} per channel, g = sigmoid(gate), x_{-1} = 0 (per sequence)."""
 
+    control_tensors = ("gate",)
+
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
@@ -93,6 +104,8 @@ class SmearGate(nn.Module):
 
 class ValueEmbedding(nn.Module):
     """One shared token table projected to the KV width; added to v of a few blocks, each with its own scale."""
+
+    control_tensors = ("scale", "layer_scales")
 
     def __init__(self, vocab: int, dim: int, kv_dim: int, num_layers_used: int, scale_init: float):
         super().__init__()
@@ -122,8 +135,8 @@ def rope_cos_sin(T: int, rope_dims: int, base: float, train_len: int, device) ->
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on the first 2 * cos.shape[-1] dims of each head; the rest pass through.
 
-    x [B, T, H, D]; cos, sin [T, rope_dims // 2]. Dim i of the rotated part pairs with
-    dim i + rope_dims // 2.
+    x [B, T, heads, D] (q with num_heads heads, k with num_kv_heads); cos, sin [T, rope_dims // 2].
+    Dim i of the rotated part pairs with dim i + rope_dims // 2.
     """
     half = cos.shape[-1]
     if half == 0:
@@ -135,6 +148,9 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 class Attention(nn.Module):
+    control_tensors = ("q_gain",)
+    int6_matrices = ("c_q.weight", "c_k.weight", "c_v.weight", "proj.weight")
+
     def __init__(self, cfg: Config, xsa: bool):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -161,6 +177,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    int6_matrices = ("fc.weight", "proj.weight")
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
@@ -172,6 +190,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    control_tensors = ("attn_scale", "mlp_scale", "resid_mix")
+
     def __init__(self, cfg: Config, index: int):
         super().__init__()
         self.norm_scale = 1.0 / math.sqrt(index + 1) if cfg.ln_scale else 1.0
@@ -190,6 +210,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    control_tensors = ("skip_weights",)
+
     def __init__(self, cfg: Config):
         super().__init__()
         cfg.validate()
@@ -311,3 +333,21 @@ class GPT(nn.Module):
         taken = {id(p) for p in matrix + embed}
         scalar = [p for p in self.parameters() if id(p) not in taken]
         return {"matrix": matrix, "embed": embed, "scalar": scalar}
+
+    # ------------------------------------------------------------------ declarations for the exporter
+    def control_tensor_names(self) -> set[str]:
+        """State-dict names of the control tensors (gains, mixes, scales, skip weights) that the
+        modules declare in `control_tensors`: the exporter keeps them in fp32."""
+        return self._declared("control_tensors")
+
+    def int6_matrix_names(self) -> set[str]:
+        """State-dict names of the matrices the modules declare in `int6_matrices` (attention and
+        MLP): the exporter stores them in int6 when they are large, like other small tensors otherwise."""
+        return self._declared("int6_matrices")
+
+    def _declared(self, declaration: str) -> set[str]:
+        names = set()
+        for prefix, module in self.named_modules():
+            for name in getattr(module, declaration, ()):
+                names.add(f"{prefix}.{name}" if prefix else name)
+        return names

@@ -1,7 +1,10 @@
 """The artifact (model/export.py): classes, quantisation bounds, round trip, sizes, atomic write, budget.
 
-State dicts are built here with model/gpt.py's names (random values), not from the model itself.
+State dicts are built here with model/gpt.py's names (random values), not from the model itself;
+test_state_dict_and_declarations_are_the_models checks both against a built model.
 """
+import errno
+import inspect
 import os
 
 import pytest
@@ -9,7 +12,10 @@ import torch
 
 import kernels
 from kernels import reference
-from model import export
+from model import atomic, export
+from model.atomic import WriteFailed
+from model.config import Config
+from model.gpt import GPT
 
 SMALL = dict(vocab=257, dim=256, heads=4, kv_heads=2, mlp_hidden=768, layers=2,
              bigram_buckets=601, bigram_dim=128, ve_dim=128)
@@ -67,6 +73,23 @@ def make_state_dict(cfg: dict, seed: int = 0, matrix_std: float = 1.0) -> dict:
     return sd
 
 
+def declared(cfg: dict) -> dict:
+    """The exporter's arguments that GPT declares for make_state_dict(cfg)'s names."""
+    fp32 = {"bigram.scale", "smear.gate", "ve.scale", "ve.layer_scales", "skip_weights"}
+    int6 = set()
+    for i in range(cfg["layers"]):
+        p = f"blocks.{i}."
+        fp32 |= {p + "attn.q_gain", p + "attn_scale", p + "mlp_scale", p + "resid_mix"}
+        int6 |= {p + n for n in ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight")}
+        int6 |= {p + "mlp.fc.weight", p + "mlp.proj.weight"}
+    return dict(fp32_names=fp32, int6_names=int6)
+
+
+def names(fp32=(), int6=()) -> dict:
+    """The exporter's declaration arguments for a hand-made state dict."""
+    return dict(fp32_names=set(fp32), int6_names=set(int6))
+
+
 def entry_deq_fp32(entry) -> torch.Tensor:
     """q * scale of an int6/int8 payload entry, exact in fp32 (q has <= 8 bits, scale is fp16)."""
     return entry["q"].float() * entry["scale"].float()[:, None]
@@ -97,25 +120,76 @@ def test_classes_of_the_model_names():
         "skip_weights": "fp32",
     }
     for name, cls in expected.items():
-        assert export.tensor_class(name, sd[name]) == cls, name
+        assert export.tensor_class(name, sd[name], **declared(SMALL)) == cls, name
+    payload, _ = export.quantize_state_dict(sd, **declared(SMALL))
+    assert {name: payload["tensors"][name]["class"] for name in expected} == expected
+
+
+def test_state_dict_and_declarations_are_the_models():
+    cfg = Config(vocab_size=257, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=3,
+                 bigram_vocab_size=601, bigram_dim=128, ve_dim=128, ve_layers="0,1", xsa_last_n=1)
+    model = GPT(cfg)
+    sd = make_state_dict(SMALL)
+    assert {n: (t.shape, t.dtype) for n, t in sd.items()} == {n: (t.shape, t.dtype) for n, t in model.state_dict().items()}
+    assert declared(SMALL) == dict(fp32_names=model.control_tensor_names(), int6_names=model.int6_matrix_names())
+
 
 def test_default_names_and_sizes(default_state_dict):
-    full = default_state_dict
+    full, kw = default_state_dict, declared(DEFAULT)
     assert sum(t.numel() for t in full.values()) == DEFAULT_PARAMETERS
-    assert export.tensor_class("blocks.3.attn.c_k.weight", full["blocks.3.attn.c_k.weight"]) == "int6"
-    assert export.tensor_class("ve.table", full["ve.table"]) == "int8"
-    assert export.tensor_class("bigram.proj.weight", full["bigram.proj.weight"]) == "fp16"  # 512 x 128 = 65,536
-    assert export.tensor_class("step", torch.tensor(7)) == "raw"
+    assert export.tensor_class("blocks.3.attn.c_k.weight", full["blocks.3.attn.c_k.weight"], **kw) == "int6"
+    assert export.tensor_class("ve.table", full["ve.table"], **kw) == "int8"
+    assert export.tensor_class("bigram.proj.weight", full["bigram.proj.weight"], **kw) == "fp16"  # 512 x 128 = 65,536
+    assert export.tensor_class("step", torch.tensor(7), **kw) == "raw"
 
 
 @pytest.mark.parametrize(
-    "part", ["attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear", ".scale", "layer_scales"]
+    "name",
+    ["skip_gates", "blocks.0.attn_scale.x", "blocks.0.resid_mix.x", "blocks.0.q_gain.x", "blocks.0.smear.x",
+     "blocks.0.x.scale", "blocks.0.layer_scales.x", "blocks.0.other.x"],
 )
-def test_every_control_pattern_keeps_a_matrix_in_fp32(part):
-    # 0/1-D tensors are fp32 anyway, so a 2-D one shows the name pattern doing its work.
-    matrix = torch.randn(3, 5)
-    assert export.tensor_class(f"blocks.0.{part}.x", matrix) == "fp32"
-    assert export.tensor_class("blocks.0.other.x", matrix) == "fp16"
+def test_a_declared_control_matrix_is_fp32_whatever_its_name(name):
+    # 0/1-D tensors are fp32 anyway, so 2-D ones show the declaration doing its work; the names
+    # include the parts the exporter once guessed from, which no longer count by themselves.
+    matrix = torch.randn(8, 5)
+    assert export.tensor_class(name, matrix, **names(fp32=[name])) == "fp32"
+    assert export.tensor_class(name, matrix, **names()) == "fp16"
+    large = torch.randn(300, 257)  # a control tensor is never quantised, whatever its size
+    assert export.tensor_class(name, large, **names(fp32=[name])) == "fp32"
+    assert export.tensor_class(name, large, **names()) == "int8"
+
+
+def test_skip_gates_declared_fp32_round_trip_exactly():
+    # A frontier control tensor [8, 512] that the old name rule stored in fp16.
+    sd = {"skip_gates": torch.randn(8, 512, generator=torch.Generator().manual_seed(9)) * 0.37}
+    payload, report = export.quantize_state_dict(sd, **names(fp32=["skip_gates"]))
+    assert payload["tensors"]["skip_gates"]["class"] == "fp32" and report["fp32"]["tensors"] == 1
+    blob, _ = export.artifact_to_bytes(sd, **names(fp32=["skip_gates"]), level=FAST_LEVEL)
+    assert torch.equal(export.artifact_from_bytes(blob)["skip_gates"], sd["skip_gates"])
+    payload, _ = export.quantize_state_dict(sd, **names())
+    assert payload["tensors"]["skip_gates"]["class"] == "fp16"  # undeclared: no guess from the name
+
+
+def test_int6_only_for_declared_large_matrices():
+    w = torch.randn(300, 257)
+    assert export.tensor_class("blocks.0.mlp.fc.weight", w, **names(int6=["blocks.0.mlp.fc.weight"])) == "int6"
+    assert export.tensor_class("blocks.0.mlp.fc.weight", w, **names()) == "int8"  # no guess from ".mlp."
+    assert export.tensor_class("banks.qo", w, **names(int6=["banks.qo"])) == "int6"
+    small = torch.randn(256, 256)  # 65,536 elements: small, so fp16 even when declared int6
+    assert export.tensor_class("blocks.0.attn.c_q.weight", small, **names(int6=["blocks.0.attn.c_q.weight"])) == "fp16"
+
+
+def test_declarations_must_fit_the_state_dict(tmp_path):
+    sd = {"skip_weights": torch.randn(5, 8), "blocks.0.mlp.fc.weight": torch.randn(300, 257)}
+    with pytest.raises(TypeError):
+        export.quantize_state_dict(sd)  # no declarations: required, never guessed
+    with pytest.raises(ValueError, match=r"fp32_names declares \['_orig_mod.skip_weights'\] that the state dict does not hold"):
+        export.quantize_state_dict(sd, **names(fp32=["_orig_mod.skip_weights"]))
+    with pytest.raises(ValueError, match=r"int6_names declares \['blocks.1.mlp.fc.weight'\]"):
+        export.write_artifact(sd, str(tmp_path / "a.ptz"), **names(int6=["blocks.1.mlp.fc.weight"]), level=FAST_LEVEL)
+    with pytest.raises(ValueError, match="declared both fp32 and int6"):
+        export.quantize_state_dict(sd, **names(fp32=["skip_weights"], int6=["skip_weights"]))
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- round trip and bounds
@@ -125,7 +199,7 @@ def test_round_trip_restores_names_shapes_dtypes_and_bounds():
     sd = make_state_dict(SMALL)
     sd["step"] = torch.tensor([3, -1, 2**40], dtype=torch.int64)
     sd["flags"] = torch.tensor([True, False, True])
-    payload, _ = export.quantize_state_dict(sd)
+    payload, _ = export.quantize_state_dict(sd, **declared(SMALL))
     out = export.dequantize_state_dict(payload)
     assert list(out) == list(sd)
     for name, t in sd.items():
@@ -160,7 +234,9 @@ def test_int6_values_equal_reference(device):
     q_ref, scale_ref = reference.int6_quantize(w)
     for backend in kernels.BACKENDS:
         with kernels.use_backend(backend):
-            payload, _ = export.quantize_state_dict({"blocks.0.mlp.fc.weight": w.to(device)})
+            payload, _ = export.quantize_state_dict(
+                {"blocks.0.mlp.fc.weight": w.to(device)}, **names(int6=["blocks.0.mlp.fc.weight"])
+            )
         entry = payload["tensors"]["blocks.0.mlp.fc.weight"]
         assert entry["class"] == "int6"
         assert torch.equal(entry["q"], q_ref), backend
@@ -172,7 +248,7 @@ def test_zero_rows_survive():
     int8 = torch.randn(300, 257, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     int6[0], int6[-1], int8[7] = 0.0, 0.0, 0.0
     sd = {"blocks.0.attn.c_q.weight": int6, "tok_emb.weight": int8}
-    payload, _ = export.quantize_state_dict(sd)
+    payload, _ = export.quantize_state_dict(sd, **names(int6=["blocks.0.attn.c_q.weight"]))
     out = export.dequantize_state_dict(payload)
     for name, rows in (("blocks.0.attn.c_q.weight", [0, -1]), ("tok_emb.weight", [7])):
         scale = payload["tensors"][name]["scale"]
@@ -188,7 +264,7 @@ def test_int8_clipping_touches_only_values_above_the_percentile():
     g = torch.Generator().manual_seed(4)
     w = torch.randn(2, 1_000_003, generator=g)
     w[0, 10], w[0, 20], w[0, 30] = 50.0, -60.0, 70.0
-    payload, _ = export.quantize_state_dict({"tok_emb.weight": w})
+    payload, _ = export.quantize_state_dict({"tok_emb.weight": w}, **names())
     entry = payload["tensors"]["tok_emb.weight"]
     assert entry["class"] == "int8"
     deq, scale = entry_deq_fp32(entry), entry["scale"].float()
@@ -223,7 +299,7 @@ def test_quantile_routes_match_torch_quantile(monkeypatch, q):
 def test_small_matrix_that_overflows_fp16_is_kept_in_fp32():
     w = torch.randn(64, 64, generator=torch.Generator().manual_seed(6))
     w[3, 3] = 1e6
-    payload, report = export.quantize_state_dict({"blocks.0.attn.c_q.weight": w})
+    payload, report = export.quantize_state_dict({"blocks.0.attn.c_q.weight": w}, **names(int6=["blocks.0.attn.c_q.weight"]))
     assert payload["tensors"]["blocks.0.attn.c_q.weight"]["class"] == "fp32"
     assert report["fp32"]["tensors"] == 1 and report["fp16"]["tensors"] == 0
     assert torch.equal(export.dequantize_state_dict(payload)["blocks.0.attn.c_q.weight"], w)
@@ -233,7 +309,7 @@ def test_non_finite_weights_are_refused():
     w = torch.randn(300, 300)
     w[1, 2] = float("nan")
     with pytest.raises(ValueError, match="blocks.0.mlp.fc.weight holds NaN or inf"):
-        export.quantize_state_dict({"blocks.0.mlp.fc.weight": w})
+        export.quantize_state_dict({"blocks.0.mlp.fc.weight": w}, **names(int6=["blocks.0.mlp.fc.weight"]))
 
 
 # --------------------------------------------------------------------------- files and sizes
@@ -244,16 +320,16 @@ def test_write_read_artifact_and_size_accounting(tmp_path):
     sd["step"] = torch.tensor(1234, dtype=torch.int64)  # a non-float entry travels as is
     path = tmp_path / "model.ptz"
     report = {}
-    size = export.write_artifact(sd, str(path), report=report)  # the real level, 22
+    size = export.write_artifact(sd, str(path), **declared(SMALL), report=report)  # the config's level, 22
     assert size == os.path.getsize(path)
-    blob, report_in_memory = export.artifact_to_bytes(sd, level=FAST_LEVEL)
+    blob, report_in_memory = export.artifact_to_bytes(sd, **declared(SMALL), level=FAST_LEVEL)
     assert report == report_in_memory
     # the in-memory path gives the file's bytes (deterministic output)
-    assert export.write_artifact(sd, str(tmp_path / "fast.ptz"), level=FAST_LEVEL) == len(blob)
+    assert export.write_artifact(sd, str(tmp_path / "fast.ptz"), **declared(SMALL), level=FAST_LEVEL) == len(blob)
     assert (tmp_path / "fast.ptz").read_bytes() == blob
     (tmp_path / "fast.ptz").unlink()
 
-    payload, _ = export.quantize_state_dict(sd)
+    payload, _ = export.quantize_state_dict(sd, **declared(SMALL))
     expected = export.dequantize_state_dict(payload)
     restored = export.read_artifact(str(path))
     assert list(restored) == list(sd)
@@ -287,7 +363,7 @@ def test_default_size_compressed_size_is_near_the_entropy(default_state_dict):
     # Gaussian weights are i.i.d., so zstd cannot beat the order-0 entropy of the quantised values
     # by more than noise, and should get within a few percent of it. (Level 3: zstd-22 runs at about
     # 1 MB/s on this CPU, too slow for 27 MB in a unit test; level 22 is tested on the small dict.)
-    payload, report = export.quantize_state_dict(default_state_dict)
+    payload, report = export.quantize_state_dict(default_state_dict, **declared(DEFAULT))
     size = len(export._compressor(FAST_LEVEL).compress(export.serialize(payload)))
     entries = payload["tensors"].values()
     q_entropy = sum(_entropy_bytes(e["q"]) for e in entries if "q" in e)
@@ -300,8 +376,9 @@ def test_default_size_compressed_size_is_near_the_entropy(default_state_dict):
 def test_int6_compresses_smaller_than_int8_per_element():
     w = torch.randn(256, 768, generator=torch.Generator().manual_seed(8)) * 0.5
     sizes = {}
-    for cls, name in (("int6", "blocks.0.mlp.fc.weight"), ("int8", "tok_emb.weight")):
-        payload, _ = export.quantize_state_dict({name: w})
+    for cls, name, kw in (("int6", "blocks.0.mlp.fc.weight", names(int6=["blocks.0.mlp.fc.weight"])),
+                          ("int8", "tok_emb.weight", names())):
+        payload, _ = export.quantize_state_dict({name: w}, **kw)
         assert payload["tensors"][name]["class"] == cls
         sizes[cls] = len(export._compressor(22).compress(export.serialize(payload)))
     # The same weights: int6 has 64 levels per row, int8 254, about 2 bits more per value.
@@ -332,19 +409,25 @@ class _CompressorFailingMidway:
                 out.write(bytes(data[:100]))
                 out.flush()
                 compressor.seen.extend(os.listdir(compressor.folder))
-                raise OSError("No space left on device")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         return Writer()
 
 
-def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+def two_tensors() -> tuple[dict, dict]:
+    """A small state dict with one int6 matrix and one control matrix, and its declarations."""
     sd = {"blocks.0.mlp.fc.weight": torch.randn(300, 257), "skip_weights": torch.randn(5, 8)}
+    return sd, names(fp32=["skip_weights"], int6=["blocks.0.mlp.fc.weight"])
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    sd, kw = two_tensors()
     path = tmp_path / "model.ptz"
 
     seen = []
     monkeypatch.setattr(export, "_compressor", lambda level: _CompressorFailingMidway(tmp_path, seen))
-    with pytest.raises(OSError, match="No space left"):
-        export.write_artifact(sd, str(path), level=FAST_LEVEL)
+    with pytest.raises(WriteFailed, match="No space left"):
+        export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL)
     assert len(seen) == 1 and seen[0].endswith(".tmp")  # a partial temp file existed midway...
     assert list(tmp_path.iterdir()) == []  # ...and is gone, with nothing at path
     monkeypatch.undo()
@@ -352,29 +435,46 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def interrupted(fd):
         raise _Interrupted()
 
-    monkeypatch.setattr(export.os, "fsync", interrupted)  # the whole frame written, then Ctrl-C
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)  # the whole frame written, then Ctrl-C
     with pytest.raises(_Interrupted):
-        export.write_artifact(sd, str(path), level=FAST_LEVEL)
+        export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
-    size = export.write_artifact(sd, str(path), level=FAST_LEVEL)  # an earlier artifact stays intact
+    size = export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL)  # an earlier artifact stays intact
     before = path.read_bytes()
 
     def replace_fails(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(export.os, "replace", replace_fails)
-    with pytest.raises(OSError, match="rename failed"):
-        export.write_artifact({"skip_weights": torch.zeros(5, 8)}, str(path), level=FAST_LEVEL)
+    monkeypatch.setattr(atomic.os, "replace", replace_fails)
+    with pytest.raises(WriteFailed, match="rename failed"):
+        export.write_artifact({"skip_weights": torch.zeros(5, 8)}, str(path), **names(), level=FAST_LEVEL)
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before and len(before) == size
 
 
+def test_full_disk_is_one_line_naming_the_file_and_keeps_the_old_artifact(tmp_path, monkeypatch):
+    sd, kw = two_tensors()
+    path = tmp_path / "model.ptz"
+    export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL)
+    before = path.read_bytes()
+
+    seen = []
+    monkeypatch.setattr(export, "_compressor", lambda level: _CompressorFailingMidway(tmp_path, seen))
+    with pytest.raises(WriteFailed) as info:  # a write of the new frame hits ENOSPC midway
+        export.write_artifact({"skip_weights": torch.zeros(5, 8)}, str(path), **names(), level=FAST_LEVEL)
+    message = str(info.value)
+    assert message.startswith(f"could not write {path}: No space left on device;") and "\n" not in message
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert any(name.endswith(".tmp") for name in seen)  # the temp file existed midway
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before  # gone, old file unchanged
+
+
 def test_corrupt_or_foreign_files_give_one_clear_error(tmp_path):
-    sd = {"blocks.0.mlp.fc.weight": torch.randn(300, 257), "skip_weights": torch.randn(5, 8)}
+    sd, kw = two_tensors()
     good = tmp_path / "good.ptz"
-    export.write_artifact(sd, str(good), level=FAST_LEVEL)
+    export.write_artifact(sd, str(good), **kw, level=FAST_LEVEL)
     blob = good.read_bytes()
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0x40
@@ -400,9 +500,11 @@ def test_corrupt_or_foreign_files_give_one_clear_error(tmp_path):
         export.read_artifact(str(tmp_path / "foreign.ptz"))
 
 
-def test_bad_level_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="zstd level 23"):
-        export.write_artifact({"skip_weights": torch.zeros(2)}, str(tmp_path / "a.ptz"), level=23)
+def test_bad_level_is_refused_and_the_default_is_the_configs(tmp_path):
+    for function in (export.write_artifact, export.artifact_to_bytes):
+        assert inspect.signature(function).parameters["level"].default == Config.zstd_level == 22
+    with pytest.raises(ValueError, match="zstd level 23 is not an integer in 1..22; use 22 for the artifact"):
+        export.write_artifact({"skip_weights": torch.zeros(2)}, str(tmp_path / "a.ptz"), **names(), level=23)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -418,6 +520,7 @@ def test_check_budget_message_and_pass():
     )
     assert "\n" not in message
     assert export.check_budget(15_800_000, 200_000) == 16_000_000  # exactly at the budget passes
+    assert Config.artifact_budget_bytes == 16_000_000  # the default budget is the config's (SPEC "Export")
     assert export.check_budget(1_000, 24, budget=1_024) == 1_024
     with pytest.raises(ValueError, match="by 1;"):
         export.check_budget(1_000, 25, budget=1_024)

@@ -4,6 +4,7 @@ Every test runs on the reference kernel backend (the kernels have their own test
 model is "randomised" (every parameter, zero-initialised ones included, set to random values)
 wherever a zero init would hide the feature under test.
 """
+import collections
 import copy
 import dataclasses
 import math
@@ -11,11 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import kernels
 from kernels import reference
 from kernels._launch import INTERPRET
-from model.config import Config
+from model import export
+from model.config import PRESETS, Config
 from model.gpt import GPT, CastedLinear, apply_partial_rope, rope_cos_sin
 from tests.tolerances import assert_close
 
@@ -178,6 +181,70 @@ def test_param_groups_cover_every_parameter_exactly_once(default_model):
     assert matrix == expected_matrix
     assert {names[id(p)] for p in groups["embed"]} == {"tok_emb.weight", "bigram.table", "ve.table"}
     assert all(p.dim() <= 1 or names[id(p)].endswith(("resid_mix", "skip_weights")) for p in groups["scalar"])
+
+
+# --------------------------------------------------------------------------- declarations for the exporter
+
+# The exporter's classes before the model declared its tensors: a guess from name parts, written
+# out here so that the declarations are shown to keep every class of the seed's tensors.
+OLD_INT6_NAME_PARTS = (".attn.", ".mlp.")
+OLD_CONTROL_NAME_PARTS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear", ".scale", "layer_scales")
+
+
+def old_name_rule_class(name: str, t: torch.Tensor) -> str:
+    if not t.is_floating_point():
+        return "raw"
+    if t.numel() > 65_536:
+        return "int6" if any(part in name for part in OLD_INT6_NAME_PARTS) else "int8"
+    if t.dim() <= 1 or any(part in name for part in OLD_CONTROL_NAME_PARTS):
+        return "fp32"
+    return "fp16"
+
+
+def declared_classes(model: GPT) -> dict[str, str]:
+    fp32, int6 = model.control_tensor_names(), model.int6_matrix_names()
+    return {n: export.tensor_class(n, t, fp32_names=fp32, int6_names=int6) for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which", ["default", "smoke", "tiny"])
+def test_declared_export_classes_equal_the_old_name_rule(default_model, which):
+    model = {"default": default_model, "smoke": build(Config(**PRESETS["smoke"]())), "tiny": build()}[which]
+    classes = declared_classes(model)
+    assert classes == {n: old_name_rule_class(n, t) for n, t in model.state_dict().items()}
+    if which == "default":
+        assert collections.Counter(classes.values()) == {"int6": 66, "int8": 3, "fp16": 2, "fp32": 49}
+
+
+def test_declarations_are_the_scalar_group_and_the_block_matrices(default_model):
+    names = {id(p): n for n, p in default_model.named_parameters()}
+    scalar = {names[id(p)] for p in default_model.param_groups()["scalar"]}
+    assert default_model.control_tensor_names() == scalar  # a new control tensor must be declared too
+    matrices = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+    assert default_model.int6_matrix_names() == {f"blocks.{i}.{m}.weight" for i in range(11) for m in matrices}
+    without_ve = build(dataclasses.replace(TINY, ve_enabled=False))  # no module, no declaration
+    assert without_ve.control_tensor_names() <= set(without_ve.state_dict())
+    assert not any(n.startswith("ve.") for n in without_ve.control_tensor_names())
+
+
+class GatedSkipsGPT(GPT):
+    """A frontier control tensor that the old name rule stored in fp16: skip gates [skips, dim]."""
+
+    control_tensors = GPT.control_tensors + ("skip_gates",)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
+
+
+def test_a_declared_skip_gate_is_exported_in_fp32():
+    model = randomise(GatedSkipsGPT(TINY))
+    sd = model.state_dict()
+    assert old_name_rule_class("skip_gates", sd["skip_gates"]) == "fp16"  # the rule missed it
+    assert declared_classes(model)["skip_gates"] == "fp32"
+    blob, _ = export.artifact_to_bytes(
+        sd, fp32_names=model.control_tensor_names(), int6_names=model.int6_matrix_names(), level=3
+    )
+    assert torch.equal(export.artifact_from_bytes(blob)["skip_gates"], sd["skip_gates"])
 
 
 # --------------------------------------------------------------------------- init
