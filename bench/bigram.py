@@ -37,7 +37,8 @@ def zipf_ids(b: int, t: int, vocab: int, device: str) -> torch.Tensor:
 def main(argv=None) -> None:
     bench = Bench("bench.bigram", argv)
     B, T, BUCKETS, D, VOCAB = bench.shapes(SHAPE, SMOKE_SHAPE).values()
-    from kernels import bigram, reference
+    from kernels import reference
+    from kernels.ops import bigram
 
     ids = zipf_ids(B, T, VOCAB, bench.device)
     table_w = (torch.randn(BUCKETS, D, device=bench.device) * 0.02).bfloat16().requires_grad_()

@@ -45,7 +45,8 @@ def moved_bytes(rows: int, n: int) -> int:
 def main(argv=None) -> None:
     bench = Bench("bench.fakequant", argv)
     weight_shapes = bench.shapes(MODEL_WEIGHTS, SMOKE_WEIGHTS)
-    from kernels import fakequant, reference
+    from kernels import reference
+    from kernels.ops import fakequant
 
     def eager(w):
         return reference.int6_dequantize(*reference.int6_quantize(w), dtype=torch.bfloat16)

@@ -12,7 +12,6 @@ matrix in the wide orientation (m <= n), one step of the iteration is
     A = X X^T: 2 m^2 n,   B = b A + c A A: 2 m^3,   X = a X + B X: 2 m^2 n,
 i.e. 4 m^2 n + 2 m^3 per step.
 """
-import importlib
 import math
 
 import torch
@@ -20,6 +19,7 @@ import torch
 import kernels
 from bench import common
 from kernels import reference
+from kernels.ops import newton_schulz as ns
 
 STEPS = 5
 COMPUTE_DTYPE = torch.bfloat16
@@ -117,7 +117,6 @@ def bench_muon_step(bench: common.Bench, shapes) -> list[dict]:
 
 
 def bench_kernels(bench: common.Bench, shapes) -> list[dict]:
-    ns = importlib.import_module("kernels.newton_schulz")  # the module; kernels.newton_schulz is the function
     a, b, c = reference.QUINTIC_COEFFS
     rows = []
     for (r, cdim), count in shape_counts(shapes).items():

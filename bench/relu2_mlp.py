@@ -43,11 +43,9 @@ def make_inputs(n: int, d: int, hidden: int, device: str):
 def main(argv=None) -> None:
     bench = Bench("bench.relu2_mlp", argv)
     N, D, HIDDEN = bench.shapes(SHAPE, SMOKE_SHAPE).values()
-    import importlib
-
     from kernels import reference
+    from kernels.ops import relu2_mlp
 
-    relu2_mlp = importlib.import_module("kernels.relu2_mlp")  # the module; kernels.relu2_mlp is the function
     x, w_up, w_down, dy = make_inputs(N, D, HIDDEN, bench.device)
     variants = {
         "triton": relu2_mlp.relu2_mlp,

@@ -126,16 +126,14 @@ def _cases(dtypes) -> list[tuple[str, object]]:
     """(case name, thunk) for every launch the model makes on a GPU, at SPEC's default shapes.
     `dtypes`: the activation dtypes to compile the dot-product kernels for (the model's bf16; fp32
     is what the GPU tests also run)."""
-    import importlib
-
-    from kernels import bigram, fakequant, reference, softcap_ce
+    from kernels import reference
+    from kernels.ops import bigram, fakequant, softcap_ce
+    from kernels.ops import newton_schulz as ns
+    from kernels.ops import relu2_mlp as mlp
+    from kernels.ops import xsa_attention as xsa
     from model.config import Config
     from model.gpt import GPT
 
-    # kernels.newton_schulz and kernels.xsa_attention are also the names of the public functions
-    ns = importlib.import_module("kernels.newton_schulz")
-    xsa = importlib.import_module("kernels.xsa_attention")
-    mlp = importlib.import_module("kernels.relu2_mlp")
     cfg = Config()
     model = GPT(cfg)
     B, T = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len, cfg.train_seq_len

@@ -46,7 +46,8 @@ def make_inputs(n: int, v: int, d: int, device: str):
 def main(argv=None) -> None:
     bench = Bench("bench.softcap_ce", argv)
     N, V, D = bench.shapes(SHAPE, SMOKE_SHAPE).values()
-    from kernels import reference, softcap_ce
+    from kernels import reference
+    from kernels.ops import softcap_ce
 
     x, weight, targets, grad_loss = make_inputs(N, V, D, bench.device)
     # Every variant takes (x, weight, targets); the soft cap is a constant of the model.

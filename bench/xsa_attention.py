@@ -49,7 +49,7 @@ def flash3_with_eager_xsa():
 
 
 def variants(bench: Bench):
-    from kernels.xsa_attention import xsa_attention
+    from kernels.ops.xsa_attention import xsa_attention
 
     found = {
         "triton": xsa_attention,

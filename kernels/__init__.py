@@ -33,19 +33,15 @@ def _default_backend() -> str:
 
 # Triton implementations by public name; a missing one falls back to the reference.
 _TRITON = SimpleNamespace()
-# -- triton implementations: one line per family, added as each lands --
-from kernels import fakequant as _fakequant  # noqa: E402
-vars(_TRITON).update(_fakequant.TRITON_IMPLS)
-from kernels import bigram as _bigram  # noqa: E402
-vars(_TRITON).update(_bigram.TRITON_IMPLS)
-from kernels import xsa_attention as _xsa_attention  # noqa: E402
-vars(_TRITON).update(_xsa_attention.TRITON_IMPLS)
-from kernels import newton_schulz as _newton_schulz  # noqa: E402
-vars(_TRITON).update(_newton_schulz.TRITON_IMPLS)
-from kernels import softcap_ce as _softcap_ce  # noqa: E402
-vars(_TRITON).update(_softcap_ce.TRITON_IMPLS)
-from kernels import relu2_mlp as _relu2_mlp  # noqa: E402
-vars(_TRITON).update(_relu2_mlp.TRITON_IMPLS)
+from kernels.ops import bigram as _bigram  # noqa: E402
+from kernels.ops import fakequant as _fakequant  # noqa: E402
+from kernels.ops import newton_schulz as _newton_schulz  # noqa: E402
+from kernels.ops import relu2_mlp as _relu2_mlp  # noqa: E402
+from kernels.ops import softcap_ce as _softcap_ce  # noqa: E402
+from kernels.ops import xsa_attention as _xsa_attention  # noqa: E402
+
+for _family in (_fakequant, _bigram, _xsa_attention, _newton_schulz, _softcap_ce, _relu2_mlp):
+    vars(_TRITON).update(_family.TRITON_IMPLS)
 
 _backend = _default_backend()
 

@@ -1,6 +1,6 @@
 """What every kernel family shares: output allocation and the CPU/fake side of op registration.
 
-How a family registers its op (see kernels/fakequant.py for a complete example):
+How a family registers its op (see kernels/ops/fakequant.py for a complete example):
 
     @torch.library.triton_op("golf::name", mutates_args=())
     def name(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""BigramHash kernels (kernels/bigram.py) against kernels.reference.
+"""BigramHash kernels (kernels/ops/bigram.py) against kernels.reference.
 
 Hash and gather are exact (torch.equal). The table gradient is a sum, compared with an fp64
 scatter-add within the dtype's tolerance; the deterministic mode must repeat its bits, and the
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import _launch, bigram, reference
+from kernels import _launch, reference
+from kernels.ops import bigram
 from tests.conftest import DEVICE
 from tests.tolerances import assert_close
 

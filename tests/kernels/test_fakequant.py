@@ -1,4 +1,4 @@
-"""int6 fake-quant kernels (kernels/fakequant.py) against kernels.reference: bit-exact, not within a tolerance.
+"""int6 fake-quant kernels (kernels/ops/fakequant.py) against kernels.reference: bit-exact, not within a tolerance.
 
 The kernel must give the exporter's own numbers, so every comparison is torch.equal. No tl.dot
 here, so bf16 runs on the CPU too (the interpreter's own bf16 cast truncates; the kernel's
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import _launch, fakequant, reference
+from kernels import _launch, reference
+from kernels.ops import fakequant
 from tests.conftest import DEVICE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,22 +1,18 @@
-"""Triton Newton-Schulz (kernels/newton_schulz.py) against the eager reference.
+"""Triton Newton-Schulz (kernels/ops/newton_schulz.py) against the eager reference.
 
 On the CPU the kernels run in Triton's interpreter, mostly with fp32 operands; fp16 and bf16 run
 there at small shapes (test_16bit_compute_dtypes), the bf16 comparisons at the model's shapes need
 a GPU. Outputs and every intermediate
 buffer start as NaN (KERNELS_POISON=1), so a tile the kernels forget to write fails the test.
 """
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
 import kernels
 from kernels import reference
+from kernels.ops import newton_schulz as ns
 from tests.tolerances import TOLERANCES, assert_close, assert_within_pytorch_error
-
-# the module, not the public function of the same name that kernels/__init__ exports
-ns = importlib.import_module("kernels.newton_schulz")
 
 # "Polar Express" per-step coefficients (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932), as
 # modded-nanogpt ships them. Any valid per-step list serves the test; test_polar_express_schedule_is_valid

@@ -1,4 +1,4 @@
-"""Fused relu^2 MLP (kernels/relu2_mlp.py) against kernels.reference.relu2_mlp.
+"""Fused relu^2 MLP (kernels/ops/relu2_mlp.py) against kernels.reference.relu2_mlp.
 
 On the CPU the Triton GEMM runs in the interpreter with fp32 operands and 32 x 16 x 16 tiles
 (groups of 2 row tiles), so tokens in {1, 17, 130} and (d, F) in {(24, 40), (32, 96), (40, 72)}
@@ -6,18 +6,14 @@ are ragged in M, N and K; the forward and the gradients of x, w_up and w_down ar
 autograd of the fp64 reference (fp32 tolerance of tests/tolerances.py). Outputs and the split-K
 partials start as NaN (KERNELS_POISON). bf16 at the model shape and Inductor need a GPU.
 """
-import importlib
-
 import pytest
 import torch
 
 import kernels
 from kernels import reference
+from kernels.ops import relu2_mlp as mlp
 from tests.conftest import DEVICE
 from tests.tolerances import assert_close, assert_within_pytorch_error
-
-# kernels.relu2_mlp is also the name of the public function: fetch the module itself.
-mlp = importlib.import_module("kernels.relu2_mlp")
 
 
 def make_inputs(lead, d, hidden, dtype=torch.float32, seed=0):

@@ -27,15 +27,16 @@ DOT_KERNELS = {
 
 
 def triton_kernels_in_package() -> set[str]:
-    """Names of the launchable Triton kernels (JIT functions named *_kernel, autotuned or not) in kernels/."""
+    """Names of the launchable Triton kernels (JIT functions named *_kernel, autotuned or not) in kernels/ and kernels/ops/."""
     names = set()
-    for file in sorted(os.listdir(os.path.join(REPO, "kernels"))):
-        if not file.endswith(".py") or file == "__init__.py":
-            continue
-        module = importlib.import_module(f"kernels.{file[:-3]}")
-        for name, obj in vars(module).items():
-            if name.endswith("_kernel") and hasattr(obj, "fn"):
-                names.add(name)
+    for package in ("kernels", "kernels.ops"):
+        for file in sorted(os.listdir(os.path.join(REPO, *package.split(".")))):
+            if not file.endswith(".py") or file == "__init__.py":
+                continue
+            module = importlib.import_module(f"{package}.{file[:-3]}")
+            for name, obj in vars(module).items():
+                if name.endswith("_kernel") and hasattr(obj, "fn"):
+                    names.add(name)
     return names
 
 

@@ -1,4 +1,4 @@
-"""Soft-capped cross-entropy kernel (kernels/softcap_ce.py) against kernels.reference.
+"""Soft-capped cross-entropy kernel (kernels/ops/softcap_ce.py) against kernels.reference.
 
 On the CPU the Triton kernels run in the interpreter with fp32 operands and 32-wide blocks, so
 N in {37, 130}, V = 100 and d = 48 are ragged in every dimension; fp16 and bf16 inputs run there
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import _launch, reference, softcap_ce
+from kernels import _launch, reference
+from kernels.ops import softcap_ce
 from tests.conftest import DEVICE
 from tests.tolerances import assert_close, assert_within_pytorch_error
 

@@ -1,4 +1,4 @@
-"""Fused XSA attention (kernels/xsa_attention.py) against kernels.reference.xsa_attention.
+"""Fused XSA attention (kernels/ops/xsa_attention.py) against kernels.reference.xsa_attention.
 
 On the CPU the Triton kernels run in the interpreter on fp32 inputs and are compared with the
 fp64 reference cast down (fp32 tolerance of tests/tolerances.py), and on fp16 and bf16 inputs
@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from kernels import reference
-from kernels.xsa_attention import eager_backward, eager_forward, xsa_attention
+from kernels.ops.xsa_attention import eager_backward, eager_forward, xsa_attention
 from tests.conftest import HAS_GPU
 from tests.tolerances import assert_close, assert_within_pytorch_error
 
