@@ -9,14 +9,29 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
+
+from model.atomic import WriteFailed, atomic_open, atomic_write, describe_os_error
+
+RECORD_FILES = ("train.log", "final_model.int6.ptz", "config.json", "metrics.jsonl")  # copied from the run folder
 
 
 def read_metrics(run_folder: str) -> list[dict]:
+    """The JSON lines of run_folder/metrics.jsonl. A line a killed run left torn (RunLog writes
+    whole lines, so only the one being written can be) is skipped with a warning naming the file."""
     path = os.path.join(run_folder, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; pass the folder of a run that train.py finished (runs/<RUN_ID>)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    metrics = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path} line {number}: not a whole JSON line (a run killed while writing it); skipped", stacklevel=2)
+    return metrics
 
 
 def final_result(run_folder: str) -> dict:
@@ -56,26 +71,47 @@ def plot_losses(run_folder: str, out_path: str) -> str:
         ax.set_ylabel("loss (nats/token)")
         ax.legend()
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        with atomic_open(out_path, "wb", fsync=False) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
     return f"loss plot: {out_path}"
 
 
 def write_record(run_folder: str, code_files: list[str]) -> str:
     """runs/<id>/record/: README.md, submission.json, train.log, the artifact and the loss plot.
-    Built in a temp folder and renamed, so a half-written record never exists."""
+    Built in record.tmp/ and renamed, so a half-written record never exists: on an OSError the
+    temp folder is removed and one WriteFailed line names the file."""
     final = final_result(run_folder)
-    bpb, loss, what = headline(final)
+    headline(final)  # no score: raise before any folder exists
+    missing = [name for name in RECORD_FILES if not os.path.isfile(os.path.join(run_folder, name))]
+    if missing:
+        raise FileNotFoundError(f"{run_folder} lacks {', '.join(missing)}; a record needs a run that train.py finished")
     with open(os.path.join(run_folder, "config.json")) as f:
         config = json.load(f)
     out = os.path.join(run_folder, "record")
     tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in ("train.log", "final_model.int6.ptz", "config.json", "metrics.jsonl"):
-        shutil.copy2(os.path.join(run_folder, name), os.path.join(tmp, name))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        _fill_record(tmp, run_folder, final, config, code_files)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError as e:
+        if isinstance(e, WriteFailed):
+            raise
+        raise WriteFailed(describe_os_error(e.filename or out, e)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed build leaves no half record
+    return out
+
+
+def _fill_record(tmp: str, run_folder: str, final: dict, config: dict, code_files: list[str]) -> None:
+    bpb, loss, what = headline(final)
+    for name in RECORD_FILES:
+        with open(os.path.join(run_folder, name), "rb") as src, atomic_open(os.path.join(tmp, name), "wb", fsync=False) as dst:
+            shutil.copyfileobj(src, dst)
     plot_note = plot_losses(run_folder, os.path.join(tmp, "loss.png"))
     submission = {
         "name": "", "author": "", "github_id": "",  # for the submitter to fill in
@@ -84,8 +120,7 @@ def write_record(run_folder: str, code_files: list[str]) -> str:
         "bytes_total": final["total_bytes"], "bytes_artifact": final["artifact_bytes"], "bytes_code": final["code_bytes"],
         "seeds": [final["seed"]],
     }
-    with open(os.path.join(tmp, "submission.json"), "w") as f:
-        json.dump(submission, f, indent=1)
+    atomic_write(os.path.join(tmp, "submission.json"), json.dumps(submission, indent=1), fsync=False)
     rows = [("val_bpb (" + what + ")", f"{bpb:.4f}")]
     for key, label in (("val_bpb", "round-trip contiguous val_bpb"), ("sliding_val_bpb", "sliding-window val_bpb"),
                        ("ttt_val_bpb", "legal TTT val_bpb"), ("steps", "steps"), ("train_time_ms", "training time (ms)"),
@@ -110,11 +145,7 @@ Code bytes count every source file the run needs:
 {plot_note}. The resolved configuration is `config.json`; the full log `train.log`; one JSON line per
 logged step and evaluation `metrics.jsonl`.
 """
-    with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(readme)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    atomic_write(os.path.join(tmp, "README.md"), readme, fsync=False)
 
 
 def summarize(run_folders: list[str]) -> dict:
