@@ -17,9 +17,10 @@ what runs) from <endpoint>/datasets/<repo>/resolve/<revision>/<path>, into <name
 with an HTTP Range request after an interruption, checked (a shard's header against its size, a
 tokenizer by loading it, sha256 where the manifest gives one) and only then renamed into place.
 Files already in place that pass the checks are skipped, so re-running is cheap and safe.
+Finally tokenizer.json goes beside the shards (the tokenizer's name, sha256 and piece count), which
+model.data.check_tokenizer_matches reads so that a run with another tokenizer stops at start-up.
 """
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -33,7 +34,8 @@ from collections.abc import Callable
 if __package__ in (None, ""):  # run as `python data/download.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.data import read_shard  # noqa: E402
+from model.atomic import WriteFailed, describe_os_error  # noqa: E402
+from model.data import open_sentencepiece, read_shard, sha256_of, write_tokenizer_manifest  # noqa: E402
 
 DEFAULT_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")  # HF_ENDPOINT: a mirror, as huggingface_hub honours it
 DEFAULT_REPO = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
@@ -74,23 +76,17 @@ def check_file(path: str, expected_sha256: str | None = None) -> None:
             raise ValueError(f"{path}: sha256 {actual} differs from the manifest's {expected_sha256}")
 
 
-def _check_sentencepiece_model(path: str) -> None:
+def _sentencepiece_vocab_size(path: str) -> int | None:
+    """The piece count of a tokenizer file (ValueError when it is not one); None without sentencepiece."""
     try:
-        import sentencepiece as spm
+        import sentencepiece  # noqa: F401
     except ImportError:
-        return  # nothing to check with; the trainer will complain loudly enough
-    try:
-        spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as e:
-        raise ValueError(f"{path}: not a SentencePiece model ({str(e).strip()})") from None
+        return None  # nothing to check with; the trainer will complain loudly enough
+    return int(open_sentencepiece(path).vocab_size())
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _check_sentencepiece_model(path: str) -> None:
+    _sentencepiece_vocab_size(path)
 
 
 def download_file(
@@ -116,7 +112,11 @@ def download_file(
         except ValueError as e:
             log(f"{name}: the existing file fails its check ({e}); downloading it again")
             os.remove(dest)
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(dest))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(describe_os_error(folder, e)) from None
     part = dest + ".part"
     resumed = os.path.exists(part) and os.path.getsize(part) > 0
     for attempt in range(retries + 1):
@@ -133,7 +133,10 @@ def download_file(
     except ValueError as e:
         os.remove(part)
         raise DownloadError(f"{name} arrived corrupted ({e}); the partial file was deleted, run the command again to re-download it") from None
-    os.replace(part, dest)
+    try:
+        os.replace(part, dest)
+    except OSError as e:
+        raise DownloadError(describe_os_error(dest, e)) from None
     return "resumed" if resumed else "downloaded"
 
 
@@ -167,13 +170,21 @@ def _fetch_into(url: str, part: str, opener: Callable) -> None:
         received = offset
         try:
             with open(part, mode) as f:
-                while chunk := response.read(CHUNK_BYTES):
+                while chunk := _read_chunk(response):
                     f.write(chunk)
+                    f.flush()  # a write error surfaces here, for this file, not at close
                     received += len(chunk)
-        except (OSError, http.client.HTTPException) as e:  # resets, timeouts, IncompleteRead
-            raise _Interrupted(f"{type(e).__name__}: {e}") from None
+        except OSError as e:  # a full disk is not a dropped connection: no retry, one line naming the file
+            raise DownloadError(describe_os_error(part, e)) from None
     if total is not None and received < total:
         raise _Interrupted(f"{received:,} of {total:,} bytes")
+
+
+def _read_chunk(response) -> bytes:
+    try:
+        return response.read(CHUNK_BYTES)
+    except (OSError, http.client.HTTPException) as e:  # resets, timeouts, IncompleteRead
+        raise _Interrupted(f"{type(e).__name__}: {e}") from None
 
 
 def _expected_total(response, offset: int) -> int | None:
@@ -271,6 +282,11 @@ def download_dataset(
         outcome = download_file(url, dest, expected_sha256(manifest, path), opener=opener, log=log)
         results[dest] = outcome
         log(f"[{i}/{len(paths)}] {path}: {outcome} ({os.path.getsize(dest) / 1e6:,.1f} MB)")
+    shards = local_path(out_dir, remote_root, remote(f"datasets/{dataset}"))
+    tokenizer = next((p for p in paths if p.endswith(".model")), None)
+    if tokenizer is not None and os.path.isdir(shards):
+        tokenizer = local_path(out_dir, remote_root, remote(tokenizer))
+        log(f"tokenizer manifest: {write_tokenizer_manifest(shards, tokenizer, _sentencepiece_vocab_size(tokenizer))}")
     return results
 
 
@@ -291,7 +307,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         download_dataset(args.out, args.train_shards, args.dataset, args.repo, args.remote_root, args.revision, args.endpoint)
-    except DownloadError as e:
+    except (DownloadError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"done: data under {args.out}")

@@ -10,6 +10,9 @@ BOS + its SentencePiece ids (no EOS), the first --val-docs documents go to the v
 stream of each split is cut into shards of exactly --shard-tokens tokens (the last one shorter;
 a document may straddle two shards), named fineweb_{val,train}_{i:06d}.bin.
 
+Beside the shards goes tokenizer.json (the tokenizer's name, sha256 and piece count), which
+model.data.check_tokenizer_matches reads so that a run with another tokenizer stops at start-up.
+
 Python API (the smoke preset uses it): `prepare(documents, out_dir, tokenizer_path, val_docs,
 shard_tokens) -> dict` and `train_tokenizer(documents, model_path, vocab_size)`.
 """
@@ -28,7 +31,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.data import write_shard  # noqa: E402
+from model.atomic import WriteFailed, describe_os_error  # noqa: E402
+from model.data import TOKENIZER_MANIFEST, open_sentencepiece, write_shard, write_tokenizer_manifest  # noqa: E402
 
 SHARD_PATTERN = "fineweb_{split}_{index:06d}.bin"
 ENCODE_BATCH_DOCS = 1024  # documents per SentencePiece batch call (it encodes a batch on several threads)
@@ -62,7 +66,11 @@ def read_documents(path: str, text_format: str = "auto", one_doc_per_line: bool 
 
 
 def _read_lines(path: str) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataPrepError(f"cannot read input file {path}: {e.strerror}; check its permissions") from None
+    with f:
         for line_number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -109,17 +117,15 @@ def _block_documents(lines: Iterator[tuple[int, str]]) -> Iterator[str]:
 
 def load_tokenizer(tokenizer_path: str):
     """A SentencePieceProcessor for a .model file, with a clear error when it is missing or bad."""
-    import sentencepiece as spm
-
     if not os.path.isfile(tokenizer_path):
         raise DataPrepError(
             f"tokenizer {tokenizer_path} does not exist; pass a SentencePiece .model file with --tokenizer "
             "(or add --train-tokenizer to train one)"
         )
     try:
-        return spm.SentencePieceProcessor(model_file=tokenizer_path)
-    except (RuntimeError, OSError) as e:
-        raise DataPrepError(f"tokenizer {tokenizer_path} is not a SentencePiece model ({str(e).strip()}); pass a .model file") from None
+        return open_sentencepiece(tokenizer_path)
+    except ValueError as e:
+        raise DataPrepError(str(e)) from None
 
 
 def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int = 1024, max_docs: int | None = None) -> str:
@@ -261,7 +267,9 @@ def prepare(
     The first val_docs documents form the validation split. Shards are staged in a hidden folder
     inside out_dir and moved into place only once every document is written, so a failure leaves
     out_dir as it was. Existing shards in out_dir are an error unless overwrite (then they are
-    replaced, stale higher-numbered ones included).
+    replaced, stale higher-numbered ones included). tokenizer.json is written last: a run killed
+    before it leaves no manifest (no check), never one naming another tokenizer. An OSError is
+    one WriteFailed line naming the file.
     """
     if val_docs < 0:
         raise DataPrepError(f"val_docs is {val_docs}; it must be >= 0 (the number of leading documents kept for validation)")
@@ -273,14 +281,35 @@ def prepare(
         raise DataPrepError(f"tokenizer {tokenizer_path} has no BOS piece; every document must start with BOS, so train it with bos_id=1")
     if vocab_size > 2**16:
         raise DataPrepError(f"tokenizer {tokenizer_path} has {vocab_size} pieces; uint16 shards hold at most 65536")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise WriteFailed(describe_os_error(out_dir, e)) from e
     existing = _existing_shards(out_dir)
     if existing and not overwrite:
         raise DataPrepError(
             f"{out_dir} already holds {len(existing)} shard(s) ({os.path.basename(existing[0])}, ...); "
             "choose an empty folder or pass --overwrite to replace them"
         )
+    try:
+        docs, writers = _write_shards(documents, out_dir, sp, bos_id, val_docs, shard_tokens)
+        write_tokenizer_manifest(out_dir, tokenizer_path, vocab_size)
+    except OSError as e:
+        if isinstance(e, WriteFailed):
+            raise
+        raise WriteFailed(describe_os_error(e.filename or out_dir, e)) from e
+    return {
+        "out_dir": out_dir,
+        "bos_id": bos_id,
+        "vocab_size": vocab_size,
+        **{f"docs_{split}": docs[split] for split in writers},
+        **{f"tokens_{split}": writers[split].tokens for split in writers},
+        **{f"files_{split}": list(writers[split].files) for split in writers},
+    }
 
+
+def _write_shards(documents, out_dir: str, sp, bos_id: int, val_docs: int, shard_tokens: int):
+    """Encode into a staging folder, then swap the shards in; returns (docs, writers) per split."""
     staging = tempfile.mkdtemp(prefix=".prepare.", dir=out_dir)
     try:
         writers = {split: _ShardWriter(staging, split, shard_tokens) for split in ("val", "train")}
@@ -297,21 +326,17 @@ def prepare(
             raise DataPrepError("the input holds no documents; give at least one non-empty document")
         for writer in writers.values():
             writer.flush()
-        for path in _existing_shards(out_dir):
-            os.remove(path)  # stale shards of an earlier, larger run would otherwise mix in
+        # Stale shards of an earlier, larger run would otherwise mix in; the old manifest goes too,
+        # so until the new one is written the shards are unchecked, never checked against the
+        # tokenizer of the shards they replaced.
+        for path in _existing_shards(out_dir) + glob.glob(os.path.join(out_dir, TOKENIZER_MANIFEST)):
+            os.remove(path)
         for writer in writers.values():
             for name in writer.files:
                 os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {
-        "out_dir": out_dir,
-        "bos_id": bos_id,
-        "vocab_size": vocab_size,
-        **{f"docs_{split}": docs[split] for split in writers},
-        **{f"tokens_{split}": writers[split].tokens for split in writers},
-        **{f"files_{split}": list(writers[split].files) for split in writers},
-    }
+    return docs, writers
 
 
 def _existing_shards(folder: str) -> list[str]:
@@ -357,6 +382,9 @@ def main(argv=None) -> int:
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:  # disk full, permissions: not the input's fault
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for split in ("val", "train"):
         print(f"{split}: {stats[f'docs_{split}']:,} documents, {stats[f'tokens_{split}']:,} tokens, {len(stats[f'files_{split}'])} shard(s)")
     if not stats["files_train"]:

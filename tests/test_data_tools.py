@@ -1,8 +1,10 @@
 """data/prepare.py (text -> shards, tokenizer training) and data/download.py (resumable fetch of the
 official shards), without network: downloads go to a local HTTP server in a thread that serves a
 temp folder with Range support and can drop connections or ignore Range on request."""
+import errno
 import hashlib
 import http.server
+import io
 import json
 import os
 import random
@@ -15,7 +17,8 @@ import pytest
 
 from data import download, prepare
 from data.prepare import DataPrepError
-from model.data import read_shard, write_shard
+from model.atomic import WriteFailed
+from model.data import TOKENIZER_MANIFEST, check_tokenizer_matches, read_shard, write_shard
 
 # -- shared fixtures --------------------------------------------------------------------------------
 
@@ -117,7 +120,7 @@ def test_prepare_refuses_existing_shards_and_overwrite_removes_stale(tiny_tokeni
         prepare.prepare(docs, str(tmp_path), tiny_tokenizer, val_docs=5, shard_tokens=50)
     assert one_line(str(err.value))
     second = prepare.prepare(docs[:8], str(tmp_path), tiny_tokenizer, val_docs=5, shard_tokens=10**6, overwrite=True)
-    assert sorted(n for n in os.listdir(tmp_path)) == sorted(second["files_val"] + second["files_train"])
+    assert sorted(n for n in os.listdir(tmp_path)) == sorted(second["files_val"] + second["files_train"] + [TOKENIZER_MANIFEST])
 
 
 def test_prepare_failure_leaves_folder_untouched(tiny_tokenizer, tmp_path):
@@ -128,6 +131,46 @@ def test_prepare_failure_leaves_folder_untouched(tiny_tokenizer, tmp_path):
     with pytest.raises(DataPrepError, match="line 21"):
         prepare.prepare(docs_then_error(), str(tmp_path), tiny_tokenizer, val_docs=2, shard_tokens=10)
     assert os.listdir(tmp_path) == []
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_prepare_writes_tokenizer_manifest(tiny_tokenizer, tmp_path):
+    docs = synthetic_documents(30, seed=7)
+    prepare.prepare(docs, str(tmp_path / "a"), tiny_tokenizer, val_docs=5, shard_tokens=100)
+    manifest = json.loads((tmp_path / "a" / TOKENIZER_MANIFEST).read_text())
+    with open(tiny_tokenizer, "rb") as f:
+        assert manifest == {"tokenizer": "tiny.model", "sha256": hashlib.sha256(f.read()).hexdigest(), "vocab_size": 400}
+    assert check_tokenizer_matches(str(tmp_path / "a"), tiny_tokenizer) == manifest
+    # re-exported with another tokenizer (overwrite): the manifest follows, the old tokenizer is refused
+    other = prepare.train_tokenizer(synthetic_documents(300, seed=8), str(tmp_path / "other.model"), vocab_size=350)
+    prepare.prepare(docs, str(tmp_path / "a"), other, val_docs=5, shard_tokens=100, overwrite=True)
+    assert check_tokenizer_matches(str(tmp_path / "a"), other)["vocab_size"] == 350
+    with pytest.raises(ValueError, match=r"tiny\.model .* is not the one the shards .* \(other\.model, 350 pieces") as err:
+        check_tokenizer_matches(str(tmp_path / "a"), tiny_tokenizer)
+    assert one_line(str(err.value))
+
+
+def test_prepare_write_failure_is_one_line_and_leaves_folder_untouched(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    docs = synthetic_documents(20, seed=9)
+    out = tmp_path / "out"
+    first = prepare.prepare(docs, str(out), tiny_tokenizer, val_docs=2, shard_tokens=50)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(WriteFailed, match=r"could not write .*fineweb_val_000000\.bin: No space left on device") as err:
+        prepare.prepare(docs[:5], str(out), tiny_tokenizer, val_docs=2, shard_tokens=50, overwrite=True)
+    assert one_line(str(err.value))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # no staging folder, old shards intact
+    assert sorted(before) == sorted(first["files_val"] + first["files_train"] + [TOKENIZER_MANIFEST])
+
+    txt = tmp_path / "docs.txt"
+    txt.write_text("\n\n".join(docs))
+    code = prepare.main(["--input", str(txt), "--out", str(tmp_path / "cli"), "--tokenizer", tiny_tokenizer, "--val-docs", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: could not write ") and "No space left on device" in err
+    assert os.listdir(tmp_path / "cli") == []
 
 
 # -- tokenizer training -----------------------------------------------------------------------------
@@ -439,6 +482,51 @@ def test_download_detects_corruption(hub, tmp_path):
     hub.files[junk_model] = b"<html>not a model</html>"
     with pytest.raises(download.DownloadError, match="not a SentencePiece model"):
         download.download_file(hub.url(junk_model), str(tmp_path / "m.model"), log=lambda _: None)
+
+
+def test_download_writes_tokenizer_manifest_beside_the_shards(hub, tmp_path, tiny_tokenizer):
+    out = tmp_path / "data"
+    fetch(hub, out, train_shards=1)
+    shards, tokenizer = out / "datasets" / "fineweb10B_sp1024", out / "tokenizers" / "fineweb_1024_bpe.model"
+    manifest = check_tokenizer_matches(str(shards), str(tokenizer))
+    assert manifest["tokenizer"] == "fineweb_1024_bpe.model" and manifest["vocab_size"] == 400
+    assert manifest["sha256"] == hashlib.sha256(hub.files["datasets/tokenizers/fineweb_1024_bpe.model"]).hexdigest()
+    other = tmp_path / "other.model"
+    other.write_bytes(b"another tokenizer")
+    with pytest.raises(ValueError, match="is not the one the shards"):
+        check_tokenizer_matches(str(shards), str(other))
+    assert not [n for n in os.listdir(shards) if n.startswith(".")]  # no temp file left
+
+
+def test_download_disk_full_is_one_line_and_keeps_the_part(hub, tmp_path, monkeypatch):
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
+    dest, part = tmp_path / "s.bin", tmp_path / "s.bin.part"
+
+    class FillsUp(io.FileIO):
+        """The disk fills up after 3000 bytes."""
+
+        def write(self, data):
+            if self.tell() + len(data) > 3000:
+                room = 3000 - self.tell()
+                super().write(data[:room])
+                disk_full()
+            return super().write(data)
+
+    monkeypatch.setattr(download, "open", lambda path, mode="r", *a, **k: FillsUp(path, mode.replace("b", "")), raising=False)
+    with pytest.raises(download.DownloadError, match=rf"^could not write {part}: No space left on device; free disk space") as err:
+        download.download_file(hub.url(remote), str(dest), retries=3, log=lambda _: None)
+    assert one_line(str(err.value))
+    assert len(hub.shard_requests()) == 1  # not taken for a dropped connection and retried
+    assert part.read_bytes() == hub.files[remote][:3000] and not dest.exists()  # the .part stays, to resume
+    monkeypatch.undo()
+    assert download.download_file(hub.url(remote), str(dest), log=lambda _: None) == "resumed"
+    assert dest.read_bytes() == hub.files[remote]
+
+    blocked = tmp_path / "b.bin"
+    (tmp_path / "b.bin.part").mkdir()  # the .part cannot even be opened
+    with pytest.raises(download.DownloadError, match=r"could not write .*b\.bin\.part: Is a directory") as err:
+        download.download_file(hub.url(remote), str(blocked), log=lambda _: None)
+    assert one_line(str(err.value))
 
 
 def test_download_uses_manifest_sha256(hub, tmp_path):
