@@ -10,6 +10,10 @@ import contextlib
 import os
 import tempfile
 
+# mkstemp makes 0600 files; a renamed-in file should get the mode open() would give it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class WriteFailed(OSError):
     """A file could not be written; the message names it and says what to do."""
@@ -29,6 +33,7 @@ def atomic_open(path: str, mode: str = "wb", fsync: bool = True):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
