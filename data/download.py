@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as `python data/download.py`: make the repo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.atomic import WriteFailed, describe_os_error  # noqa: E402
-from model.data import open_sentencepiece, read_shard, sha256_of, write_tokenizer_manifest  # noqa: E402
+from model.data import open_sentencepiece, sha256_of, shard_token_count, write_tokenizer_manifest  # noqa: E402
 
 DEFAULT_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")  # HF_ENDPOINT: a mirror, as huggingface_hub honours it
 DEFAULT_REPO = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
@@ -61,7 +61,7 @@ class NetworkError(DownloadError):
 def check_file(path: str, expected_sha256: str | None = None) -> None:
     """Raise ValueError when the file at path is not what it claims to be (by its kind, and sha256)."""
     if path.endswith(".bin") or path.endswith(".bin.part"):
-        read_shard(path)  # header (magic, version, token count) against the file size
+        shard_token_count(path)  # header (magic, version, token count) against the file size; no token read
     elif path.endswith((".model", ".model.part")):
         _check_sentencepiece_model(path)
     elif path.endswith((".json", ".json.part")):
