@@ -3,37 +3,42 @@
     torchrun --standalone --nproc_per_node=8 train.py      # the real run (SPEC defaults)
     python train.py --preset smoke                          # the whole pipeline on a CPU, minutes
     python train.py --dry-run                               # resolved config + model_params, no data
+    python train.py --eval-only runs/<id>/final_model.int6.ptz   # score an artifact, write the record
+    python train.py --help                                  # every setting, its env var and default
 
 Settings: every field of model/config.py, by environment variable (NUM_LAYERS=11) or
 `--num_layers 11`. Kernels: KERNELS=triton|reference.
 """
 import contextlib
-import copy
 import dataclasses
 import glob
+import json
 import os
+import shutil
 import signal
 import sys
 import time
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import kernels
-from kernels._launch import INTERPRET
 from model import evaluate, export, submission
+from model.atomic import WriteFailed
 from model.bpb import build_byte_luts, load_tokenizer
-from model.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from model.config import Config, load_config
-from model.data import DistributedTokenLoader, load_validation_tokens, shard_paths
+from model.checkpoint import TRAINING_STATE_KEYS, load_checkpoint, save_checkpoint
+from model.config import Config, help_text, load_config, setting_warnings
+from model.data import (DistributedTokenLoader, check_tokenizer_matches, check_train_shards, load_validation_tokens,
+                        shard_paths)
+from model.distributed import (Dist, any_rank, barrier, leave_process_group, mean_over_ranks, setup_distributed,
+                               world_size_from_environment)
 from model.gpt import GPT
-from model.optim import build_optimizers, set_schedule
+from model.precision import autocast
 from model.runlog import RunLog
 from model.schedule import lr_scale, muon_momentum, time_is_up
-from model.swa import WeightAverage
+from model.training import ResumeRefused, TrainingState, build_training_state, training_step, warm_up
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+ARTIFACT = "final_model.int6.ptz"
 
 
 class TrainingError(RuntimeError):
@@ -41,64 +46,38 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at the end of the current step."""
-
-# Fields a checkpoint's model must share with the resuming run's config.
-ARCHITECTURE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                       "xsa_last_n", "bigram_vocab_size", "bigram_dim", "ve_enabled", "ve_dim", "ve_layers")
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed() -> Dist:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Dist(rank, world, local_rank, device)
-
-
-def leave_process_group(settle_s: float = 0.5) -> None:
-    """destroy_process_group, after a pause that avoids a teardown deadlock (seen with gloo on a
-    loaded machine, about one 2-rank run in two): a gloo worker thread frees a finished collective's
-    tensors only once it holds the GIL, and when the group's last reference goes (DDP's reducer, as
-    main() returns) the group's destructor joins that thread while holding the GIL. Sleeping hands
-    the GIL over, so the workers are idle before the group can be destroyed."""
-    time.sleep(settle_s)
-    dist.destroy_process_group()
+    """SIGTERM/SIGINT arrived; what was saved and how to continue is in the message."""
 
 
 def source_files() -> list[str]:
     """Every source file a run needs: what the artifact's code bytes count."""
     files = [os.path.join(REPO, "train.py")]
     for package in ("kernels", "model"):
-        files += sorted(glob.glob(os.path.join(REPO, package, "*.py")))
+        files += sorted(glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True))
     return files
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def run_folder(cfg: Config) -> str:
+    """runs/<RUN_ID>; a resumed run (or a scored artifact) continues in its own folder's name unless RUN_ID says otherwise."""
+    inside = cfg.resume or cfg.eval_only
+    run_id = cfg.run_id or (os.path.basename(os.path.dirname(os.path.abspath(inside))) if inside
+                            else time.strftime("%Y%m%d-%H%M%S"))
+    return os.path.join("runs", run_id)
+
+
+def claim_run_folder(cfg: Config, folder: str, ctx: Dist) -> None:
+    """Refuse to write over another run's folder unless this run resumes (or scores) into it or
+    OVERWRITE=1 says so; every rank looks before rank 0 creates or clears it."""
+    continuing = any(path and os.path.abspath(os.path.dirname(os.path.abspath(path))) == os.path.abspath(folder)
+                     for path in (cfg.resume, cfg.eval_only))
+    taken = os.path.isdir(folder) and bool(os.listdir(folder)) and not continuing
+    barrier()
+    if taken and not cfg.overwrite:
+        raise TrainingError(f"{folder} holds an earlier run; choose another RUN_ID, resume it with RESUME="
+                            f"{os.path.join(folder, 'checkpoint.pt')}, or set OVERWRITE=1 to replace it")
+    if taken and ctx.is_main:
+        shutil.rmtree(folder)
+    barrier()
 
 
 def prepare_data(cfg: Config, log: RunLog, ctx: Dist) -> Config:
@@ -112,253 +91,178 @@ def prepare_data(cfg: Config, log: RunLog, ctx: Dist) -> Config:
     if ctx.is_main:
         log.log(f"data: no DATA_PATH; generating a synthetic corpus and tokenizer in {folder}")
         make_smoke_dataset(folder, vocab_size=cfg.vocab_size, seed=cfg.seed)
-    if ctx.enabled:
-        dist.barrier()
+    barrier()
     return dataclasses.replace(cfg, data_path=folder, tokenizer_path=os.path.join(folder, "tokenizer.model"))
 
 
 class Trainer:
-    """The training loop of SPEC's recipe; `run()` returns the trained (SWA-averaged) model."""
+    """The loop policy of SPEC's recipe over a TrainingState: schedule, late QAT, SWA, logging,
+    validation, checkpoints, signals and the wall-clock stop, agreed by every rank."""
 
-    def __init__(self, cfg: Config, ctx: Dist, log: RunLog, val_tokens, luts):
-        self.cfg, self.ctx, self.log, self.val_tokens, self.luts = cfg, ctx, log, val_tokens, luts
-        self.accum = cfg.grad_accum_steps(ctx.world_size)
-        self.micro_tokens = cfg.train_batch_tokens // cfg.grad_accum_total  # per rank per micro-batch
-        torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg).to(ctx.device)
-        compiled = torch.compile(self.model, fullgraph=True) if cfg.compile else self.model
-        self.train_model = (
-            DistributedDataParallel(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-            if ctx.enabled else compiled
-        )
-        # Triton's interpreter gets tl.dot wrong on bf16 operands, so Newton-Schulz runs in fp32 there.
-        self.optimizers = build_optimizers(self.model, cfg, torch.float32 if INTERPRET else torch.bfloat16)
-        self.loader = DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size)
-        self.swa = WeightAverage()
-        self.step = 0
-        self.elapsed_ms = 0.0
-        self.qat = False
+    def __init__(self, state: TrainingState, log: RunLog, validate):
+        self.state, self.cfg, self.log, self.validate = state, state.cfg, log, validate
         self.interrupted = False
-        self.last_checkpoint_ms = 0.0
+        self.last_checkpoint_ms, self.saved_step = state.clock.elapsed_ms, None
 
-    # one optimizer step over `accum` micro-batches; returns the mean loss as a device tensor
-    def train_step(self, scale: float, momentum: float) -> torch.Tensor:
-        cfg, ctx = self.cfg, self.ctx
-        total = torch.zeros((), device=ctx.device)
-        for micro in range(self.accum):
-            x, y = self.loader.next_batch(self.micro_tokens, cfg.train_seq_len, ctx.device)
-            last = micro == self.accum - 1
-            sync = self.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()
-            with sync:
-                with autocast(ctx.device):
-                    loss = self.train_model(x, y)
-                (loss / self.accum).backward()
-            total += loss.detach()
-        set_schedule(self.optimizers, scale, momentum)
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
-        for opt in self.optimizers:
-            opt.step()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        return total / self.accum
-
-    def set_qat(self, enabled: bool) -> None:
-        self.model.set_qat(enabled)
-        self.qat = enabled
-
-    def warm_up(self) -> None:
-        """Compile and prime every graph the run will need (QAT on and off), then put weights,
-        optimizer state and data back where they were so the warm-up does not count."""
-        cfg = self.cfg
-        if cfg.warmup_steps <= 0:
-            return
-        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        loader_state = self.loader.state_dict()
-        qat_from = cfg.warmup_steps // 2 if cfg.late_qat_threshold > 0 else cfg.warmup_steps
-        t0 = time.perf_counter()
-        for step in range(cfg.warmup_steps):
-            self.set_qat(step >= qat_from)
-            self.train_step(1.0, muon_momentum(0, cfg))
-        self.sync()
-        self.set_qat(False)
-        self.model.load_state_dict(weights)
-        for opt, state in zip(self.optimizers, optimizer_states):
-            opt.load_state_dict(state)
-        self.loader.load_state_dict(loader_state)
-        self.log.log(f"warmup: {cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f}s; weights, optimizer and data restored")
-
-    def sync(self) -> None:
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def stop_agreed(self, time_up: bool) -> tuple[bool, bool]:
-        """(time is up, interrupted), agreed by every rank: all must stop at the same step."""
-        if not self.ctx.enabled:
-            return time_up, self.interrupted
-        flags = torch.tensor([int(time_up), int(self.interrupted)], device=self.ctx.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
-
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        """A rank's loss covers only its micro-batches; the step's loss is the mean over ranks."""
-        if not self.ctx.enabled:
-            return float(value)
-        total = value.detach().clone()
-        dist.all_reduce(total)  # SUM: gloo has no AVG
-        return float(total) / self.ctx.world_size
-
-    # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> str:
         return self.log.path("checkpoint.pt")
 
-    def state_dict(self) -> dict:
-        return {
-            "config": dataclasses.asdict(self.cfg),
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "loader": self.loader.state_dict(),
-            "swa": self.swa.state_dict(),
-            "qat": self.qat,
-            "step": self.step,
-            "elapsed_ms": self.elapsed_ms,
-            "rng": rng_states(),
-        }
-
-    def load_state_dict(self, state: dict, source: str) -> None:
-        saved = state["config"]
-        different = [f"{name.upper()}={saved.get(name)!r} vs {getattr(self.cfg, name)!r}"
-                     for name in ARCHITECTURE_FIELDS if saved.get(name) != getattr(self.cfg, name)]
-        if different:
-            raise TrainingError(f"checkpoint {source} was made with another model ({', '.join(different)}); "
-                                f"resume with the settings it was trained with")
-        self.model.load_state_dict(state["model"])
-        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        self.loader.load_state_dict(state["loader"])
-        self.swa.load_state_dict(state["swa"])
-        self.set_qat(state["qat"])
-        self.step, self.elapsed_ms = state["step"], state["elapsed_ms"]
-        self.last_checkpoint_ms = self.elapsed_ms
-        restore_rng_states(state["rng"])
-
     def save(self) -> None:
         """Every rank holds the same state (DDP and Muon keep them identical): rank 0 writes."""
-        if self.ctx.is_main:
+        state = self.state
+        if state.ctx.is_main:
             t0 = time.perf_counter()
-            size = save_checkpoint(self.state_dict(), self.checkpoint_path)
-            self.log.log(f"checkpoint: step {self.step} -> {self.checkpoint_path} ({size / 2**20:.1f} MiB, "
+            size = save_checkpoint(state.state_dict(), self.checkpoint_path)
+            self.log.log(f"checkpoint: step {state.step} -> {self.checkpoint_path} ({size / 2**20:.1f} MiB, "
                          f"{time.perf_counter() - t0:.1f}s)")
-        self.last_checkpoint_ms = self.elapsed_ms
-        if self.ctx.enabled:
-            dist.barrier()
+        self.last_checkpoint_ms, self.saved_step = state.clock.elapsed_ms, state.step
+        barrier()
 
     def checkpoint_due(self) -> bool:
-        cfg = self.cfg
-        by_steps = cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0
-        by_time = cfg.checkpoint_minutes > 0 and self.elapsed_ms - self.last_checkpoint_ms >= cfg.checkpoint_minutes * 60_000
+        cfg, state = self.cfg, self.state
+        by_steps = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
+        by_time = cfg.checkpoint_minutes > 0 and state.clock.elapsed_ms - self.last_checkpoint_ms >= cfg.checkpoint_minutes * 60_000
         return by_steps or by_time
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
 
-    def validate(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        with autocast(ctx.device):
-            val_loss, val_bpb = evaluate.evaluate_contiguous(
-                self.model, self.val_tokens, cfg.train_seq_len, max(1, cfg.val_batch_size // cfg.train_seq_len // ctx.world_size),
-                self.luts, rank=ctx.rank, world_size=ctx.world_size,
-            )
-        self.model.train()
-        self.log.log(f"step:{self.step} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{self.elapsed_ms:.0f}ms")
-        self.log.metric(kind="val", step=self.step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=self.elapsed_ms)
-
-    def run(self) -> GPT:
-        cfg, log = self.cfg, self.log
-        self.warm_up()
-        if cfg.resume:
-            self.load_state_dict(load_checkpoint(cfg.resume, map_location=self.ctx.device), cfg.resume)
-            log.log(f"resumed from {cfg.resume} at step {self.step} ({self.elapsed_ms / 1000:.1f}s of training done)")
-        previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def run(self, resume: dict | None = None) -> GPT:
+        """Warm up (compiling every graph), continue from `resume` (a checked checkpoint's state),
+        train until ITERATIONS or the wall-clock cap, save the final training state, and return the
+        model with the SWA average applied."""
+        state, log = self.state, self.log
+        seconds = warm_up(state)
+        if state.cfg.warmup_steps > 0:
+            log.log(f"warmup: {state.cfg.warmup_steps} steps in {seconds:.1f}s; weights, optimizer and data restored")
+        if resume is not None:
+            for kept in state.load_state_dict(resume, f"checkpoint {state.cfg.resume}"):
+                log.log(f"resume: keeping this run's setting, {kept}")
+            log.log(f"resumed from {state.cfg.resume} at step {state.step} ({state.clock.elapsed_ms / 1000:.1f}s of training done)")
+            self.last_checkpoint_ms = state.clock.elapsed_ms
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.train_loop()
+            self.loop()
         finally:
-            for sig, handler in previous_handlers.items():
+            for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if self.ctx.device.type == "cuda":
-            log.log(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated")
-        if self.swa.apply(self.model):
-            log.log(f"swa: averaged {self.swa.count} snapshots into the final weights")
-        self.set_qat(False)
-        return self.model
+        if self.saved_step != self.state.step:
+            self.save()  # the final training state: a run killed in export or evaluation resumes from here
+        if self.state.ctx.device.type == "cuda":
+            self.log.log(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated")
+        if self.state.swa.apply(self.state.model):
+            self.log.log(f"swa: averaged {self.state.swa.count} snapshots into the final weights")
+        self.state.model.set_qat(False)
+        return self.state.model
 
-    def train_loop(self) -> None:
-        cfg, log = self.cfg, self.log
-        nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.ctx.device)
-        self.sync()
-        t0 = time.perf_counter()
-        while self.step < cfg.iterations:
-            elapsed = self.elapsed_ms + 1000.0 * (time.perf_counter() - t0)
-            scale = lr_scale(self.step, elapsed, cfg)
-            if cfg.late_qat_threshold > 0 and not self.qat and scale < cfg.late_qat_threshold:
-                self.set_qat(True)
-                log.log(f"step:{self.step} late QAT on (lr scale {scale:.3f} < {cfg.late_qat_threshold})")
-            loss = self.train_step(scale, muon_momentum(self.step, cfg))
+    def loop(self) -> None:
+        cfg, log, state, clock = self.cfg, self.log, self.state, self.state.clock
+        if state.step >= cfg.iterations or time_is_up(clock.elapsed_ms, cfg):
+            return  # a resumed run that had already finished training
+        nonfinite_step = torch.full((), -1, dtype=torch.long, device=state.ctx.device)
+        clock.start()
+        while state.step < cfg.iterations:
+            scale = lr_scale(state.step, clock.elapsed_ms, cfg)
+            if cfg.late_qat_threshold > 0 and not state.qat and scale < cfg.late_qat_threshold:
+                state.model.set_qat(True)
+                log.log(f"step:{state.step} late QAT on (lr scale {scale:.3f} < {cfg.late_qat_threshold})")
+            loss = training_step(state, scale, muon_momentum(state.step, cfg))
             bad = ~torch.isfinite(loss) & (nonfinite_step < 0)
-            nonfinite_step = torch.where(bad, torch.full_like(nonfinite_step, self.step), nonfinite_step)
-            self.step += 1
-            if cfg.swa_enabled and scale < cfg.swa_threshold and self.step % cfg.swa_every == 0:
-                self.swa.add(self.model)
-            last = self.step == cfg.iterations
-            stop, interrupted = self.stop_agreed(time_is_up(self.elapsed_ms + 1000.0 * (time.perf_counter() - t0), cfg))
-            logging = cfg.train_log_every > 0 and (self.step % cfg.train_log_every == 0 or self.step <= 5)
-            validating = cfg.val_loss_every > 0 and self.step % cfg.val_loss_every == 0
+            nonfinite_step = torch.where(bad, torch.full_like(nonfinite_step, state.step), nonfinite_step)
+            state.step += 1
+            if cfg.swa_enabled and scale < cfg.swa_threshold and state.step % cfg.swa_every == 0:
+                state.swa.add(state.model)
+            last = state.step == cfg.iterations
+            stop, interrupted = any_rank(time_is_up(clock.elapsed_ms, cfg), self.interrupted, device=state.ctx.device)
+            logging = cfg.train_log_every > 0 and (state.step % cfg.train_log_every == 0 or state.step <= 5)
+            validating = cfg.val_loss_every > 0 and state.step % cfg.val_loss_every == 0
             checkpointing = interrupted or self.checkpoint_due()
-            if logging or validating or checkpointing or last or stop:
-                self.sync()
-                self.elapsed_ms += 1000.0 * (time.perf_counter() - t0)
-                if int(nonfinite_step) >= 0:
-                    saved = f"the last checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path) else "no checkpoint was saved"
-                    raise TrainingError(
-                        f"training loss became non-finite at step {int(nonfinite_step) + 1} ({saved}); lower the learning "
-                        f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data"
-                    )
-                if logging or last or stop:
-                    train_loss = self.mean_over_ranks(loss)
-                    log.log(
-                        f"step:{self.step}/{cfg.iterations} train_loss:{train_loss:.4f} lr_scale:{scale:.3f} "
-                        f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / self.step:.2f}ms"
-                    )
-                    log.metric(kind="train", step=self.step, train_loss=train_loss, lr_scale=scale, train_time_ms=self.elapsed_ms)
-                if validating:
-                    self.validate()
-                if checkpointing:
-                    self.save()
-                if interrupted:
-                    raise Interrupted(f"interrupted at step {self.step}; continue with RESUME={self.checkpoint_path}")
-                self.sync()
-                t0 = time.perf_counter()  # validation and checkpoint time do not count as training time
+            if not (logging or validating or checkpointing or last or stop):
+                continue
+            clock.pause()  # logging, validation and checkpoints are not training time
+            if int(nonfinite_step) >= 0:
+                saved = f"the last checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path) else "no checkpoint was saved"
+                raise TrainingError(f"training loss became non-finite at step {int(nonfinite_step) + 1} ({saved}); lower the "
+                                    f"learning rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
+            if logging or last or stop:
+                train_loss = mean_over_ranks(loss)
+                log.log(f"step:{state.step}/{cfg.iterations} train_loss:{train_loss:.4f} lr_scale:{scale:.3f} "
+                        f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / state.step:.2f}ms")
+                log.metric(kind="train", step=state.step, train_loss=train_loss, lr_scale=scale, train_time_ms=clock.elapsed_ms)
+            if validating:
+                self.validate(state.model, state.step, clock.elapsed_ms)
+            if checkpointing:
+                self.save()
+            if interrupted:
+                raise Interrupted(f"interrupted at step {state.step}; continue with RESUME={self.checkpoint_path}")
             if stop:
-                log.log(f"stopping at step {self.step}: the {cfg.max_wallclock_seconds:.0f}s wall-clock cap is reached")
-                break
+                log.log(f"stopping at step {state.step}: the {cfg.max_wallclock_seconds:.0f}s wall-clock cap is reached")
+                return
+            clock.start()
 
 
-def export_and_reload(model: GPT, cfg: Config, ctx: Dist, log: RunLog) -> tuple[GPT, int, int]:
-    """Write the artifact (rank 0) and load it into a fresh model on every rank: all reported
-    scores come from this round trip. The byte budget is reported here and enforced at the end."""
-    path = log.path("final_model.int6.ptz")
+class Scoring:
+    """What the run scores with: validation tokens and byte tables, on this rank's share."""
+
+    def __init__(self, cfg: Config, ctx: Dist, log: RunLog):
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        check_tokenizer_matches(cfg.data_path, cfg.tokenizer_path)
+        self.luts = build_byte_luts(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size, ctx.device)
+        self.tokens = load_validation_tokens(cfg.data_path, max(cfg.train_seq_len, cfg.eval_seq_len), cfg.max_val_tokens,
+                                             vocab_size=cfg.vocab_size)
+        self.share = dict(rank=ctx.rank, world_size=ctx.world_size)
+
+    def contiguous(self, model: GPT) -> tuple[float, float]:
+        cfg = self.cfg
+        batch_seqs = max(1, cfg.val_batch_size // cfg.train_seq_len // self.ctx.world_size)
+        with autocast(self.ctx.device):
+            return evaluate.evaluate_contiguous(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
+
+    def during_training(self, model: GPT, step: int, train_time_ms: float) -> None:
+        val_loss, val_bpb = self.contiguous(model)
+        model.train()
+        self.log.log(f"step:{step} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_time_ms:.0f}ms")
+        self.log.metric(kind="val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_time_ms)
+
+    def final(self, model: GPT) -> dict:
+        cfg, log, results = self.cfg, self.log, {}
+        t0 = time.perf_counter()
+        results["val_loss"], results["val_bpb"] = self.contiguous(model)
+        log.log(f"final_roundtrip val_loss:{results['val_loss']:.4f} val_bpb:{results['val_bpb']:.4f} "
+                f"eval_time:{time.perf_counter() - t0:.1f}s")
+        with autocast(self.ctx.device):
+            t0 = time.perf_counter()
+            results["sliding_val_loss"], results["sliding_val_bpb"] = evaluate.evaluate_sliding(
+                model, self.tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, self.luts, **self.share)
+            log.log(f"final_sliding val_loss:{results['sliding_val_loss']:.4f} val_bpb:{results['sliding_val_bpb']:.4f} "
+                    f"(window {cfg.eval_seq_len}, stride {cfg.eval_stride}) eval_time:{time.perf_counter() - t0:.1f}s")
+            if cfg.ttt_enabled:
+                t0 = time.perf_counter()
+                results["ttt_val_loss"], results["ttt_val_bpb"] = evaluate.evaluate_ttt(model, self.tokens, cfg, self.luts, **self.share)
+                log.log(f"final_ttt val_loss:{results['ttt_val_loss']:.4f} val_bpb:{results['ttt_val_bpb']:.4f} "
+                        f"(legal score-first, chunks of {cfg.ttt_chunk_tokens}) eval_time:{time.perf_counter() - t0:.1f}s")
+        return results
+
+
+def export_artifact(model: GPT, cfg: Config, ctx: Dist, log: RunLog) -> str:
+    """Write the artifact (rank 0); every rank returns its path."""
+    path = log.path(ARTIFACT)
     if ctx.is_main:
         t0, report = time.perf_counter(), {}
-        size = export.write_artifact(model.state_dict(), path, level=cfg.zstd_level, report=report)
+        size = export.write_artifact(model.state_dict(), path, fp32_names=model.control_tensor_names(),
+                                     int6_names=model.int6_matrix_names(), level=cfg.zstd_level, report=report)
         for line in export.format_report(report, size):
             log.log(line)
         log.log(f"export: {path} written in {time.perf_counter() - t0:.1f}s (zstd level {cfg.zstd_level})")
-    if ctx.enabled:
-        dist.barrier()
-    artifact_bytes = os.path.getsize(path)
-    code_bytes = export.code_bytes(source_files())
+    barrier()
+    return path
+
+
+def score_artifact(path: str, cfg: Config, ctx: Dist, log: RunLog, scoring: Scoring, **run_facts) -> None:
+    """Load the artifact into a fresh model, score it every way, check the byte budget and write
+    the record: every reported score comes from this round trip."""
+    artifact_bytes, code_bytes = os.path.getsize(path), export.code_bytes(source_files())
     log.log(f"artifact_bytes:{artifact_bytes} code_bytes:{code_bytes} total_bytes:{artifact_bytes + code_bytes} "
             f"budget:{cfg.artifact_budget_bytes}")
     try:
@@ -368,31 +272,100 @@ def export_and_reload(model: GPT, cfg: Config, ctx: Dist, log: RunLog) -> tuple[
     fresh = GPT(cfg).to(ctx.device)
     fresh.load_state_dict(export.read_artifact(path))
     if cfg.compile:  # scoring 62M tokens through 2048-token windows is worth a compiled graph
-        fresh.token_losses = torch.compile(fresh.token_losses, fullgraph=True, dynamic=False)
-        fresh.forward = torch.compile(fresh.forward, fullgraph=True, dynamic=False)
-    return fresh, artifact_bytes, code_bytes
+        evaluate.compile_for_eval(fresh)
+    results = scoring.final(fresh)
+    results.update(run_facts, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
+                   total_bytes=artifact_bytes + code_bytes, seed=cfg.seed)
+    log.metric(kind="final", **results)
+    export.check_budget(artifact_bytes, code_bytes, cfg.artifact_budget_bytes)
+    if ctx.is_main:
+        log.log(f"record: {submission.write_record(log.folder, source_files())}")
 
 
-def final_scores(model: GPT, cfg: Config, ctx: Dist, log: RunLog, val_tokens, luts) -> dict:
-    args = dict(rank=ctx.rank, world_size=ctx.world_size)
-    results = {}
-    with autocast(ctx.device):
-        t0 = time.perf_counter()
-        results["val_loss"], results["val_bpb"] = evaluate.evaluate_contiguous(
-            model, val_tokens, cfg.train_seq_len, max(1, cfg.val_batch_size // cfg.train_seq_len // ctx.world_size), luts, **args)
-        log.log(f"final_roundtrip val_loss:{results['val_loss']:.4f} val_bpb:{results['val_bpb']:.4f} "
-                f"eval_time:{time.perf_counter() - t0:.1f}s")
-        t0 = time.perf_counter()
-        results["sliding_val_loss"], results["sliding_val_bpb"] = evaluate.evaluate_sliding(
-            model, val_tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, luts, **args)
-        log.log(f"final_sliding val_loss:{results['sliding_val_loss']:.4f} val_bpb:{results['sliding_val_bpb']:.4f} "
-                f"(window {cfg.eval_seq_len}, stride {cfg.eval_stride}) eval_time:{time.perf_counter() - t0:.1f}s")
-        if cfg.ttt_enabled:
-            t0 = time.perf_counter()
-            results["ttt_val_loss"], results["ttt_val_bpb"] = evaluate.evaluate_ttt(model, val_tokens, cfg, luts, **args)
-            log.log(f"final_ttt val_loss:{results['ttt_val_loss']:.4f} val_bpb:{results['ttt_val_bpb']:.4f} "
-                    f"(legal score-first, chunks of {cfg.ttt_chunk_tokens}) eval_time:{time.perf_counter() - t0:.1f}s")
-    return results
+def trained_so_far(folder: str) -> dict:
+    """Steps and training time of the run in `folder` (its last logged train step), for a scored artifact's record."""
+    try:
+        rows = [m for m in submission.read_metrics(folder) if m.get("kind") == "train"]
+    except (FileNotFoundError, ValueError):
+        rows = []
+    return {"steps": rows[-1]["step"], "train_time_ms": rows[-1]["train_time_ms"]} if rows else {}
+
+
+def checked_resume(cfg: Config, device: torch.device) -> dict | None:
+    """The RESUME checkpoint, opened and checked before the warm-up spends minutes compiling."""
+    if not cfg.resume:
+        return None
+    state = load_checkpoint(cfg.resume, map_location=device, required_keys=TRAINING_STATE_KEYS)
+    different = cfg.model_differences(state["config"])
+    if different:
+        raise ResumeRefused(f"checkpoint {cfg.resume} was made with another model ({', '.join(different)}); "
+                            f"resume with the settings it was trained with")
+    return state
+
+
+def checked_artifact(cfg: Config) -> None:
+    """--eval-only: the artifact must exist, and the config.json beside it must describe the same model."""
+    if not os.path.isfile(cfg.eval_only):
+        raise FileNotFoundError(f"artifact {cfg.eval_only} does not exist; pass the {ARTIFACT} of a run")
+    saved = os.path.join(os.path.dirname(os.path.abspath(cfg.eval_only)), "config.json")
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            different = cfg.model_differences(json.load(f))
+        if different:
+            raise ResumeRefused(f"{cfg.eval_only} was made with another model ({', '.join(different)}); "
+                                f"score it with the settings it was trained with (see {saved})")
+
+
+def run(cfg: Config, ctx: Dist) -> None:
+    folder = run_folder(cfg)
+    if cfg.eval_only:
+        checked_artifact(cfg)
+    resume_state = checked_resume(cfg, ctx.device)
+    claim_run_folder(cfg, folder, ctx)
+    log = RunLog(folder, ctx.is_main)
+    cfg = prepare_data(cfg, log, ctx)
+    if not cfg.eval_only or not os.path.isfile(log.path("config.json")):
+        log.write_text("config.json", cfg.to_json() + "\n")
+    log.log(f"run {os.path.basename(folder)}: world_size {ctx.world_size}, device {ctx.device}, kernels {kernels.backend()}, "
+            f"torch {torch.__version__}")
+    log.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    if not cfg.eval_only:
+        train_tokens = check_train_shards(cfg.data_path)  # a truncated shard fails now, not at step 15,000
+    scoring = Scoring(cfg, ctx, log)
+    if cfg.eval_only:
+        log.log(f"eval-only: scoring {cfg.eval_only}")
+        path = log.path(ARTIFACT)
+        if ctx.is_main and os.path.abspath(cfg.eval_only) != os.path.abspath(path):
+            shutil.copyfile(cfg.eval_only, path)  # the record is built from the run folder
+        barrier()
+        score_artifact(path, cfg, ctx, log, scoring, **trained_so_far(os.path.dirname(os.path.abspath(cfg.eval_only))))
+        return
+    log.log(f"data: {len(shard_paths(cfg.data_path, 'train'))} train shards ({train_tokens:,} tokens), "
+            f"{scoring.tokens.numel() - 1:,} validation targets")
+
+    loader = DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size)
+    state = build_training_state(cfg, ctx, loader)
+    log.log(f"model_params:{sum(p.numel() for p in state.model.parameters())}")
+    model = Trainer(state, log, scoring.during_training).run(resume=resume_state)
+    with interrupts_explained(f"the final training state is {log.path('checkpoint.pt')}: RESUME={log.path('checkpoint.pt')} "
+                              f"exports and scores it again"):
+        path = export_artifact(model, cfg, ctx, log)
+    with interrupts_explained(f"the artifact is complete: score it with --eval-only {path}"):
+        score_artifact(path, cfg, ctx, log, scoring, steps=state.step, train_time_ms=state.clock.elapsed_ms)
+
+
+@contextlib.contextmanager
+def interrupts_explained(what_next: str):
+    """SIGTERM/SIGINT inside the block raise Interrupted saying `what_next`: how to finish the run."""
+    def interrupt(signum, frame):
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; {what_next}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def dry_run(cfg: Config) -> None:
@@ -401,63 +374,41 @@ def dry_run(cfg: Config) -> None:
     print(f"model_params:{sum(p.numel() for p in model.parameters())}")
 
 
+def fail(message: str, code: int) -> int:
+    for line in str(message).splitlines():
+        print(f"train.py: {line}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     try:
         cfg, flags = load_config(sys.argv[1:] if argv is None else argv)
+        if "--help" in flags:
+            print(help_text())
+            return 0
+        cfg.grad_accum_steps(world_size_from_environment())  # before any process group can hang
     except ValueError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
+    if os.environ.get("RANK", "0") == "0":
+        for warning in setting_warnings():
+            print(f"train.py: warning: {warning}", file=sys.stderr)
     if "--dry-run" in flags:
         dry_run(cfg)
         return 0
-    try:
-        cfg.grad_accum_steps(int(os.environ.get("WORLD_SIZE", 1)))  # before any process group can hang
-    except ValueError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
     ctx = setup_distributed()
     try:
-        # A resumed run continues in its checkpoint's folder unless RUN_ID says otherwise.
-        run_id = cfg.run_id or (os.path.basename(os.path.dirname(os.path.abspath(cfg.resume))) if cfg.resume
-                                else time.strftime("%Y%m%d-%H%M%S"))
-        log = RunLog(os.path.join("runs", run_id), ctx.is_main)
-        cfg = prepare_data(cfg, log, ctx)
-        log.write_text("config.json", cfg.to_json() + "\n")
-        log.log(f"run {run_id}: world_size {ctx.world_size}, device {ctx.device}, kernels {kernels.backend()}, "
-                f"torch {torch.__version__}")
-        log.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-        shard_paths(cfg.data_path, "train")  # fail now, not after compiling, when shards are missing
-        sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
-        luts = build_byte_luts(sp, cfg.vocab_size, ctx.device)
-        val_tokens = load_validation_tokens(cfg.data_path, max(cfg.train_seq_len, cfg.eval_seq_len), cfg.max_val_tokens)
-        log.log(f"data: {len(shard_paths(cfg.data_path, 'train'))} train shards, {val_tokens.numel() - 1:,} validation targets")
-
-        trainer = Trainer(cfg, ctx, log, val_tokens, luts)
-        log.log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
-        model = trainer.run()
-        fresh, artifact_bytes, code_bytes = export_and_reload(model, cfg, ctx, log)
-        results = final_scores(fresh, cfg, ctx, log, val_tokens, luts)
-        results.update(steps=trainer.step, train_time_ms=trainer.elapsed_ms, artifact_bytes=artifact_bytes,
-                       code_bytes=code_bytes, total_bytes=artifact_bytes + code_bytes, seed=cfg.seed)
-        log.metric(kind="final", **results)
-        export.check_budget(artifact_bytes, code_bytes, cfg.artifact_budget_bytes)
-        if ctx.is_main:
-            log.log(f"record: {submission.write_record(log.folder, source_files())}")
+        run(cfg, ctx)
         return 0
     except Interrupted as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 130
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 130)
+    except (TrainingError, ValueError, FileNotFoundError, WriteFailed) as e:
+        return fail(str(e), 1)
     except torch.OutOfMemoryError:
-        print(f"train.py: out of GPU memory; lower TRAIN_BATCH_TOKENS or raise GRAD_ACCUM_TOTAL (micro-batch "
-              f"{cfg.train_batch_tokens // cfg.grad_accum_total} tokens per rank), or EVAL_BATCH_SEQS/TTT_BATCH_SEQS "
-              f"if it happened in evaluation", file=sys.stderr)
-        return 1
+        return fail(f"out of GPU memory; lower TRAIN_BATCH_TOKENS or raise GRAD_ACCUM_TOTAL (micro-batch "
+                    f"{cfg.train_batch_tokens // cfg.grad_accum_total} tokens per rank), or EVAL_BATCH_SEQS/TTT_BATCH_SEQS "
+                    f"if it happened in evaluation", 1)
     finally:
-        if ctx.enabled:
-            leave_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@
 one wall-clock call per timing, on the GPU or else on the CPU through Triton's interpreter
 (TRITON_INTERPRET=1): it checks the script end to end, its figures mean nothing.
 
-One step = SPEC's 786,432 tokens as grad_accum_total = 8 micro-batches of 48 x 2048 on one GPU:
-forward + backward under bf16 autocast through torch.compile(model, fullgraph=True) (as train.py),
-grad-norm clip, then Muon + both AdamW (model.optim.build_optimizers), on random tokens generated
-on the device beforehand. Per backend (KERNELS=reference, then KERNELS=triton; torch._dynamo.reset()
+One step = SPEC's 786,432 tokens as grad_accum_total = 8 micro-batches of 48 x 2048 on one GPU,
+through train.py's own code: model.training.training_step on the state build_training_state makes
+(forward + backward under bf16 autocast through torch.compile(model, fullgraph=True), the grad-norm
+clip when GRAD_CLIP_NORM > 0, then Muon + both AdamW), on random tokens generated on the device
+beforehand (FixedBatches). Per backend (KERNELS=reference, then KERNELS=triton; torch._dynamo.reset()
 and a freshly built, freshly compiled model for each): 2 untimed steps compile and prime everything,
 one step measures peak memory, then bench.common.median_ms (triton.testing.do_bench, median) times
 whole steps with its millisecond budgets sized to about 2 warm-up and `--steps` (default 10) timed
@@ -45,14 +46,15 @@ import kernels
 from bench.common import bench_device, header, median_ms, synchronize, table, wall_ms
 from model import evaluate
 from model.config import Config, load_config
+from model.distributed import Dist
 from model.gpt import GPT
-from model.optim import build_optimizers, set_schedule
+from model.precision import autocast
+from model.training import OPTIMIZER_RANGE, build_training_state, training_step
 
 H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM datasheet, dense bf16
 VAL_TOKENS = 62_021_632
 EVAL_GPUS = 8
 COMPILE_STEPS = 2  # untimed steps that compile and prime kernels, optimizer state and allocator
-OPTIMIZER_RANGE = "bench.step: optimizer"
 # Kernel-name patterns (lower case) -> the part of the step they belong to; first match wins (the loss
 # head first: its log_softmax would otherwise match attention's softmax).
 # Ours: _xsa_* (attention), _softcap_ce_* (loss head), _relu2_gemm (MLP relu^2), Newton-Schulz's _sym_gram/_ns_update/
@@ -139,35 +141,27 @@ def wall_clock_median(device: torch.device):
 
 
 # ----------------------------------------------------------------------------- training step
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+class FixedBatches:
+    """A loader (train.py's interface) that hands out the same random micro-batches, made on the
+    device beforehand, in turn: the benchmark times the step, not the data."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
+        self.batches = [torch.randint(0, cfg.vocab_size, (micro_seqs, cfg.train_seq_len + 1), device=device)
+                        for _ in range(cfg.grad_accum_total)]  # [micro_seqs, T + 1] each
+        self.next = 0
+
+    def next_batch(self, batch_tokens_per_rank: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.batches[self.next]
+        self.next = (self.next + 1) % len(self.batches)
+        return seq[:, :-1], seq[:, 1:]
 
 
 def make_step(cfg: Config, device: torch.device):
-    """(step, model): step() runs one full optimizer step, as Trainer.train_step, on fixed random batches."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    forward = torch.compile(model, fullgraph=True) if cfg.compile else model
-    # Triton's interpreter (CPU) gets tl.dot wrong on bf16 operands: fp32 Newton-Schulz there, as train.py.
-    optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
-    batches = [torch.randint(0, cfg.vocab_size, (micro_seqs, cfg.train_seq_len + 1), device=device)
-               for _ in range(cfg.grad_accum_total)]  # [micro_seqs, T + 1] each
-
-    def step():
-        for seq in batches:
-            with autocast(device):
-                loss = forward(seq[:, :-1], seq[:, 1:])
-            (loss / len(batches)).backward()
-        with torch.profiler.record_function(OPTIMIZER_RANGE):
-            set_schedule(optimizers, 1.0, cfg.muon_momentum)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            for opt in optimizers:
-                opt.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-
-    return step, model
+    """(step, model): step() is train.py's training_step on the state train.py builds (one rank,
+    all grad_accum_total micro-batches), at LR scale 1 and the final Muon momentum."""
+    state = build_training_state(cfg, Dist.single(device), FixedBatches(cfg, device))
+    return (lambda: training_step(state, 1.0, cfg.muon_momentum)), state.model
 
 
 def step_shares(step, device: torch.device, steps: int = 2) -> tuple[list[dict], float]:
@@ -259,8 +253,7 @@ def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, 
         torch.manual_seed(cfg.seed)
         model = GPT(cfg).to(device)
         if cfg.compile:  # as train.py compiles its evaluation model
-            model.token_losses = torch.compile(model.token_losses, fullgraph=True, dynamic=False)
-            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+            evaluate.compile_for_eval(model)
         # Byte counts do not change the timing: every token counts 1 byte, none is a boundary.
         luts = (torch.ones(cfg.vocab_size, dtype=torch.int16, device=device),
                 torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device),

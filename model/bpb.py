@@ -22,14 +22,14 @@ ByteLuts = tuple  # (base_bytes int16 [V], has_leading_space bool [V], is_bounda
 
 
 def load_tokenizer(path: str, vocab_size: int):
-    """The SentencePiece model at `path`, checked to have exactly `vocab_size` pieces."""
-    import sentencepiece as spm
+    """The SentencePiece model at `path`, checked to be one and to have exactly `vocab_size` pieces."""
+    from model.data import open_sentencepiece
 
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"tokenizer {path} not found; download it with data/download.py or set TOKENIZER_PATH to the .model file"
         )
-    sp = spm.SentencePieceProcessor(model_file=path)
+    sp = open_sentencepiece(path)
     pieces = int(sp.vocab_size())
     if pieces != vocab_size:
         raise ValueError(

@@ -13,8 +13,8 @@ tokens[..j]. The model has `token_losses(ids [B, T], targets [B, T]) -> [B, T]` 
 behind them are float64 and, with world_size > 1, all-reduced over the ranks of the default
 process group (call it on every rank).
 
-Scoring runs under torch.no_grad(), not inference_mode: a model that caches tensors (rotary
-tables) during scoring would otherwise hand inference tensors to the training that follows.
+Scoring runs under torch.no_grad(), not inference_mode: TTT trains the model after scoring it,
+and tensors made under inference_mode cannot take part in autograd (no module may keep one).
 """
 import contextlib
 import math
@@ -22,9 +22,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from model.bpb import bits_per_byte, target_bytes
+from model.distributed import sum_over_ranks
+from model.precision import autocast
 
 
 class ScoreSums(NamedTuple):
@@ -82,11 +83,12 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device):
-    # Training runs in bf16 autocast on the GPU (SPEC "precision"); evaluate the same way.
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def compile_for_eval(model):
+    """The evaluation model's scoring and training entry points compiled (fullgraph, static
+    shapes: the window batches and TTT sequences come in a few fixed shapes); returns model."""
+    model.token_losses = torch.compile(model.token_losses, fullgraph=True, dynamic=False)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    return model
 
 
 def _check_inputs(tokens: torch.Tensor, luts) -> None:
@@ -114,7 +116,7 @@ def _score_windows(model, tokens: torch.Tensor, plan: Windows, batch_seqs: int, 
         index = starts[:, None] + torch.arange(length + 1, device=device)  # [b, length + 1]
         window_tokens = tokens[index]
         inputs, targets = window_tokens[:, :-1], window_tokens[:, 1:]
-        with _autocast(device):
+        with autocast(device):
             nll = model.token_losses(inputs, targets)  # [b, length]
         score_from = torch.as_tensor(plan.score_from[i:j], device=device)
         scored = torch.arange(length, device=device)[None, :] >= score_from[:, None]  # [b, length]
@@ -126,9 +128,7 @@ def _score_windows(model, tokens: torch.Tensor, plan: Windows, batch_seqs: int, 
 
 
 def _all_reduce(sums: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return sums
+    return sum_over_ranks(sums) if world_size > 1 else sums
 
 
 def _finish(sums: torch.Tensor) -> tuple[float, float]:
@@ -199,7 +199,7 @@ def _all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> 
             p.grad = torch.zeros_like(p)
     if world_size > 1:
         flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        sum_over_ranks(flat)
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
@@ -223,7 +223,7 @@ def _adapt_on_chunk(model, tokens, first_target: int, num_targets: int, seq_len:
                 starts = first_target + (batch_first + torch.arange(share.start, share.stop, device=device)) * seq_len
                 index = starts[:, None] + torch.arange(seq_len + 1, device=device)  # [local, seq_len + 1]
                 seqs = tokens[index]
-                with _autocast(device):
+                with autocast(device):
                     loss = model(seqs[:, :-1], seqs[:, 1:])
                 # Weight the local mean by the local share so the summed gradient is the batch mean.
                 (loss * (local / batch_size)).backward()

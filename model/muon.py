@@ -22,15 +22,10 @@ import torch.distributed as dist
 
 import kernels
 from kernels.reference import QUINTIC_COEFFS, per_step_coeffs
+from model.distributed import rank_and_world
 
 # all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _ShapeGroup:
@@ -91,7 +86,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         # Launch every shape group first (each rank computes its share, the gather runs async),
         # then apply them in order: group i's gather overlaps group i+1's Newton-Schulz.
         launched = []

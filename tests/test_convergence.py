@@ -34,7 +34,10 @@ from model.config import Config
 from model.data import write_shard
 from model.runlog import RunLog
 from tests.tolerances import assert_close
-from train import Dist, Trainer
+from model.data import DistributedTokenLoader
+from model.distributed import Dist
+from model.training import build_training_state
+from train import Trainer
 
 CURVE_FILE = os.path.join(os.path.dirname(__file__), "data", "loss_curve_reference.json")
 TORCH_VERSION = ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -113,9 +116,9 @@ def train_curve(backend: str, folder: str) -> dict:
     cfg = tiny_config(data_path)
     log = RunLog(os.path.join(folder, f"run_{backend}"), is_main=True)
     with kernels.use_backend(backend):
-        trainer = Trainer(cfg, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), log, None, None)
-        model = trainer.run()
-        assert trainer.swa.count == 3, f"expected 3 SWA snapshots, got {trainer.swa.count}"
+        state = build_training_state(cfg, Dist.single("cpu"), DistributedTokenLoader(cfg.data_path))
+        model = Trainer(state, log, validate=None).run()
+        assert state.swa.count == 3, f"expected 3 SWA snapshots, got {state.swa.count}"
         with torch.no_grad():
             final_loss = model(x_held, y_held).item()
     with open(log.path("metrics.jsonl")) as f:
@@ -202,8 +205,8 @@ def test_triton_curve_on_gpu(tmp_path):
         cfg = tiny_config(data_path)
         log = RunLog(str(tmp_path / f"run_{backend}"), is_main=True)
         with kernels.use_backend(backend):
-            trainer = Trainer(cfg, Dist(0, 1, 0, torch.device("cuda")), log, None, None)
-            trainer.run()
+            state = build_training_state(cfg, Dist.single("cuda"), DistributedTokenLoader(cfg.data_path))
+            Trainer(state, log, validate=None).run()
         with open(log.path("metrics.jsonl")) as f:
             curves[backend] = torch.tensor([json.loads(line)["train_loss"] for line in f if '"kind": "train"' in line])
     assert curves["reference"][-5:].mean() < curves["reference"][0] - MIN_LOSS_DROP, curves["reference"]

@@ -65,6 +65,15 @@ def test_smoke_pipeline_end_to_end(tmp_path, data, request):
     train_losses = [m["train_loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
     assert train_losses[-1] < train_losses[0] - 0.5, f"the smoke model did not learn: {train_losses}"
     assert result.stderr.count("\n") < 50  # no tracebacks
+    # The final training state is saved before export, so a run killed there is not lost ...
+    assert _state(run)["step"] == 12
+    # ... and an artifact scores again on its own, to the same numbers, with a new record.
+    data_args = [] if data == "sample" else ["--data_path", str(run / "data"), "--tokenizer_path", str(run / "data" / "tokenizer.model")]
+    train(tmp_path, *TINY, *extra, *data_args, "--eval-only", str(run / "final_model.int6.ptz"), "--ttt_enabled", "0")
+    again = finals(run)
+    assert (again["val_bpb"], again["sliding_val_bpb"], again["steps"]) == (final["val_bpb"], final["sliding_val_bpb"], 12)
+    assert json.loads((run / "record" / "submission.json").read_text())["val_bpb"] == again["sliding_val_bpb"]
+    assert "eval-only: scoring" in (run / "train.log").read_text()
 
 
 def test_dry_run_prints_config_and_param_count(tmp_path):
@@ -179,3 +188,163 @@ def test_two_ranks_follow_the_one_rank_run(tmp_path):
     assert len(losses("one")) == len(losses("two")) == 6
     torch.testing.assert_close(losses("two"), losses("one"), rtol=1e-3, atol=0)
     assert finals(tmp_path / "runs" / "two")["val_bpb"] == pytest.approx(finals(tmp_path / "runs" / "one")["val_bpb"], rel=1e-3)
+
+
+# ------------------------------------------------------------------ no run lost to a setting
+def test_help_lists_every_setting_and_exits_zero(tmp_path):
+    for flag in ("--help", "-h"):
+        result = train(tmp_path, flag)
+        assert "--num_layers" in result.stdout and "env NUM_LAYERS; default 11" in " ".join(result.stdout.split())
+        assert "--eval_only" in result.stdout and not result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ITERATIONS": "0"}, "ITERATIONS=0 is out of range; it must lie in [1, inf)"),
+    ({"GRAD_ACCUM_TOTAL": "0"}, "GRAD_ACCUM_TOTAL=0 is out of range"),
+    ({"SWA_EVERY": "0"}, "SWA_EVERY=0 is out of range"),
+    ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL=23 is out of range; it must lie in [1, 22]"),
+    ({"MATRIX_LR": "inf"}, "MATRIX_LR=inf is not a finite number"),
+])
+def test_dry_run_refuses_a_bad_setting_before_anything_runs(tmp_path, env, message):
+    result = train(tmp_path, "--dry-run", env=env, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "runs")
+
+
+def test_a_misspelt_setting_in_the_environment_is_warned_about(tmp_path):
+    result = train(tmp_path, "--dry-run", env={"ITERATONS": "5"})
+    assert "train.py: warning: environment variable ITERATONS is not a setting (ignored); did you mean ITERATIONS?" in result.stderr
+    assert '"iterations": 20000' in result.stdout
+
+
+def test_an_existing_run_folder_is_refused_and_left_untouched(tmp_path):
+    folder = tmp_path / "runs" / "taken"
+    folder.mkdir(parents=True)
+    (folder / "train.log").write_text("the first run's log\n")
+    result = train(tmp_path, *TINY, "--run_id", "taken", check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1 and "OVERWRITE=1" in lines[0] and "Traceback" not in result.stderr
+    assert os.listdir(folder) == ["train.log"] and (folder / "train.log").read_text() == "the first run's log\n"
+
+
+def test_claim_run_folder_overwrites_only_when_asked_and_never_a_resumed_folder(tmp_path, monkeypatch):
+    import train as train_module
+    from model.config import Config
+    from model.distributed import Dist
+
+    monkeypatch.chdir(tmp_path)
+    folder = os.path.join("runs", "x")
+    os.makedirs(folder)
+    open(os.path.join(folder, "train.log"), "w").close()
+    with pytest.raises(train_module.TrainingError, match="holds an earlier run"):
+        train_module.claim_run_folder(Config(run_id="x"), folder, Dist.single())
+    train_module.claim_run_folder(Config(resume=os.path.join(folder, "checkpoint.pt")), folder, Dist.single())
+    assert os.listdir(folder) == ["train.log"]  # resuming into it
+    train_module.claim_run_folder(Config(run_id="x", overwrite=True), folder, Dist.single())
+    assert not os.path.exists(folder)
+
+
+def _checkpoint_with(tmp_path, **config_changes):
+    import dataclasses as dc
+
+    from model.config import Config
+    from model.checkpoint import TRAINING_STATE_KEYS
+
+    state = {key: None for key in TRAINING_STATE_KEYS}
+    state["config"] = dc.asdict(dc.replace(Config(), **config_changes))
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(state, path)
+    return path
+
+
+def test_resume_with_another_function_defining_setting_is_refused_before_warm_up(tmp_path):
+    from model.config import load_config
+
+    cfg, _ = load_config(TINY, environ={})
+    import dataclasses as dc
+
+    path = _checkpoint_with(tmp_path, **{f.name: getattr(cfg, f.name) for f in dc.fields(cfg) if f.name != "logit_softcap"},
+                            logit_softcap=20.0)
+    result = train(tmp_path, *TINY, "--resume", path, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1 and "LOGIT_SOFTCAP=20.0 vs 30.0" in lines[0], result.stderr
+    assert "warmup:" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_without_the_training_state_is_one_line(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+    result = train(tmp_path, *TINY, "--resume", path, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1 and "lacks config" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import train as train_module
+    from model.atomic import WriteFailed, describe_os_error
+    from model.runlog import RunLog
+
+    def full(self, name, text):
+        raise WriteFailed(describe_os_error(self.path(name), OSError(28, "No space left on device")))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(RunLog, "write_text", full)
+    monkeypatch.setenv("KERNELS", "reference")
+    assert train_module.main([*TINY, "--run_id", "full"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert lines == [f"train.py: could not write {os.path.join('runs', 'full', 'config.json')}: No space left on device; "
+                     f"free disk space or fix the folder's permissions, then run again"]
+
+
+def test_a_signal_in_export_or_evaluation_says_how_to_finish_the_run():
+    import train as train_module
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(train_module.Interrupted, match="interrupted by SIGTERM; score it with --eval-only a.ptz"):
+        with train_module.interrupts_explained("score it with --eval-only a.ptz"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _shards(folder, train_tokens, val_tokens):
+    from model.data import write_shard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shard(str(folder / "fineweb_train_000000.bin"), train_tokens)
+    write_shard(str(folder / "fineweb_train_000001.bin"), train_tokens)
+    write_shard(str(folder / "fineweb_val_000000.bin"), val_tokens)
+    return folder
+
+
+def test_a_truncated_train_shard_stops_the_run_at_start_up(tmp_path):
+    data = _shards(tmp_path / "data", list(range(1000)) * 5, list(range(1000)) * 5)
+    path = data / "fineweb_train_000001.bin"
+    path.write_bytes(path.read_bytes()[:-10])
+    result = train(tmp_path, *TINY, "--data_path", str(data), check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1 and "fineweb_train_000001.bin" in lines[0], result.stderr
+    assert "warmup:" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_token_id_beyond_the_vocabulary_is_one_line_before_training(tmp_path, shared_data):
+    tokenizer = os.path.join(shared_data, "tokenizers", "fineweb_1024_bpe.model")
+    val = list(range(1000)) * 5
+    val[4321] = 1500
+    data = _shards(tmp_path / "data", list(range(1000)) * 5, val)
+    result = train(tmp_path, *TINY, "--data_path", str(data), "--tokenizer_path", tokenizer, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "fineweb_val_000000.bin" in lines[0] and "1500 at position 4,321" in lines[0] and "VOCAB_SIZE=1024" in lines[0]
+    assert "warmup:" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_tokenizer_that_is_not_a_sentencepiece_model_is_one_line(tmp_path):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"this is not a protobuf")
+    data = _shards(tmp_path / "data", list(range(1000)) * 5, list(range(1000)) * 5)
+    result = train(tmp_path, *TINY, "--data_path", str(data), "--tokenizer_path", str(junk), check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1 and "is not a SentencePiece model" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,182 @@
+"""What a training run is made of: its state (model, optimizers, loader, weight average, step and
+training time), the one optimizer step, the warm-up, and the clock. train.py tells the run's
+story with these; bench/step.py times the same `training_step` on the same built state."""
+import contextlib
+import copy
+import dataclasses
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from kernels._launch import INTERPRET
+from model.checkpoint import restore_rng_states, rng_states
+from model.config import Config
+from model.distributed import Dist, synchronize
+from model.gpt import GPT, CastedLinear
+from model.optim import build_optimizers, set_schedule
+from model.precision import autocast
+from model.schedule import muon_momentum
+from model.swa import WeightAverage
+
+# The profiler range around the optimizer phase of a step (bench/step.py attributes its kernels to it).
+OPTIMIZER_RANGE = "training_step: optimizer"
+# Per-group optimizer entries that the schedule rewrites every step: never a setting to keep.
+SCHEDULED = ("lr", "momentum")
+
+
+class ResumeRefused(ValueError):
+    """A checkpoint that cannot continue this run; the message says why in one line."""
+
+
+def muon_compute_dtype() -> torch.dtype:
+    """SPEC's bf16 Newton-Schulz; fp32 where the kernels run in Triton's interpreter (the CPU tests),
+    whose triton-vs-reference comparisons and stored loss curves hold fp32 tolerances."""
+    return torch.float32 if INTERPRET else torch.bfloat16
+
+
+class TrainingClock:
+    """Milliseconds of training: it runs only between start() and pause(), so validation,
+    checkpoints and logging do not count. pause() waits for the device first."""
+
+    def __init__(self, device: torch.device, elapsed_ms: float = 0.0):
+        self.device, self.banked_ms, self.started = device, elapsed_ms, None
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def pause(self) -> float:
+        synchronize(self.device)
+        self.banked_ms = self.elapsed_ms
+        self.started = None
+        return self.banked_ms
+
+    @property
+    def elapsed_ms(self) -> float:
+        """Training time so far; while running, read without waiting for the device."""
+        running = 0.0 if self.started is None else 1000.0 * (time.perf_counter() - self.started)
+        return self.banked_ms + running
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything a step changes, and what a checkpoint holds: model (and its compiled, maybe
+    DDP-wrapped forward), optimizers, loader, weight average, step count and training time."""
+    cfg: Config
+    ctx: Dist
+    model: GPT
+    train_model: torch.nn.Module
+    optimizers: list
+    loader: object  # next_batch(tokens, seq_len, device), state_dict(), load_state_dict()
+    swa: WeightAverage
+    clock: TrainingClock
+    step: int = 0
+
+    @property
+    def accum(self) -> int:
+        return self.cfg.grad_accum_steps(self.ctx.world_size)
+
+    @property
+    def qat(self) -> bool:
+        """The model's own switch (GPT.set_qat), read back rather than mirrored."""
+        return any(m.qat for m in self.model.modules() if isinstance(m, CastedLinear))
+
+    def state_dict(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "loader": self.loader.state_dict(),
+            "swa": self.swa.state_dict(),
+            "qat": self.qat,
+            "step": self.step,
+            "elapsed_ms": self.clock.elapsed_ms,
+            "rng": rng_states(),
+        }
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> list[str]:
+        """Continue from `state`. The model must be the same function (else ResumeRefused); the
+        optimizers keep this run's settings (learning rates, weight decays, betas, eps, Newton-Schulz
+        dtype and steps) and take only their state. Returns the settings kept where the state differs."""
+        different = self.cfg.model_differences(state["config"])
+        if different:
+            raise ResumeRefused(f"{source} was made with another model ({', '.join(different)}); "
+                                f"resume with the settings it was trained with")
+        self.model.load_state_dict(state["model"])
+        kept = []
+        for i, (opt, saved) in enumerate(zip(self.optimizers, state["optimizers"], strict=True)):
+            kept += _load_optimizer_state(opt, saved, f"optimizer {i}")
+        self.loader.load_state_dict(state["loader"])
+        self.swa.load_state_dict(state["swa"])
+        self.model.set_qat(state["qat"])
+        self.step = state["step"]
+        self.clock = TrainingClock(self.ctx.device, state["elapsed_ms"])
+        restore_rng_states(state["rng"])
+        return kept
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, label: str) -> list[str]:
+    """opt.load_state_dict(saved) with opt's own group settings: only the per-parameter state
+    (momentum buffers, Adam moments, step counts) comes from `saved`."""
+    current = opt.state_dict()
+    kept = [f"{label} {key}: {group[key]!r} (the checkpoint had {old[key]!r})"
+            for group, old in zip(current["param_groups"], saved["param_groups"], strict=True)
+            for key in group if key not in SCHEDULED + ("params",) and key in old and old[key] != group[key]]
+    groups = [{**group, "params": old["params"]} for group, old in zip(current["param_groups"], saved["param_groups"])]
+    opt.load_state_dict({"state": saved["state"], "param_groups": groups})
+    return kept
+
+
+def build_training_state(cfg: Config, ctx: Dist, loader) -> TrainingState:
+    """The model (seeded), its compiled and (on several ranks) DDP-wrapped forward, SPEC's three
+    optimizers, and a fresh weight average and clock."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(ctx.device)
+    compiled = torch.compile(model, fullgraph=True) if cfg.compile else model
+    train_model = (DistributedDataParallel(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+                   if ctx.enabled else compiled)
+    optimizers = build_optimizers(model, cfg, muon_compute_dtype())
+    return TrainingState(cfg, ctx, model, train_model, optimizers, loader, WeightAverage(), TrainingClock(ctx.device))
+
+
+def training_step(state: TrainingState, lr_scale: float, momentum: float) -> torch.Tensor:
+    """One optimizer step over the rank's micro-batches (gradients all-reduced on the last);
+    returns the rank's mean loss as a device tensor (no host sync)."""
+    cfg, ctx, accum = state.cfg, state.ctx, state.accum
+    micro_tokens = cfg.train_batch_tokens // cfg.grad_accum_total  # per rank per micro-batch
+    total = torch.zeros((), device=ctx.device)
+    for micro in range(accum):
+        x, y = state.loader.next_batch(micro_tokens, cfg.train_seq_len, ctx.device)
+        last = micro == accum - 1
+        with state.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext():
+            with autocast(ctx.device):
+                loss = state.train_model(x, y)
+            (loss / accum).backward()
+        total += loss.detach()
+    with torch.profiler.record_function(OPTIMIZER_RANGE):
+        set_schedule(state.optimizers, lr_scale, momentum)
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip_norm)
+        for opt in state.optimizers:
+            opt.step()
+        for opt in state.optimizers:
+            opt.zero_grad(set_to_none=True)
+    return total / accum
+
+
+def warm_up(state: TrainingState) -> float:
+    """Compile and prime every graph the run needs (QAT off, then on), then put the state back
+    through load_state_dict, so the warm-up does not count. Returns the seconds it took."""
+    cfg = state.cfg
+    if cfg.warmup_steps <= 0:
+        return 0.0
+    saved = copy.deepcopy(state.state_dict())
+    qat_from = cfg.warmup_steps // 2 if cfg.late_qat_threshold > 0 else cfg.warmup_steps
+    t0 = time.perf_counter()
+    for step in range(cfg.warmup_steps):
+        state.model.set_qat(step >= qat_from)
+        training_step(state, 1.0, muon_momentum(0, cfg))
+    synchronize(state.ctx.device)
+    state.load_state_dict(saved, "the warm-up's snapshot")
+    return time.perf_counter() - t0
