@@ -147,7 +147,7 @@ class _Interrupted(Exception):
 def _fetch_into(url: str, part: str, opener: Callable) -> None:
     """Append the bytes of url missing from part (all of them when part is absent)."""
     offset = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "golf-trainer-download/1"})
+    request = urllib.request.Request(url, headers={"User-Agent": "golf-triton-download/1"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     host = urllib.parse.urlsplit(url).netloc

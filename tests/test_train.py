@@ -120,6 +120,14 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     assert a["swa"]["count"] == b["swa"]["count"] and a["qat"] == b["qat"] and a["loader"] == b["loader"]
     assert finals(straight / "runs" / "a")["val_bpb"] == finals(killed / "runs" / "b")["val_bpb"]
 
+    # Resuming the final state (as after a kill during export) trains nothing more, exports and scores again.
+    log_lines = len((killed / "runs" / "b" / "train.log").read_text().splitlines())
+    train(killed, *args, "--checkpoint_every", "14", "--resume", str(killed / "runs" / "b" / "checkpoint.pt"))
+    new_lines = (killed / "runs" / "b" / "train.log").read_text().splitlines()[log_lines:]
+    assert not [line for line in new_lines if line.startswith("step:")], new_lines
+    assert finals(killed / "runs" / "b")["val_bpb"] == finals(straight / "runs" / "a")["val_bpb"]
+    assert finals(killed / "runs" / "b")["steps"] == 14
+
 
 def test_rng_states_restore_from_a_checkpoint_loaded_onto_the_device(tmp_path, device):
     # train.py loads checkpoints with map_location=<its device>; on a GPU that carries the saved
