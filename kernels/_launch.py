@@ -1,22 +1,24 @@
-"""What every kernel family shares: output allocation and the CPU/fake side of op registration.
-
-How a family registers its op (see kernels/ops/fakequant.py for a complete example):
+"""What every kernel family shares: output allocation, the CPU/fake side of op registration, and
+the launch policy (SM count, the autotuned/fixed config pair). The family template is in
+kernels/__init__.py's docstring; kernels/ops/fakequant.py is the shortest complete example:
 
     @torch.library.triton_op("golf::name", mutates_args=())
-    def name(x: torch.Tensor) -> torch.Tensor:
+    def name_op(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()              # gradients arrive expanded (stride 0)
         y = new_output(x.shape, x.dtype, x.device)
         wrap_triton(_kernel)[grid](x, y, ...)   # this module's wrap_triton, below
         return y
 
-    register_cpu_and_fake(name, reference=reference.name, fake=lambda x: x.new_empty(x.shape))
-    name.register_autograd(backward, setup_context=setup_context)
+    register_cpu_and_fake(name_op, reference=name_eager, fake=_name_fake)
+    name_op.register_autograd(_name_backward, setup_context=_name_setup_context)
 """
 import contextlib
+import dataclasses
 import os
 
 import torch
 import torch._library.triton  # noqa: F401  (launch_directly)
+import triton
 
 # Set before triton is first imported (tests/conftest.py does it on CPU-only machines).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -24,6 +26,41 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Tests set KERNELS_POISON=1: outputs start as NaN (floats) or -1 (ints) so an element the
 # kernel forgets to write shows up instead of passing by luck with zeroed memory.
 POISON = os.environ.get("KERNELS_POISON") == "1"
+
+# The GPU the launch policies are tuned for; also what they assume where no GPU is asked
+# (the interpreter, bench/sm90_compile.py).
+H100_SMS = 132
+
+
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device, else the H100's count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
+@dataclasses.dataclass(frozen=True)
+class AutotunePair:
+    """One JIT kernel autotuned over a config list, and the same kernel fixed to one config.
+
+    Autotuning pays only at training shapes with 16-bit operands. fp32 operands (the CPU tests,
+    also run natively on a GPU, where fp32 products go to the FMA units and big tiles spill) and
+    small problems take the fixed config, so a test run compiles one variant per shape instead
+    of benchmarking the whole list."""
+
+    tuned: triton.runtime.Autotuner
+    fixed: triton.runtime.Autotuner
+
+    def pick(self, dtype: torch.dtype, size: int, min_size: int):
+        return self.tuned if dtype != torch.float32 and size >= min_size else self.fixed
+
+
+def autotune_pair(kernel, configs: list, key: list, fixed=None) -> AutotunePair:
+    """AutotunePair around kernel; the fixed config defaults to the list's last (its smallest)."""
+    fixed = configs[-1] if fixed is None else fixed
+    return AutotunePair(
+        triton.autotune(configs=configs, key=key)(kernel), triton.autotune(configs=[fixed], key=key)(kernel)
+    )
 
 
 def wrap_triton(kernel):

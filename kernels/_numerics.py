@@ -1,9 +1,23 @@
 """Triton device helpers that several kernel families share: exact rounding and a tl.dot that also
-hold in Triton's interpreter, so CPU tests can demand the same numbers as torch."""
+hold in Triton's interpreter, so CPU tests can demand the same numbers as torch; the dot precision
+every family picks from its operand dtype; constants the kernels' exp2/log2 forms need."""
+import math
+
+import torch
 import triton
 import triton.language as tl
 
 from kernels._launch import INTERPRET
+
+# Softmax in base 2 (exp2 and log2 are the GPU's native forms): exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2.
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of dtype: fp32 gets true fp32 products ("ieee"; the GPU
+    default, tf32, would miss the fp32 tolerance); bf16/fp16 run on the tensor cores either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 # Triton's interpreter (3.6 to 3.9) returns garbage from tl.dot on bf16 operands (fp16 and fp32 are
 # right). bf16 values and their products are exact in fp32, so there the operands are widened

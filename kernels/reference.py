@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 # --------------------------------------------------------------------------- attention
 
+XSA_NORM_EPS = 1e-12  # F.normalize's floor on ||v||: v_hat = v / max(||v||, eps)
+
 
 def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
     """Causal GQA attention with an explicit softmax, then the optional XSA projection.
@@ -35,7 +37,7 @@ def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool =
 
 def xsa_project(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Remove from y its component along v / ||v|| (last dim); v broadcast to y's shape."""
-    v_hat = F.normalize(v, dim=-1)
+    v_hat = F.normalize(v, dim=-1, eps=XSA_NORM_EPS)
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
@@ -98,7 +100,7 @@ BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191
 
 
 def bigram_hash(ids: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Bucket of each position [B, T] -> int64 [B, T].
+    """Bucket of each position: ids [..., T] (each row its own sequence) -> int64 [..., T].
 
     Position 0 takes the last bucket (buckets - 1); position t > 0 takes
     (36313 * id[t] XOR 27191 * id[t-1]) mod (buckets - 1), in int32 arithmetic.
@@ -111,13 +113,14 @@ def bigram_hash(ids: torch.Tensor, buckets: int) -> torch.Tensor:
 
 
 def bigram_embed(ids: torch.Tensor, table: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-    """Rows of table at the BigramHash buckets of ids: [B, T] -> [B, T, D]. (Eager gather is deterministic.)"""
+    """Rows of table [buckets, D] at the BigramHash buckets of ids: [..., T] -> [..., T, D]. (Eager gather is deterministic.)"""
     return F.embedding(bigram_hash(ids, table.shape[0]), table)
 
 
 # --------------------------------------------------------------------------- Newton-Schulz
 
 QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_NORM_EPS = 1e-7  # X = G / (||G||_F + eps)
 
 
 def per_step_coeffs(steps: int, coeffs) -> list[tuple[float, float, float]]:
@@ -142,7 +145,7 @@ def newton_schulz(
     tall = G.shape[-2] > G.shape[-1]
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + NS_NORM_EPS)
     for a, b, c in per_step_coeffs(steps, coeffs):
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -151,6 +154,8 @@ def newton_schulz(
 
 
 # --------------------------------------------------------------------------- loss head
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: such a target has loss 0 and no gradient
 
 
 def softcap_cross_entropy(
@@ -162,7 +167,7 @@ def softcap_cross_entropy(
     """
     logits = (x @ weight.to(x.dtype).T).to(torch.promote_types(x.dtype, torch.float32))
     logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets.long(), reduction="none")
+    return F.cross_entropy(logits, targets.long(), reduction="none", ignore_index=IGNORE_INDEX)
 
 
 # --------------------------------------------------------------------------- MLP
