@@ -6,8 +6,9 @@ One step of the iteration on X [batch, m, n] (wide orientation, m <= n) is
     B = b A + c A A      (A A = A A^T is symmetric too, so the same kernel computes it, fused with b A)
     X = a X + B X        (a plain matmul with the a X term fused into the epilogue)
 
-Per matrix, one step costs 2 m^2 n (A, half of the 4 m^2 n a full product would) + m^3 (B, half
-of 2 m^3) + 2 m^2 n (X) flops. Operands are in compute_dtype (bf16 in training), accumulation in
+Per matrix, one step costs m^2 n (A, about half of the 2 m^2 n a full product would) + m^3 (B, half
+of 2 m^3) + 2 m^2 n (X) = 3 m^2 n + m^3 flops, against 4 m^2 n + 2 m^3 for the dense products
+(the figure bench/newton_schulz.py counts). Operands are in compute_dtype (bf16 in training), accumulation in
 fp32, and A, B, X are stored in compute_dtype between kernels, as the eager reference does.
 
 Before the loop, two small kernels normalise each matrix by its Frobenius norm (deterministic
@@ -16,18 +17,18 @@ straight into the caller's orientation. There is no gradient: it is an optimiser
 
 Public: `newton_schulz(G, steps, coeffs, compute_dtype)`, the same contract as
 kernels.reference.newton_schulz. The three kernels are also exposed one by one (`gram`,
-`gram_poly`, `ns_update`) for the benchmark.
+`gram_poly`, `ns_update`) for bench/newton_schulz.py's kernel table.
 """
 import torch
 import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._launch import INTERPRET, launch_directly, new_output, register_cpu_and_fake, wrap_triton
-from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
+from kernels._launch import INTERPRET, launch_directly, new_output, num_sms, register_cpu_and_fake, wrap_triton
+from kernels._numerics import _dot, dot_precision  # _dot: also right on bf16 in the interpreter
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-NORM_EPS = 1e-7  # the reference's X / (||X||_F + 1e-7)
+NORM_EPS = reference.NS_NORM_EPS  # X / (||X||_F + eps); a kernel argument, not a constexpr
 
 # ----------------------------------------------------------------------------- Triton kernels
 
@@ -167,26 +168,21 @@ _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 
 # Block sizes. The interpreter runs small blocks (16 is tl.dot's minimum) so that the small
 # ragged test shapes cross several tiles; on a GPU, 128-wide tiles unless that leaves too few
-# programs to fill the machine, then 64. Tests may override INTERPRET_BLOCK to run the GPU sizes.
+# programs to fill the machine, then 64. tests/test_convergence.py raises INTERPRET_BLOCK for speed.
 INTERPRET_BLOCK = 16
-
-
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 operands: true fp32 products (the GPU default would be tf32); ignored for bf16/fp16
-    return "ieee" if dtype == torch.float32 else "tf32"
+# The norm's two memory-bound passes. On a GPU one partial sum covers SUMSQ_BLOCK x SUMSQ_CHUNKS =
+# 8192 elements (96 partials for a 512 x 1536 matrix: one short read for the normalise kernel),
+# and a normalise tile is 32 x 128 (32 elements per thread at the default 4 warps). In the
+# interpreter smaller ones, so the test shapes span several chunks and tiles.
+SUMSQ_BLOCK, SUMSQ_CHUNKS = (256, 4) if INTERPRET else (1024, 8)
+NORMALISE_ROWS, NORMALISE_COLS = (16, 32) if INTERPRET else (32, 128)
 
 
 def _gram_config(batch: int, rows: int, device) -> dict:
     if INTERPRET:
         return dict(BLOCK=INTERPRET_BLOCK, BLOCK_K=INTERPRET_BLOCK)
     tiles = triton.cdiv(rows, 128)
-    if batch * tiles * (tiles + 1) // 2 >= _num_sms(device):
+    if batch * tiles * (tiles + 1) // 2 >= num_sms(device):
         return dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)
     return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=4)
 
@@ -194,7 +190,7 @@ def _gram_config(batch: int, rows: int, device) -> dict:
 def _update_config(batch: int, rows: int, cols: int, device) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK, BLOCK_K=INTERPRET_BLOCK)
-    if batch * triton.cdiv(rows, 128) * triton.cdiv(cols, 128) >= _num_sms(device):
+    if batch * triton.cdiv(rows, 128) * triton.cdiv(cols, 128) >= num_sms(device):
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 
@@ -207,7 +203,7 @@ def _launch_gram(X: torch.Tensor, out: torch.Tensor, alpha: float, C: torch.Tens
     grid = (batch, tiles * (tiles + 1) // 2)
     wrap_triton(_sym_gram_kernel)[grid](
         X, X if C is None else C, out, rows, inner, alpha, beta,
-        HAS_C=C is not None, DOT_PRECISION=_dot_precision(X.dtype), **cfg,
+        HAS_C=C is not None, DOT_PRECISION=dot_precision(X.dtype), **cfg,
     )
 
 
@@ -218,7 +214,7 @@ def _launch_update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float
     grid = (batch, triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]))
     wrap_triton(_ns_update_kernel)[grid](
         B, X, out, rows, cols, a, out_strides[0], out_strides[1],
-        DOT_PRECISION=_dot_precision(X.dtype), **cfg,
+        DOT_PRECISION=dot_precision(X.dtype), **cfg,
     )
 
 
@@ -226,23 +222,34 @@ def _launch_normalise(G3: torch.Tensor, out: torch.Tensor, tall: bool, out_strid
     """out (wide view [batch, m, n] through out_strides) = G3 / ||G3||_F per matrix, G3 [batch, R, C] contiguous."""
     batch, R, C = G3.shape
     numel = R * C
-    block, chunk_blocks = (256, 4) if INTERPRET else (1024, 8)
-    num_chunks = triton.cdiv(numel, block * chunk_blocks)
+    num_chunks = triton.cdiv(numel, SUMSQ_BLOCK * SUMSQ_CHUNKS)
     partials = new_output((batch, num_chunks), torch.float32, G3.device)
     wrap_triton(_sumsq_partials_kernel)[(batch, num_chunks)](
         G3, partials, numel, num_chunks,
-        COMPUTE_DTYPE=_TL_DTYPE[out.dtype], BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+        COMPUTE_DTYPE=_TL_DTYPE[out.dtype], BLOCK=SUMSQ_BLOCK, CHUNK_BLOCKS=SUMSQ_CHUNKS,
     )
     rows, cols = (C, R) if tall else (R, C)
     g_strides = (1, C) if tall else (C, 1)  # the wide view of a tall matrix is its transpose
-    block_r, block_c = (16, 32) if INTERPRET else (32, 128)
-    wrap_triton(_normalise_kernel)[(batch, triton.cdiv(rows, block_r))](
+    wrap_triton(_normalise_kernel)[(batch, triton.cdiv(rows, NORMALISE_ROWS))](
         G3, partials, out, rows, cols, num_chunks, g_strides[0], g_strides[1], out_strides[0], out_strides[1],
-        NORM_EPS, CHUNKS_POW2=triton.next_power_of_2(num_chunks), BLOCK_R=block_r, BLOCK_C=block_c,
+        NORM_EPS, CHUNKS_POW2=triton.next_power_of_2(num_chunks), BLOCK_R=NORMALISE_ROWS, BLOCK_C=NORMALISE_COLS,
     )
 
 
-# ----------------------------------------------------------------------------- the op
+# ----------------------------------------------------------------------------- ops
+
+
+def _check_inputs(G: torch.Tensor, steps: int, compute_dtype: torch.dtype, where: str) -> None:
+    if G.dim() < 2:
+        raise ValueError(
+            f"{where}: G must be a floating-point tensor [..., m, n], got shape {tuple(G.shape)}; pass a stack of matrices"
+        )
+    if not G.is_floating_point():
+        raise TypeError(f"{where}: G must be a floating-point tensor [..., m, n], got {G.dtype}; cast it to a float dtype")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"{where}: compute_dtype {compute_dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
+    if steps < 0:
+        raise ValueError(f"{where}: steps must be >= 0, got {steps}")
 
 
 def _triples(steps: int, flat_coeffs: list[float]) -> list[tuple[float, float, float]]:
@@ -283,24 +290,29 @@ def newton_schulz_op(G: torch.Tensor, steps: int, coeffs: list[float], compute_d
     return out
 
 
-def _reference_op(G, steps, coeffs, compute_dtype):
+# ----------------------------------------------------------------------------- CPU fallback and fake
+
+
+def newton_schulz_eager(G, steps, coeffs, compute_dtype):
     return reference.newton_schulz(G, steps, _triples(steps, coeffs), compute_dtype)
 
 
-register_cpu_and_fake(
-    newton_schulz_op,
-    reference=_reference_op,
-    fake=lambda G, steps, coeffs, compute_dtype: G.new_empty(G.shape, dtype=compute_dtype),
-)
+def _newton_schulz_fake(G, steps, coeffs, compute_dtype):
+    return G.new_empty(G.shape, dtype=compute_dtype)
 
 
-def _no_gradient(ctx, grad):
+register_cpu_and_fake(newton_schulz_op, reference=newton_schulz_eager, fake=_newton_schulz_fake)
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _newton_schulz_backward(ctx, grad):
     raise RuntimeError(
         "golf::newton_schulz has no gradient (it is an optimiser step); call it under torch.no_grad() or on a detached tensor"
     )
 
 
-newton_schulz_op.register_autograd(_no_gradient, setup_context=lambda ctx, inputs, output: None)
+newton_schulz_op.register_autograd(_newton_schulz_backward)  # nothing to save: no setup_context
 
 
 # ----------------------------------------------------------------------------- public API
@@ -311,14 +323,7 @@ def newton_schulz(
 ) -> torch.Tensor:
     """Quintic Newton-Schulz orthogonalisation of G [..., m, n] (batched over leading dims); see the
     module docstring and kernels.reference.newton_schulz, whose contract this follows exactly."""
-    if G.dim() < 2 or not G.is_floating_point():
-        raise ValueError(
-            f"newton_schulz: G must be a floating-point tensor [..., m, n], got {G.dtype} of shape {tuple(G.shape)}; pass a stack of matrices"
-        )
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"newton_schulz: compute_dtype {compute_dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
-    if steps < 0:
-        raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
+    _check_inputs(G, steps, compute_dtype, "newton_schulz")
     flat = [c for triple in reference.per_step_coeffs(steps, coeffs) for c in triple]
     return newton_schulz_op(G, steps, flat, compute_dtype)
 
