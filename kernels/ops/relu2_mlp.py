@@ -10,16 +10,16 @@ is the [N, F] pointwise traffic (302 MB per tensor at N = 98,304, F = 1536 in bf
 the forward, and in the backward da written and read back, dh = da * 2 relu(h), and a
 recomputed for dW_down. Here all of it rides inside the GEMMs.
 
-One Triton GEMM, C[M, N] = pro(A)[M, K] @ pro(B)[K, N], with any strides (so transposed views
-are free), fp32 accumulation, grouped tile order for L2 reuse, and three switches:
-    RELU2_A / RELU2_B   prologue: the operand tile becomes round(relu(t)^2) before tl.dot
+One Triton GEMM, C[M, N] = pro(A)[M, K] @ B[K, N], with any strides (so transposed views
+are free), fp32 accumulation, grouped tile order for L2 reuse, and two switches:
+    RELU2_A             prologue: the A tile becomes round(relu(t)^2) before tl.dot
     EPILOGUE_DRELU2     epilogue: da = round(acc); C = round(da * 2 relu(E)), 0 where E <= 0
 and split-K (program_id 2 takes one contiguous K range and writes its own fp32 partial [M, N];
 a torch sum adds them: deterministic, no atomics).
 
-Forward (`golf::relu2_mlp_fwd`): h = x @ w_up^T by cuBLAS (torch op in the body), then
+Forward (`golf::relu2_mlp_fwd`, relu2_mlp_fwd_op): h = x @ w_up^T by cuBLAS (torch op in the body), then
 y = relu2(h) @ w_down^T with the prologue on A. Saved: x, h, w_up, w_down (not a).
-Backward (`golf::relu2_mlp_bwd`), given dy [N, d]:
+Backward (`golf::relu2_mlp_bwd`, relu2_mlp_bwd_op), given dy [N, d]:
     dh         = drelu2(dy @ w_down, h)    GEMM with the epilogue (h read in the epilogue)
     dW_down^T  = relu2(h)^T @ dy           GEMM with the prologue on A = h^T, split-K over the tokens
     dx = dh @ w_up,  dW_up = dh^T @ x      cuBLAS
@@ -27,7 +27,7 @@ dW_down's output is only [d, F] (48 tiles of 128 x 128 at the model shape, fewer
 H100's 132 SMs) while its K = N is long, hence split-K there. It is computed transposed, with
 relu^2 on the A operand, because compiled for sm_90a that form keeps the activated tile in
 registers as wgmma's A operand and spills in no config, where dy^T @ relu2(h) (prologue on B,
-which wgmma must read from shared memory) spills at 128 x 256; RELU2_B stays in the family.
+which wgmma must read from shared memory) spilled at 128 x 256.
 FLOPs: forward 4NdF (2 GEMMs), backward 8NdF (4 GEMMs), nothing recomputed beyond a.
 """
 import torch
@@ -35,23 +35,21 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._launch import INTERPRET, new_output, register_cpu_and_fake, wrap_triton
-from kernels._numerics import _dot  # tl.dot that is also right on bf16 in the interpreter
+from kernels._launch import INTERPRET, autotune_pair, new_output, num_sms, register_cpu_and_fake, wrap_triton
+from kernels._numerics import _dot, dot_precision  # _dot: also right on bf16 in the interpreter
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Split-K of the dW_down GEMM: None picks it from the shape (_split_k); tests set an int to force it.
 SPLIT_K_OVERRIDE = None
-MAX_SPLIT_K = 16
+MAX_SPLIT_K = 16  # bounds the fp32 partials ([split, F, d]) and their sum; the model's shape picks 11
 MIN_K_PER_SPLIT = 16 if INTERPRET else 2048  # rows of K a split must have to pay for its own tile write
 
 # --------------------------------------------------------------------------- tile configurations
 # On a GPU a short Hopper-minded autotune list (checked for shared memory, registers and wgmma
 # with bench.sm90_compile's helpers); in the interpreter one small config, so the small test
-# shapes are ragged in M, N and K and cross several tile groups. Autotuning pays only at
-# training shapes: fp32 operands (the CPU tests run natively on a GPU; fp32 products go to the
-# FMA units) and small products take one fixed config, so a test run compiles one variant per
-# shape instead of the whole list.
+# shapes are ragged in M, N and K and cross several tile groups. fp32 operands and small
+# products take one fixed config (kernels._launch.AutotunePair).
 
 
 def _config(block_m, block_n, block_k, warps, stages, group_m=8):
@@ -74,7 +72,7 @@ else:
     ]
     # Also spill-free for fp32 operands (IEEE products on the FMA units), which bigger tiles are not.
     _FIXED_CONFIG = _config(64, 64, 32, 4, 3)
-_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "RELU2_A", "RELU2_B", "EPILOGUE_DRELU2"]
+_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "RELU2_A", "EPILOGUE_DRELU2"]
 TUNE_MIN_MNK = 2**30  # M * N * K from which a 16-bit GEMM is autotuned (the model's are ~2^36)
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -97,11 +95,11 @@ def _relu2_gemm_kernel(
     stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
     stride_em, stride_en,
-    RELU2_A: tl.constexpr, RELU2_B: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr,
+    RELU2_A: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # C[split, M, N] = pro(A)[M, K-range of split] @ pro(B)[K-range, N], epilogue optional.
+    # C[split, M, N] = pro(A)[M, K-range of split] @ B[K-range, N], epilogue optional.
     # Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), 1, SPLIT_K). E [M, N] is read only by the epilogue.
     pid = tl.program_id(0)
     split = tl.program_id(2)
@@ -140,8 +138,6 @@ def _relu2_gemm_kernel(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if RELU2_A:
             a = _relu2(a)
-        if RELU2_B:
-            b = _relu2(b)
         acc = _dot(a, b, acc, DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -162,16 +158,9 @@ def _relu2_gemm_kernel(
     tl.store(c_ptrs + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
 
 
-_TUNED_GEMM = triton.autotune(configs=_GEMM_CONFIGS, key=_TUNE_KEY)(_relu2_gemm_kernel)
-_FIXED_GEMM = triton.autotune(configs=[_FIXED_CONFIG], key=_TUNE_KEY)(_relu2_gemm_kernel)
+_GEMM = autotune_pair(_relu2_gemm_kernel, _GEMM_CONFIGS, _TUNE_KEY, fixed=_FIXED_CONFIG)
 
 # --------------------------------------------------------------------------- launch wrappers
-
-
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the H100 the GPU path is tuned for
 
 
 def _split_k(M: int, N: int, K: int, device) -> int:
@@ -181,7 +170,7 @@ def _split_k(M: int, N: int, K: int, device) -> int:
     132 SMs that is 11, exactly 4 waves (2 with 128 x 256 tiles)."""
     if SPLIT_K_OVERRIDE is not None:
         return int(SPLIT_K_OVERRIDE)
-    sms = _num_sms(device)
+    sms = num_sms(device)
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     if tiles >= sms:
         return 1
@@ -196,8 +185,8 @@ def _split_k(M: int, N: int, K: int, device) -> int:
     return best
 
 
-def _gemm(a, b, out, *, relu2_a=False, relu2_b=False, epilogue_h=None, split_k=1) -> None:
-    """out = pro(a) @ pro(b) for a [M, K], b [K, N] (any strides); out [M, N], or fp32
+def _gemm(a, b, out, *, relu2_a=False, epilogue_h=None, split_k=1) -> None:
+    """out = pro(a) @ b for a [M, K], b [K, N] (any strides); out [M, N], or fp32
     [split_k, M, N] partials when split_k > 1; epilogue_h [M, N] switches the dReLU^2 epilogue on."""
     M, K = a.shape
     N = b.shape[1]
@@ -209,17 +198,14 @@ def _gemm(a, b, out, *, relu2_a=False, relu2_b=False, epilogue_h=None, split_k=1
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1, split_k)
 
-    tuned = a.dtype != torch.float32 and M * N * K >= TUNE_MIN_MNK
-    wrap_triton(_TUNED_GEMM if tuned else _FIXED_GEMM)[grid](
+    wrap_triton(_GEMM.pick(a.dtype, M * N * K, TUNE_MIN_MNK))[grid](
         a, b, out3, e,
         M, N, K, split_k,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         out3.stride(0), out3.stride(1), out3.stride(2),
         e.stride(0), e.stride(1),
-        RELU2_A=relu2_a, RELU2_B=relu2_b, EPILOGUE_DRELU2=epilogue_h is not None,
-        # fp32 operands get true fp32 products (tf32 would miss the fp32 tolerance); bf16/fp16 use tensor cores.
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        RELU2_A=relu2_a, EPILOGUE_DRELU2=epilogue_h is not None, DOT_PRECISION=dot_precision(a.dtype),
     )
 
 
@@ -250,8 +236,11 @@ def _check_inputs(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, whe
         )
 
 
+# --------------------------------------------------------------------------- ops
+
+
 @torch.library.triton_op("golf::relu2_mlp_fwd", mutates_args=())
-def relu2_mlp_fwd(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def relu2_mlp_fwd_op(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, d], w_up [F, d], w_down [d, F] -> (y [N, d], h = x @ w_up^T [N, F], saved for the backward)."""
     _check_inputs(x, w_up, w_down, "golf::relu2_mlp_fwd")
     if x.dim() != 2:
@@ -265,7 +254,7 @@ def relu2_mlp_fwd(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> 
 
 
 @torch.library.triton_op("golf::relu2_mlp_bwd", mutates_args=())
-def relu2_mlp_bwd(
+def relu2_mlp_bwd_op(
     dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [N, d], dw_up [F, d], dw_down [d, F]) from the output gradient dy [N, d] and the saved x, h."""
@@ -286,18 +275,18 @@ def relu2_mlp_bwd(
     return dx, dw_up, dw_down
 
 
-# --------------------------------------------------------------------------- eager twins
-# The CPU path without the interpreter (see kernels._launch.register_cpu_and_fake): the same
+# --------------------------------------------------------------------------- CPU fallbacks and fakes
+# The eager twins, the CPU path without the interpreter (see kernels._launch.register_cpu_and_fake): the same
 # formulas as the kernels, in torch ops and in the inputs' dtype.
 
 
-def eager_forward(x, w_up, w_down):
+def relu2_mlp_fwd_eager(x, w_up, w_down):
     with _no_autocast(x):
         h = F.linear(x, w_up)
         return F.linear(torch.relu(h).square(), w_down), h
 
 
-def eager_backward(dy, x, h, w_up, w_down):
+def relu2_mlp_bwd_eager(dy, x, h, w_up, w_down):
     with _no_autocast(x):
         da = dy @ w_down  # [N, F]
         dh = torch.where(h <= 0, 0.0, da * (2 * torch.relu(h)))
@@ -305,38 +294,38 @@ def eager_backward(dy, x, h, w_up, w_down):
         return dh @ w_up, dh.T @ x, dw_down
 
 
-def _fake_forward(x, w_up, w_down):
+def _relu2_mlp_fwd_fake(x, w_up, w_down):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], w_up.shape[0]))
 
 
-def _fake_backward(dy, x, h, w_up, w_down):
+def _relu2_mlp_bwd_fake(dy, x, h, w_up, w_down):
     return x.new_empty(x.shape), w_up.new_empty(w_up.shape), w_down.new_empty(w_down.shape)
 
 
-register_cpu_and_fake(relu2_mlp_fwd, reference=eager_forward, fake=_fake_forward)
-register_cpu_and_fake(relu2_mlp_bwd, reference=eager_backward, fake=_fake_backward)
+register_cpu_and_fake(relu2_mlp_fwd_op, reference=relu2_mlp_fwd_eager, fake=_relu2_mlp_fwd_fake)
+register_cpu_and_fake(relu2_mlp_bwd_op, reference=relu2_mlp_bwd_eager, fake=_relu2_mlp_bwd_fake)
 
 # --------------------------------------------------------------------------- autograd
 
 
-def _setup_context(ctx, inputs, output):
+def _relu2_mlp_fwd_setup_context(ctx, inputs, output):
     x, w_up, w_down = inputs
     _y, h = output
     ctx.save_for_backward(x, h, w_up, w_down)
 
 
-def _backward(ctx, dy, _dh):
+def _relu2_mlp_fwd_backward(ctx, dy, _dh):
     # h is a saved activation that the public function never returns, not an output anyone differentiates.
     x, h, w_up, w_down = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    dx, dw_up, dw_down = torch.ops.golf.relu2_mlp_bwd(dy.to(x.dtype), x, h, w_up, w_down)
+    dx, dw_up, dw_down = relu2_mlp_bwd_op(dy.to(x.dtype), x, h, w_up, w_down)
     return dx, dw_up, dw_down
 
 
-relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+relu2_mlp_fwd_op.register_autograd(_relu2_mlp_fwd_backward, setup_context=_relu2_mlp_fwd_setup_context)
 
-# --------------------------------------------------------------------------- public function
+# --------------------------------------------------------------------------- public API
 
 
 def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -349,8 +338,11 @@ def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torc
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_up, w_down = (t.to(dtype) if t.dtype in SUPPORTED_DTYPES else t for t in (x, w_up, w_down))
     _check_inputs(x, w_up, w_down, "relu2_mlp")
-    y, _h = torch.ops.golf.relu2_mlp_fwd(x.reshape(-1, x.shape[-1]), w_up, w_down)
+    y, _h = relu2_mlp_fwd_op(x.reshape(-1, x.shape[-1]), w_up, w_down)
     return y.reshape(x.shape)
 
 
 TRITON_IMPLS = {"relu2_mlp": relu2_mlp}
+
+# The old handle names bench/sm90_compile.py still uses; delete once its _cases use the new ones.
+relu2_mlp_fwd, relu2_mlp_bwd = relu2_mlp_fwd_op, relu2_mlp_bwd_op

@@ -164,9 +164,9 @@ def test_opcheck():
     x, w_up, w_down, dy = make_inputs((17,), 24, 40, seed=7)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
-    torch.library.opcheck(mlp.relu2_mlp_fwd, tuple(leaves), test_utils=checks)
+    torch.library.opcheck(mlp.relu2_mlp_fwd_op, tuple(leaves), test_utils=checks)
     h = x @ w_up.T
-    torch.library.opcheck(mlp.relu2_mlp_bwd, (dy, x, h, w_up, w_down), test_utils=checks)
+    torch.library.opcheck(mlp.relu2_mlp_bwd_op, (dy, x, h, w_up, w_down), test_utils=checks)
 
 
 def test_compiles_fullgraph_without_recompiling():
@@ -198,22 +198,10 @@ def test_eager_twins_match_reference_autograd():
     # The CPU path without the interpreter restates the kernels' formulas with torch ops; in fp64
     # they must be autograd of the reference to rounding.
     x, w_up, w_down, dy = make_inputs((17,), 24, 40, dtype=torch.float64, seed=11)
-    y, h = mlp.eager_forward(x, w_up, w_down)
-    got = [y, *mlp.eager_backward(dy, x, h, w_up, w_down)]
+    y, h = mlp.relu2_mlp_fwd_eager(x, w_up, w_down)
+    got = [y, *mlp.relu2_mlp_bwd_eager(dy, x, h, w_up, w_down)]
     for actual, want in zip(got, output_and_grads(reference.relu2_mlp, x, w_up, w_down, dy)):
         assert_close(actual, want, torch.float64)
-
-
-def test_gemm_family_relu2_on_b_operand():
-    # The GEMM's other prologue (RELU2_B, unused by the op today): C = A @ relu2(B), B a transposed view.
-    if DEVICE == "cpu" and not mlp.INTERPRET:
-        pytest.skip("the Triton GEMM runs on a GPU or under TRITON_INTERPRET=1")
-    gen = torch.Generator().manual_seed(10)
-    a = torch.randn(37, 45, generator=gen).to(DEVICE)
-    b = torch.randn(29, 45, generator=gen).to(DEVICE).T  # [K=45, N=29], stride (1, 45)
-    out = mlp.new_output((37, 29), torch.float32, DEVICE)
-    mlp._gemm(a, b, out, relu2_b=True)
-    assert_close(out, (a.double() @ torch.relu(b.double()).square()).float(), torch.float32)
 
 
 # --------------------------------------------------------------------------- GPU only
