@@ -1,9 +1,29 @@
 """The kernel interface the model calls, and the choice of backend.
 
-KERNELS=triton|reference picks the implementation (default: triton where CUDA is available,
-else reference). `kernels.reference.<name>` is always the eager reference. With
-KERNELS=triton and TRITON_INTERPRET=1, the Triton kernels run in Triton's interpreter on CPU
-tensors. A family without a Triton kernel yet falls back to its reference.
+KERNELS=triton|reference picks the implementation. The default is triton where CUDA is available
+or Triton's interpreter is on (TRITON_INTERPRET=1, which then runs the kernels on CPU tensors),
+else reference. `kernels.reference.<name>` is always the eager reference. A family without a
+Triton kernel falls back to its reference.
+
+A kernel family is one module, `kernels/ops/<family>.py` (`kernels.<name>` is the public function,
+`kernels.ops.<family>` the module), laid out top to bottom as:
+
+1. The docstring: what it computes (shapes), how the kernels split the work, FLOPs or bytes.
+2. Constants. Block sizes with one comment each saying why that size. A constant the reference
+   also uses (a norm floor, the ignore index, the int6 range) comes from kernels.reference, as a
+   `tl.constexpr` copy where a kernel reads it; never a literal inside a kernel.
+3. The `@triton.jit` kernels (`_<name>_kernel`). Launch policy comes from the shared helpers:
+   `_numerics.dot_precision(dtype)`, `_launch.num_sms(device)`, `_launch.autotune_pair(...)`.
+4. Input checks, `_check_*(..., where)`: ValueError for a shape or value, TypeError for a dtype.
+5. For each op `golf::<op>`:
+   - `<op>_op`: the `torch.library.triton_op` (checks, allocation, grid, launches);
+   - `<op>_eager`: its CPU fallback in torch ops (an alias of the reference where that already
+     has the op's signature), and `_<op>_fake`; both registered by `_launch.register_cpu_and_fake`;
+   - for a differentiable op, `_<op>_setup_context(ctx, inputs, output)`, which unpacks inputs
+     and output by name (`q, k, v, xsa = inputs`), and `_<op>_backward`, registered with
+     `<op>_op.register_autograd`.
+6. The public function(s), which call the handles (`<op>_op(...)`, as backwards do too), and
+   `TRITON_IMPLS = {public name: function}`, which this module collects.
 """
 import contextlib
 import os
@@ -77,23 +97,23 @@ def xsa_attention(q, k, v, xsa: bool = False):
 
 
 def int6_fakequant(w, out_dtype=None):
-    """Per-row int6 quantise-dequantise (exactly the export's), straight-through gradient; the
-    result in out_dtype (default w's), so fp32 weights become bf16 operands in the same pass."""
+    """Per-row int6 quantise-dequantise of w [..., n] (exactly the export's), straight-through gradient;
+    the result in out_dtype (default w's), so fp32 weights become bf16 operands in the same pass."""
     return _impl("int6_fakequant")(w, out_dtype)
 
 
 def int6_quantize(w):
-    """Per-row int6 values (int8 storage) and fp16 scales, as the exporter stores them."""
+    """Per-row int6 values (int8, w's shape [..., n]) and fp16 scales ([...]), as the exporter stores them."""
     return _impl("int6_quantize")(w)
 
 
 def bigram_hash(ids, buckets: int):
-    """BigramHash bucket of each position: [B,T] -> int64 [B,T]."""
+    """BigramHash bucket of each position: ids [..., T] -> int64 [..., T]."""
     return _impl("bigram_hash")(ids, buckets)
 
 
 def bigram_embed(ids, table, deterministic: bool = False):
-    """Fused hash + row gather: [B,T] -> [B,T,D]; deterministic=True gives the same gradient bits every run."""
+    """Fused hash + row gather: ids [..., T], table [buckets, D] -> [..., T, D]; deterministic=True gives the same gradient bits every run."""
     return _impl("bigram_embed")(ids, table, deterministic)
 
 
