@@ -19,7 +19,6 @@ torch major.minor):
 
     UPDATE_LOSS_CURVE=1 python -m pytest -q tests/test_convergence.py -k stored
 """
-import importlib
 import json
 import os
 
@@ -30,6 +29,7 @@ import triton
 
 import kernels
 from kernels._launch import INTERPRET
+from kernels.ops import newton_schulz
 from model.config import Config
 from model.data import write_shard
 from model.runlog import RunLog
@@ -148,7 +148,7 @@ def interpreter_blocks():
     knob): a quarter of the programs for the 32-wide matrices, and Muon's Newton-Schulz launches
     are most of this run's time. Its own tests cover multi-tile shapes at 16; here the 16-row and
     16-column matrices still exercise the masked ragged edges."""
-    module = importlib.import_module("kernels.newton_schulz")
+    module = newton_schulz
     previous = module.INTERPRET_BLOCK
     module.INTERPRET_BLOCK = 32
     yield
