@@ -318,7 +318,8 @@ def _compress_into(raw: bytes, out, level: int) -> None:
 
 
 def artifact_to_bytes(sd: dict, *, fp32_names, int6_names, level: int = Config.zstd_level) -> tuple[bytes, dict]:
-    """The compressed artifact of a state dict, in memory -> (bytes, report)."""
+    """The compressed artifact of a state dict, in memory -> (bytes, report). Kept beside
+    write_artifact for sizing an artifact without a file: the round-trip tests use it."""
     _check_level(level)
     payload, report = quantize_state_dict(sd, fp32_names=fp32_names, int6_names=int6_names)
     out = io.BytesIO()

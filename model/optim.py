@@ -8,8 +8,7 @@ from model.muon import Muon
 
 
 def build_optimizers(model, cfg: Config, muon_compute_dtype: torch.dtype = torch.bfloat16) -> list[torch.optim.Optimizer]:
-    """muon_compute_dtype: SPEC's bf16 Newton-Schulz; fp32 where Triton's interpreter runs it
-    (its tl.dot is wrong on bf16 operands)."""
+    """muon_compute_dtype: the Newton-Schulz precision (model.training.muon_compute_dtype decides it)."""
     groups = model.param_groups()
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd, **fused)
