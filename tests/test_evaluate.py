@@ -26,6 +26,7 @@ from model.evaluate import (
     sliding_windows,
     ttt_chunk_lr,
 )
+from tests.multiprocess import run_ranks
 from tests.tolerances import assert_close
 
 VOCAB = 37
@@ -399,6 +400,8 @@ def _free_port() -> int:
 def _distributed_worker(rank, world_size, port, out_path):
     import torch.distributed as dist
 
+    from model.distributed import leave_process_group
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
@@ -413,14 +416,12 @@ def _distributed_worker(rank, world_size, port, out_path):
         results["weights"] = weights(model)
         torch.save(results, f"{out_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        leave_process_group()  # train.py's teardown, pause included
 
 
 def test_two_gloo_processes_match_one(tmp_path):
-    import torch.multiprocessing as mp
-
     out = str(tmp_path / "result")
-    mp.spawn(_distributed_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    run_ranks(_distributed_worker, 2, (2, _free_port(), out))
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
 
     tokens, luts, cfg = synthetic_tokens(NUM_TOKENS), synthetic_luts(), ttt_config(ttt_batch_seqs=3)

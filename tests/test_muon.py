@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kernels
 from kernels import reference
+from model.distributed import leave_process_group
 from model.muon import Muon
+from tests.multiprocess import run_ranks
 from tests.tolerances import assert_close
 
 # several shapes: a group of 3 (not divisible by 2 ranks), a tall group of 2, a lone matrix
@@ -106,13 +107,12 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             run_steps(params, 3, **DIST_KWARGS)
         torch.save([p.detach() for p in params], os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()  # train.py's teardown, pause included
 
 
 @pytest.mark.slow  # two spawned processes importing torch and triton: about 10 s
 def test_two_ranks_match_one_rank(tmp_path):
-    # spawn, not fork: forked children hung here (the parent's thread pools do not survive a fork)
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_rank_worker, 2, (2, str(tmp_path / "init"), str(tmp_path)))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     with kernels.use_backend("reference"):
         single = make_params(SHAPES, seed=3)
