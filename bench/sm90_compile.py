@@ -145,20 +145,20 @@ def _cases(dtypes) -> list[tuple[str, object]]:
     shapes = sorted({tuple(p.shape) for p in model.param_groups()["matrix"]})
     for rows, cols in shapes:
         w = empty(rows, cols, dtype=torch.float32)
-        cases.append((f"int6_fakequant {rows}x{cols}", lambda w=w: _body(fakequant._int6_fakequant_op)(w, torch.bfloat16)))
-        cases.append((f"int6_quantize {rows}x{cols}", lambda w=w: _body(fakequant._int6_quantize_op)(w)))
+        cases.append((f"int6_fakequant {rows}x{cols}", lambda w=w: _body(fakequant.int6_fakequant_op)(w, torch.bfloat16)))
+        cases.append((f"int6_quantize {rows}x{cols}", lambda w=w: _body(fakequant.int6_quantize_op)(w)))
 
     # BigramHash: ids [B, T] with the model's table (dtype as the model holds it)
     ids = torch.zeros(B, T, dtype=torch.int64)
     table = model.bigram.table.detach()
     buckets, bdim = table.shape
     grad = empty(B, T, bdim, dtype=table.dtype)
-    cases.append(("bigram_hash", lambda: _body(bigram._bigram_hash_op)(ids, buckets)))
-    cases.append(("bigram_embed", lambda: _body(bigram._bigram_embed_op)(ids, table, False)))
+    cases.append(("bigram_hash", lambda: _body(bigram.bigram_hash_op)(ids, buckets)))
+    cases.append(("bigram_embed", lambda: _body(bigram.bigram_embed_op)(ids, table, False)))
     for deterministic in (False, True):
         cases.append((
             f"bigram_embed_backward deterministic={deterministic}",
-            lambda d=deterministic: _body(bigram._bigram_embed_backward_op)(grad, ids, buckets, table.dtype, d),
+            lambda d=deterministic: _body(bigram.bigram_embed_backward_op)(grad, ids, buckets, table.dtype, d),
         ))
 
     for dtype in dtypes:
@@ -171,11 +171,11 @@ def _cases(dtypes) -> list[tuple[str, object]]:
             # thunks run after the loop: every tensor they use is bound as a default, not looked up late
             cases.append((
                 f"xsa_attention_fwd {name} xsa={use_xsa}",
-                lambda x=use_xsa, qkv=qkv: _body(xsa.xsa_attention_fwd)(*qkv, x),
+                lambda x=use_xsa, qkv=qkv: _body(xsa.xsa_attention_fwd_op)(*qkv, x),
             ))
             cases.append((
                 f"xsa_attention_bwd {name} xsa={use_xsa}",
-                lambda x=use_xsa, qkv=qkv, s=stats: _body(xsa.xsa_attention_bwd)(qkv[0], *qkv, qkv[0], s, s, x),
+                lambda x=use_xsa, qkv=qkv, s=stats: _body(xsa.xsa_attention_bwd_op)(qkv[0], *qkv, qkv[0], s, s, x),
             ))
         # Newton-Schulz: one stacked launch per Muon shape group, computing in `dtype`
         coeffs = [c for triple in [reference.QUINTIC_COEFFS] * cfg.muon_backend_steps for c in triple]
@@ -193,19 +193,19 @@ def _cases(dtypes) -> list[tuple[str, object]]:
         weight = model.tok_emb.weight.detach()
         targets = torch.zeros(B * T, dtype=torch.int64)
         per_token = empty(B * T, dtype=torch.float32)
-        cases.append((f"softcap_ce_fwd {name}", lambda x=x: _body(softcap_ce.softcap_ce_fwd)(x, weight, targets, 30.0)))
+        cases.append((f"softcap_ce_fwd {name}", lambda x=x: _body(softcap_ce.softcap_ce_fwd_op)(x, weight, targets, 30.0)))
         cases.append((
             f"softcap_ce_dlogits {name}",
-            lambda x=x: _body(softcap_ce.softcap_ce_dlogits)(x, weight, targets, per_token, per_token, per_token, 30.0),
+            lambda x=x: _body(softcap_ce.softcap_ce_dlogits_op)(x, weight, targets, per_token, per_token, per_token, 30.0),
         ))
         # relu^2 MLP: the bodies run their cuBLAS half as CPU matmuls, so 8192 tokens stand in for the
         # micro-batch's 98,304 (the same autotune list and constexprs; only the split-K count differs)
         tokens, hidden = 8192, cfg.mlp_hidden
         xs, h = empty(tokens, cfg.model_dim, dtype=dtype), empty(tokens, hidden, dtype=dtype)
         w_up, w_down = empty(hidden, cfg.model_dim, dtype=dtype), empty(cfg.model_dim, hidden, dtype=dtype)
-        cases.append((f"relu2_mlp_fwd {name}", lambda xs=xs, u=w_up, w=w_down: _body(mlp.relu2_mlp_fwd)(xs, u, w)))
+        cases.append((f"relu2_mlp_fwd {name}", lambda xs=xs, u=w_up, w=w_down: _body(mlp.relu2_mlp_fwd_op)(xs, u, w)))
         cases.append((
-            f"relu2_mlp_bwd {name}", lambda xs=xs, h=h, u=w_up, w=w_down: _body(mlp.relu2_mlp_bwd)(xs, xs, h, u, w),
+            f"relu2_mlp_bwd {name}", lambda xs=xs, h=h, u=w_up, w=w_down: _body(mlp.relu2_mlp_bwd_op)(xs, xs, h, u, w),
         ))
     return cases
 

@@ -305,6 +305,3 @@ def bigram_embed(ids: torch.Tensor, table: torch.Tensor, deterministic: bool = F
 
 
 TRITON_IMPLS = {"bigram_hash": bigram_hash, "bigram_embed": bigram_embed}
-
-# The old handle names bench/sm90_compile.py still uses; delete once its _cases use the new ones.
-_bigram_hash_op, _bigram_embed_op, _bigram_embed_backward_op = bigram_hash_op, bigram_embed_op, bigram_embed_backward_op

@@ -216,6 +216,3 @@ def int6_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 TRITON_IMPLS = {"int6_fakequant": int6_fakequant, "int6_quantize": int6_quantize}
-
-# The old handle names bench/sm90_compile.py still uses; delete once its _cases use the new ones.
-_int6_fakequant_op, _int6_quantize_op = int6_fakequant_op, int6_quantize_op

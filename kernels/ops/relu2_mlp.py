@@ -343,6 +343,3 @@ def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torc
 
 
 TRITON_IMPLS = {"relu2_mlp": relu2_mlp}
-
-# The old handle names bench/sm90_compile.py still uses; delete once its _cases use the new ones.
-relu2_mlp_fwd, relu2_mlp_bwd = relu2_mlp_fwd_op, relu2_mlp_bwd_op

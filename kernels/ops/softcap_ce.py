@@ -342,6 +342,3 @@ def softcap_cross_entropy(
 
 
 TRITON_IMPLS = {"softcap_cross_entropy": softcap_cross_entropy}
-
-# The old handle names bench/sm90_compile.py still uses; delete once its _cases use the new ones.
-softcap_ce_fwd, softcap_ce_dlogits = softcap_ce_fwd_op, softcap_ce_dlogits_op

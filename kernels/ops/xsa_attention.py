@@ -677,6 +677,3 @@ def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool =
 
 
 TRITON_IMPLS = {"xsa_attention": xsa_attention}
-
-# The old handle names bench/sm90_compile.py still uses; delete once its _cases use the new ones.
-xsa_attention_fwd, xsa_attention_bwd = xsa_attention_fwd_op, xsa_attention_bwd_op
