@@ -1,0 +1,446 @@
+"""SPEC.md "Training recipe", checked through the real code path, independently of the stored loss curve.
+
+A tiny model (2 layers, dim 32, vocab 64, seq 16) on the reference kernels is trained by
+train.py's own `Trainer(...).run()`, with two things swapped in: model.training's clock reads a
+fake `time.perf_counter` that advances by exactly STEP_MS per optimizer step (a binary-exact
+number, so the wall-clock arithmetic is exact), and train.py's `training_step` is wrapped to
+record, around the real step, what the recipe says must hold:
+
+- each optimizer's param groups as its `step()` sees them (lr, betas, weight decay, momentum),
+  and Muon's momentum buffers before and after, to show the scheduled momentum is the one applied;
+- the loss the step computed against the loss of copies of the model with plain and with int6
+  fake-quantised linear weights (written here from SPEC, not taken from kernels/), on the same batches;
+- the weights after the step, from which the SWA mean is rebuilt.
+
+What each test expects is written from SPEC, not from model/schedule.py: no LR warm-up (SPEC's 20
+compile steps, 2 here, are undone), a constant LR, then a linear warmdown that reaches 0 at the cap (or at
+ITERATIONS without one) on every optimizer; Muon's momentum linear from 0.92 to 0.99; late QAT
+below its threshold; the mean of the snapshots taken every SWA_EVERY steps below SWA_THRESHOLD
+in the returned and exported weights; the stop at the cap, with training time excluding the
+pauses for validation.
+
+Bugs planted by hand while writing these tests, each caught: set_schedule skipping the AdamW
+optimizers (both warmdown tests); the Muon momentum left constant, in train.py or in set_schedule
+(the momentum test); SWA averaged but not applied, or a snapshot every step (both SWA tests); late
+QAT logged but never switched on, or on from the start (the QAT test); the wall-clock stop removed,
+or one step late, or validation counted as training time, or the step time estimated off by one
+(the stop test); an LR warm-up added, or the compile warm-up not undone (the warm-up test); the
+bigram projection given to AdamW, or AdamW's beta2 at 0.999 (the groups test); the step-counted
+warmdown ignored (its test).
+"""
+import copy
+import os
+import re
+
+import pytest
+import torch
+
+import kernels
+import model.training
+import train
+from model import export
+from model.config import Config
+from model.distributed import Dist
+from model.muon import Muon
+from model.runlog import RunLog
+from model.schedule import lr_scale
+from model.training import build_training_state
+
+# SPEC.md "Training recipe", as literals (Config's defaults must be these, and the tiny runs use them).
+SPEC_MATRIX_LR, SPEC_EMBED_LR, SPEC_SCALAR_LR = 0.025, 0.035, 0.025
+SPEC_WD, SPEC_BETAS, SPEC_EPS = 0.04, (0.9, 0.95), 1e-8
+SPEC_MOMENTUM_START, SPEC_MOMENTUM = 0.92, 0.99
+SPEC_NS_STEPS, SPEC_NS_COEFFS = 5, (3.4445, -4.7750, 2.0315)
+
+# The wall-clock run: 125 ms per step (exact in binary) against a 2 s cap, so the cap is reached
+# after exactly CAP_STEPS steps; the warmdown covers the last WARMDOWN steps' worth of time.
+STEP_MS = 125.0
+CAP_STEPS = 16
+WARMDOWN = 8
+MOMENTUM_WARMUP = 8
+QAT_THRESHOLD = 0.3  # scale (16 - s) / 8 < 0.3 from 0-based step 14: QAT for the last 2 steps
+SWA_THRESHOLD, SWA_EVERY = 0.7, 2  # snapshots after steps 12, 14, 16 (scales 0.625, 0.375, 0.125)
+VAL_EVERY, VAL_SECONDS = 4, 100.0  # validation that takes 100 s of wall time, paused out of training time
+
+# The step-counted run (MAX_WALLCLOCK_SECONDS=0): 8 steps, warmdown over the last 4.
+STEP_RUN_ITERATIONS, STEP_RUN_WARMDOWN = 8, 4
+
+# Parameters of the tiny model by optimizer (SPEC: Muon for the block matrices and the bigram and VE
+# projections; AdamW for the token, bigram and VE tables; AdamW for every scalar and control tensor).
+BLOCK_MATRICES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+BLOCK_SCALARS = ("attn.q_gain", "attn_scale", "mlp_scale", "resid_mix")
+EXPECTED_GROUPS = {
+    "matrix": {f"blocks.{i}.{n}" for i in range(2) for n in BLOCK_MATRICES} | {"bigram.proj.weight", "ve.proj.weight"},
+    "embed": {"tok_emb.weight", "bigram.table", "ve.table"},
+    "scalar": {f"blocks.{i}.{n}" for i in range(2) for n in BLOCK_SCALARS}
+              | {"bigram.scale", "smear.gate", "ve.scale", "ve.layer_scales", "skip_weights"},
+}
+EXPECTED_BASE_LR = {"matrix": SPEC_MATRIX_LR, "embed": SPEC_EMBED_LR, "scalar": SPEC_SCALAR_LR}
+
+
+def tiny_config(**recipe) -> Config:
+    """The tiny model with SPEC's optimizer settings (Config's defaults); `recipe` sets the schedule."""
+    settings = dict(
+        data_path="", compile=False, seed=1337,
+        vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
+        xsa_last_n=1, bigram_vocab_size=31, bigram_dim=8, ve_dim=8, ve_layers="1",
+        train_seq_len=16, train_batch_tokens=64, grad_accum_total=2, warmup_steps=2,
+        train_log_every=1, val_loss_every=0, checkpoint_every=0,
+    )
+    return Config(**{**settings, **recipe}).validate()
+
+
+class CountingBatches:
+    """Random batches that follow the loader's position (tests/test_training.py's pattern), so a
+    test can peek at the batches a step is about to read and put the position back."""
+
+    def __init__(self, vocab: int):
+        self.vocab, self.position = vocab, 0
+
+    def next_batch(self, tokens: int, seq_len: int, device):
+        g = torch.Generator().manual_seed(self.position)
+        self.position += 1
+        seq = torch.randint(0, self.vocab, (tokens // seq_len, seq_len + 1), generator=g)
+        return seq[:, :-1].to(device), seq[:, 1:].to(device)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+class FakeTime:
+    """model.training's `time`: perf_counter() reads `now` (seconds), which the test advances."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def int6_fake_quantised(w: torch.Tensor) -> torch.Tensor:
+    """SPEC "Export": per-row symmetric int6, scale = row absmax / 31 in fp16 (floor 1/31), values in [-32, 31]."""
+    scale = (w.float().abs().amax(dim=-1, keepdim=True) / 31).clamp_min(1 / 31).half().float()
+    return (torch.round(w.float() / scale).clamp(-32, 31) * scale).to(w.dtype)
+
+
+def clone_weights(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def group_kind(group: dict, names: dict) -> str:
+    """Which of SPEC's three classes a param group holds ("mixed: ..." when it holds more than one)."""
+    found = {names[id(p)] for p in group["params"]}
+    kinds = [kind for kind, expected in EXPECTED_GROUPS.items() if found <= expected]
+    return kinds[0] if len(kinds) == 1 else f"mixed: {sorted(found)}"
+
+
+def mean_loss(net: torch.nn.Module, batches) -> float:
+    """As training_step sums it: micro-batch losses added in order, divided by their number."""
+    total = torch.zeros(())
+    with torch.no_grad():
+        for x, y in batches:
+            total += net(x, y)
+    return (total / len(batches)).item()
+
+
+def instrumented_run(cfg: Config, folder: str, step_ms: float, validate_seconds: float = 0.0) -> dict:
+    """Trainer(state, log, validate).run() on the tiny model with the fake clock; returns what it recorded."""
+    fake = FakeTime()
+    record = {"steps": [], "warmup_optimizer_steps": 0, "validations": []}
+    current = {"step": None}  # the loop step being recorded (None during the warm-up)
+    with pytest.MonkeyPatch.context() as mp, kernels.use_backend("reference"):
+        mp.setattr(model.training, "time", fake)
+        state = build_training_state(cfg, Dist.single(), CountingBatches(cfg.vocab_size))
+        names = {id(p): n for n, p in state.model.named_parameters()}
+        record["initial"] = clone_weights(state.model)
+
+        def recording(opt):
+            original = opt.step
+
+            def step(*args, **kwargs):
+                entry = current["step"]
+                if entry is None:
+                    record["warmup_optimizer_steps"] += 1
+                    return original(*args, **kwargs)
+                before = {}
+                if isinstance(opt, Muon):  # the momentum buffer and gradient each parameter enters with
+                    before = {p: (opt.state[p]["momentum_buffer"].clone() if "momentum_buffer" in opt.state[p]
+                                  else torch.zeros_like(p), p.grad.clone()) for g in opt.param_groups for p in g["params"]}
+                for g in opt.param_groups:
+                    entry["groups"].append(dict(kind=group_kind(g, names), optimizer=type(opt).__name__, lr=g["lr"],
+                                                weight_decay=g["weight_decay"], betas=g.get("betas"), momentum=g.get("momentum")))
+                result = original(*args, **kwargs)
+                for p, (buffer, grad) in before.items():
+                    entry["muon_buffers"].append((buffer, grad, opt.state[p]["momentum_buffer"].clone()))
+                return result
+
+            mp.setattr(opt, "step", step)
+
+        for opt in state.optimizers:
+            recording(opt)
+        real_training_step = train.training_step
+
+        def training_step(state_, scale, momentum):
+            entry = dict(index=len(record["steps"]), elapsed_ms=state_.clock.elapsed_ms, groups=[], muon_buffers=[],
+                         qat_switch=state_.qat)
+            if entry["index"] == 0:
+                entry["weights_before"] = clone_weights(state_.model)
+                entry["optimizer_state_empty"] = all(not opt.state for opt in state_.optimizers)
+            # the batches this step will read, and the loss of plain and int6-quantised copies of the model on them
+            position = state_.loader.state_dict()
+            batches = [state_.loader.next_batch(cfg.train_batch_tokens // cfg.grad_accum_total, cfg.train_seq_len, "cpu")
+                       for _ in range(state_.accum)]
+            state_.loader.load_state_dict(position)
+            plain = copy.deepcopy(state_.model)
+            plain.set_qat(False)
+            quantised = copy.deepcopy(plain)
+            with torch.no_grad():
+                for m in quantised.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.weight.copy_(int6_fake_quantised(m.weight))
+            entry["plain_loss"], entry["quantised_loss"] = mean_loss(plain, batches), mean_loss(quantised, batches)
+            current["step"] = entry
+            try:
+                loss = real_training_step(state_, scale, momentum)
+            finally:
+                current["step"] = None
+            entry["loss"] = loss.item()
+            entry["weights_after"] = clone_weights(state_.model)
+            record["steps"].append(entry)
+            fake.now += step_ms / 1000.0
+            return loss
+
+        mp.setattr(train, "training_step", training_step)
+
+        def validate(net, step, train_time_ms):
+            record["validations"].append((step, train_time_ms))
+            fake.now += validate_seconds
+
+        log = RunLog(folder, is_main=True)
+        returned = train.Trainer(state, log, validate if cfg.val_loss_every else None).run()
+        assert len(record["steps"]) > 0, "Trainer.loop did not call train.training_step: the recording saw no step"
+        record.update(state=state, model=returned, log=log, names=names, cfg=cfg,
+                      final_elapsed_ms=state.clock.elapsed_ms, returned_weights=clone_weights(returned))
+        with open(log.path("train.log")) as f:
+            record["log_lines"] = f.read().splitlines()
+    return record
+
+
+def wallclock_scale(s: int) -> float:
+    """SPEC: constant, then linear to 0 over the last WARMDOWN steps' worth of time before the cap."""
+    return min(1.0, (CAP_STEPS - s) / WARMDOWN)
+
+
+def step_count_scale(s: int) -> float:
+    """Without a cap: constant, then linear to 0 at ITERATIONS over the last WARMDOWN steps."""
+    return min(1.0, (STEP_RUN_ITERATIONS - s) / STEP_RUN_WARMDOWN)
+
+
+def spec_momentum(s: int) -> float:
+    frac = min(s / MOMENTUM_WARMUP, 1.0)
+    return (1 - frac) * SPEC_MOMENTUM_START + frac * SPEC_MOMENTUM
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These matrices are tiny: on a shared, busy CPU, intra-op threads spin against other processes
+    and a 32 x 32 Newton-Schulz takes 70 ms instead of 0.3 ms. One thread keeps the module to seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def wallclock_run(tmp_path_factory):
+    cfg = tiny_config(iterations=CAP_STEPS + 8, max_wallclock_seconds=CAP_STEPS * STEP_MS / 1000.0,
+                      warmdown_iters=WARMDOWN, muon_momentum_warmup_steps=MOMENTUM_WARMUP,
+                      late_qat_threshold=QAT_THRESHOLD, swa_enabled=True, swa_threshold=SWA_THRESHOLD,
+                      swa_every=SWA_EVERY, val_loss_every=VAL_EVERY)
+    return instrumented_run(cfg, str(tmp_path_factory.mktemp("wallclock")), STEP_MS, validate_seconds=VAL_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def step_count_run(tmp_path_factory):
+    cfg = tiny_config(iterations=STEP_RUN_ITERATIONS, max_wallclock_seconds=0, warmdown_iters=STEP_RUN_WARMDOWN,
+                      late_qat_threshold=0, swa_enabled=False)
+    # 1000 s per step: far beyond any cap, which must not apply when MAX_WALLCLOCK_SECONDS=0
+    return instrumented_run(cfg, str(tmp_path_factory.mktemp("steps")), 1_000_000.0)
+
+
+# --------------------------------------------------------------------------- optimizer groups
+
+def test_spec_recipe_numbers_are_the_config_defaults():
+    cfg = Config()
+    assert (cfg.matrix_lr, cfg.tied_embed_lr, cfg.scalar_lr) == (SPEC_MATRIX_LR, SPEC_EMBED_LR, SPEC_SCALAR_LR)
+    assert (cfg.muon_wd, cfg.adam_wd, (cfg.beta1, cfg.beta2), cfg.adam_eps) == (SPEC_WD, SPEC_WD, SPEC_BETAS, SPEC_EPS)
+    assert (cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps) == (0.92, 0.99, 1500)
+    assert (cfg.warmup_steps, cfg.warmdown_iters, cfg.max_wallclock_seconds, cfg.grad_clip_norm) == (20, 3000, 600.0, 0.3)
+    assert (cfg.swa_enabled, cfg.swa_threshold, cfg.swa_every, cfg.late_qat_threshold) == (True, 0.2, 50, 0.1)
+
+
+def test_every_parameter_is_in_exactly_one_optimizer_group_with_spec_settings():
+    with kernels.use_backend("reference"):
+        state = build_training_state(tiny_config(), Dist.single(), CountingBatches(64))
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    grouped = [names[id(p)] for opt in state.optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(names.values()), "every parameter must be optimised exactly once"
+    by_kind = {}
+    for opt in state.optimizers:
+        for g in opt.param_groups:
+            by_kind.setdefault(group_kind(g, names), []).append((opt, g))
+    assert set(by_kind) == set(EXPECTED_GROUPS)
+    for kind, entries in by_kind.items():
+        assert {names[id(p)] for _, g in entries for p in g["params"]} == EXPECTED_GROUPS[kind], kind
+        for opt, g in entries:
+            assert g["lr"] == g["base_lr"] == EXPECTED_BASE_LR[kind], kind
+            assert g["weight_decay"] == SPEC_WD, kind
+            if kind == "matrix":
+                assert isinstance(opt, Muon)
+                assert g["nesterov"] and g["backend_steps"] == SPEC_NS_STEPS and tuple(g["coeffs"]) == SPEC_NS_COEFFS
+            else:
+                assert type(opt) is torch.optim.AdamW, f"{kind}: {type(opt).__name__}"  # decoupled weight decay
+                assert g["betas"] == SPEC_BETAS and g["eps"] == SPEC_EPS, kind
+
+
+# --------------------------------------------------------------------------- schedule on every optimizer
+
+def assert_schedule(run: dict, scale_of_step) -> None:
+    """Every param group of every optimizer, at every loop step, steps with base LR x the scale."""
+    for entry in run["steps"]:
+        s, expected = entry["index"], scale_of_step(entry["index"])
+        assert sorted(g["kind"] for g in entry["groups"]) == ["embed", "matrix", "scalar"], (s, entry["groups"])
+        for g in entry["groups"]:
+            assert g["lr"] == pytest.approx(EXPECTED_BASE_LR[g["kind"]] * expected, rel=1e-12, abs=1e-15), (
+                f"step {s}: the {g['kind']} group ({g['optimizer']}) stepped with lr {g['lr']}, expected "
+                f"{EXPECTED_BASE_LR[g['kind']]} x {expected}")
+            assert g["weight_decay"] == SPEC_WD, (s, g)  # decoupled decay: scheduled through the lr only
+            if g["optimizer"] == "AdamW":
+                assert g["betas"] == SPEC_BETAS, (s, g)
+
+
+def test_no_lr_warmup_the_compile_warmup_is_undone(wallclock_run):
+    run = wallclock_run
+    cfg = run["cfg"]
+    assert run["warmup_optimizer_steps"] == cfg.warmup_steps * 3  # the compile warm-up ran all three optimizers ...
+    first = run["steps"][0]
+    assert first["optimizer_state_empty"]  # ... and left no momentum or Adam moments behind,
+    for name, value in run["initial"].items():  # nor any change to the weights,
+        assert torch.equal(first["weights_before"][name], value), name
+    assert not first["qat_switch"]  # nor QAT on;
+    for g in first["groups"]:  # and the first real step runs at the full LR: no LR warm-up
+        assert g["lr"] == EXPECTED_BASE_LR[g["kind"]], g
+
+
+def test_wallclock_warmdown_on_every_optimizer(wallclock_run):
+    assert len(wallclock_run["steps"]) == CAP_STEPS
+    assert_schedule(wallclock_run, wallclock_scale)
+
+
+def test_step_count_warmdown_on_every_optimizer_without_a_cap(step_count_run):
+    run = step_count_run
+    assert len(run["steps"]) == STEP_RUN_ITERATIONS  # ran to ITERATIONS although 8000 s of "time" went by
+    assert_schedule(run, step_count_scale)
+    assert not any("stopping at step" in line for line in run["log_lines"])
+    assert lr_scale(STEP_RUN_ITERATIONS, run["final_elapsed_ms"], run["cfg"]) == 0.0
+
+
+# --------------------------------------------------------------------------- Muon momentum warm-up
+
+def test_muon_momentum_warmup_is_applied_to_the_muon_group(wallclock_run):
+    for entry in wallclock_run["steps"]:
+        s, expected = entry["index"], spec_momentum(entry["index"])
+        muon = [g for g in entry["groups"] if g["optimizer"] == "Muon"]
+        assert muon and all(g["momentum"] == pytest.approx(expected, rel=1e-12) for g in muon), (s, muon, expected)
+        # what the Muon step actually did with its buffers: b <- momentum * b + g
+        assert entry["muon_buffers"]
+        for buffer, grad, after in entry["muon_buffers"]:
+            torch.testing.assert_close(after, buffer * expected + grad, rtol=1e-6, atol=1e-9,
+                                       msg=lambda m: f"step {s}: momentum buffer not updated with momentum {expected}: {m}")
+
+
+# --------------------------------------------------------------------------- late QAT
+
+def test_late_qat_changes_the_training_forward_below_its_threshold(wallclock_run):
+    steps = wallclock_run["steps"]
+    qat_steps = [e["index"] for e in steps if wallclock_scale(e["index"]) < QAT_THRESHOLD]
+    assert qat_steps == [14, 15]
+    for entry in steps:
+        s = entry["index"]
+        quantised = s in qat_steps
+        expected = entry["quantised_loss"] if quantised else entry["plain_loss"]
+        other = entry["plain_loss"] if quantised else entry["quantised_loss"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-6, abs=0), (
+            f"step {s}: the step's loss {entry['loss']} is not the {'int6-quantised' if quantised else 'plain'} "
+            f"forward's {expected} (the other is {other})")
+        if s >= 2:  # once the zero-initialised projections have moved, quantisation changes the loss visibly
+            assert abs(entry["quantised_loss"] - entry["plain_loss"]) > 1e-5 * abs(entry["plain_loss"]), entry
+    lines = [line for line in wallclock_run["log_lines"] if "late QAT on" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"step:{qat_steps[0]} "), lines
+    assert not wallclock_run["model"].blocks[0].attn.c_q.qat  # the returned model is the plain function of its weights
+
+
+# --------------------------------------------------------------------------- SWA
+
+def swa_mean(run: dict) -> tuple[list[int], dict]:
+    """The steps SPEC snapshots (every SWA_EVERY steps, where the step ran with scale < SWA_THRESHOLD) and their mean."""
+    taken = [e["index"] + 1 for e in run["steps"]
+             if (e["index"] + 1) % SWA_EVERY == 0 and wallclock_scale(e["index"]) < SWA_THRESHOLD]
+    snapshots = [run["steps"][k - 1]["weights_after"] for k in taken]
+    mean = {}
+    for name, last in run["steps"][-1]["weights_after"].items():
+        total = snapshots[0][name].float().clone()
+        for snapshot in snapshots[1:]:
+            total += snapshot[name].float()
+        mean[name] = (total / len(snapshots)).to(last.dtype)
+    return taken, mean
+
+
+def test_swa_mean_is_the_returned_model(wallclock_run):
+    taken, mean = swa_mean(wallclock_run)
+    assert taken == [12, 14, 16]
+    returned, last = wallclock_run["returned_weights"], wallclock_run["steps"][-1]["weights_after"]
+    assert any(not torch.equal(mean[n], last[n]) for n in mean)  # the mean is not the last weights
+    for name, expected in mean.items():
+        torch.testing.assert_close(returned[name], expected, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"{name}: the returned weights are not the SWA mean of steps {taken}: {m}")
+    assert any(f"swa: averaged {len(taken)} snapshots" in line for line in wallclock_run["log_lines"])
+
+
+def test_swa_mean_is_what_the_artifact_holds(wallclock_run):
+    run = wallclock_run
+    net, cfg = run["model"], run["cfg"]
+    path = train.export_artifact(net, cfg, Dist.single(), run["log"])
+    written = export.read_artifact(path)
+    declared = dict(fp32_names=net.control_tensor_names(), int6_names=net.int6_matrix_names())
+    _, mean = swa_mean(run)
+    expected = export.artifact_from_bytes(export.artifact_to_bytes(mean, **declared, level=1)[0])
+    of_last = export.artifact_from_bytes(export.artifact_to_bytes(run["steps"][-1]["weights_after"], **declared, level=1)[0])
+    assert written.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(written[name], expected[name]), f"{name}: the artifact does not hold the SWA mean"
+    assert any(not torch.equal(written[n], of_last[n]) for n in written)
+
+
+# --------------------------------------------------------------------------- the wall-clock stop
+
+def test_the_loop_stops_at_the_cap_with_the_warmdown_at_zero(wallclock_run):
+    run, cfg = wallclock_run, wallclock_run["cfg"]
+    assert run["state"].step == CAP_STEPS < cfg.iterations
+    assert run["final_elapsed_ms"] == CAP_STEPS * STEP_MS == cfg.max_wallclock_seconds * 1000.0
+    # validation took VAL_SECONDS of wall time each, and none of it counts as training time
+    assert run["validations"] == [(k, k * STEP_MS) for k in range(VAL_EVERY, CAP_STEPS + 1, VAL_EVERY)]
+    assert [e["elapsed_ms"] for e in run["steps"]] == [s * STEP_MS for s in range(CAP_STEPS)]
+    # the warmdown's line reaches 0 exactly where the cap is: its last step ran at 1/WARMDOWN
+    assert lr_scale(CAP_STEPS, run["final_elapsed_ms"], cfg) == 0.0
+    assert [wallclock_scale(s) for s in range(CAP_STEPS - WARMDOWN, CAP_STEPS)] == [(CAP_STEPS - s) / WARMDOWN for s in range(CAP_STEPS - WARMDOWN, CAP_STEPS)]
+    lines = run["log_lines"]
+    stop = [i for i, line in enumerate(lines) if line.startswith("stopping at step")]
+    assert len(stop) == 1 and lines[stop[0]] == f"stopping at step {CAP_STEPS}: the 2s wall-clock cap is reached", lines[-5:]
+    last_step = [line for line in lines[:stop[0]] if line.startswith("step:") and "train_loss" in line][-1]
+    assert re.match(rf"step:{CAP_STEPS}/{cfg.iterations} .*lr_scale:{1 / WARMDOWN:.3f} train_time:{CAP_STEPS * STEP_MS:.0f}ms",
+                    last_step), last_step
+    assert os.path.exists(run["log"].path("checkpoint.pt"))
