@@ -2,14 +2,14 @@
 and the reference backends, and the reference curve matches the one stored in tests/data.
 
 What runs is the real thing at toy size: GPT (GQA, partial RoPE, XSA on the last block, VE on one
-block, BigramHash, SmearGate, U-Net skip, soft-capped tied head), `Trainer.run()` from train.py
-(gradient accumulation, grad-norm clipping, Muon + both AdamW groups from build_optimizers, the
+block, BigramHash, SmearGate, U-Net skip, soft-capped tied head), `Trainer.run()` from train.py on
+model.training's state and training_step (gradient accumulation, grad-norm clipping, Muon + both AdamW groups from build_optimizers, the
 step-counted warmdown, Muon's momentum warm-up, late QAT switching on part-way, Tight SWA averaged
 into the final weights), on a fixed synthetic, learnable token stream written as a real shard.
 fp32 on the CPU; on a machine without CUDA conftest sets TRITON_INTERPRET=1, so the triton backend
 runs every kernel (attention, fake-quant, bigram, Newton-Schulz in Muon, soft-capped CE) in
-Triton's interpreter, and the Trainer builds Muon with fp32 Newton-Schulz there (the interpreter's
-tl.dot is wrong on bf16 operands).
+Triton's interpreter, and Muon runs fp32 Newton-Schulz there (model.training.muon_compute_dtype:
+the triton-vs-reference comparison below holds fp32 tolerances).
 
 The curve: the train loss of every step (Trainer logs each one to metrics.jsonl at full float
 precision), then the loss of the returned, SWA-averaged model on a fixed held-out batch.
@@ -31,10 +31,9 @@ import kernels
 from kernels._launch import INTERPRET
 from kernels.ops import newton_schulz
 from model.config import Config
-from model.data import write_shard
 from model.runlog import RunLog
 from tests.tolerances import assert_close
-from model.data import DistributedTokenLoader
+from model.data import DistributedTokenLoader, write_shard
 from model.distributed import Dist
 from model.training import build_training_state
 from train import Trainer

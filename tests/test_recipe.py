@@ -45,6 +45,7 @@ from model.muon import Muon
 from model.runlog import RunLog
 from model.schedule import lr_scale
 from model.training import build_training_state
+from tests.fakes import CountingBatches
 
 # SPEC.md "Training recipe", as literals (Config's defaults must be these, and the tiny runs use them).
 SPEC_MATRIX_LR, SPEC_EMBED_LR, SPEC_SCALAR_LR = 0.025, 0.035, 0.025
@@ -88,26 +89,6 @@ def tiny_config(**recipe) -> Config:
         train_log_every=1, val_loss_every=0, checkpoint_every=0,
     )
     return Config(**{**settings, **recipe}).validate()
-
-
-class CountingBatches:
-    """Random batches that follow the loader's position (tests/test_training.py's pattern), so a
-    test can peek at the batches a step is about to read and put the position back."""
-
-    def __init__(self, vocab: int):
-        self.vocab, self.position = vocab, 0
-
-    def next_batch(self, tokens: int, seq_len: int, device):
-        g = torch.Generator().manual_seed(self.position)
-        self.position += 1
-        seq = torch.randint(0, self.vocab, (tokens // seq_len, seq_len + 1), generator=g)
-        return seq[:, :-1].to(device), seq[:, 1:].to(device)
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 class FakeTime:

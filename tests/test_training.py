@@ -11,30 +11,12 @@ import kernels
 from model.config import load_config
 from model.distributed import Dist
 from model.training import ResumeRefused, TrainingClock, build_training_state, training_step, warm_up
+from tests.fakes import CountingBatches
 
 TINY = ["--preset", "smoke", "--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--num_kv_heads", "1",
         "--rope_dims", "8", "--xsa_last_n", "1", "--ve_layers", "1", "--bigram_vocab_size", "31", "--bigram_dim", "8",
         "--ve_dim", "8", "--vocab_size", "64", "--train_seq_len", "16", "--train_batch_tokens", "64",
         "--grad_accum_total", "2", "--warmup_steps", "2"]
-
-
-class CountingBatches:
-    """A loader whose batches follow its position, so restoring its state is visible."""
-
-    def __init__(self, vocab: int):
-        self.vocab, self.position = vocab, 0
-
-    def next_batch(self, tokens: int, seq_len: int, device):
-        g = torch.Generator().manual_seed(self.position)
-        self.position += 1
-        seq = torch.randint(0, self.vocab, (tokens // seq_len, seq_len + 1), generator=g)
-        return seq[:, :-1].to(device), seq[:, 1:].to(device)
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 @pytest.fixture(autouse=True)
