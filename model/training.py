@@ -172,7 +172,8 @@ def warm_up(state: TrainingState) -> float:
     if cfg.warmup_steps <= 0:
         return 0.0
     saved = copy.deepcopy(state.state_dict())
-    qat_from = cfg.warmup_steps // 2 if cfg.late_qat_threshold > 0 else cfg.warmup_steps
+    # the plain graph first (the run starts with it), then the QAT one; one step primes only the plain one
+    qat_from = max(1, cfg.warmup_steps // 2) if cfg.late_qat_threshold > 0 else cfg.warmup_steps
     t0 = time.perf_counter()
     for step in range(cfg.warmup_steps):
         state.model.set_qat(step >= qat_from)
