@@ -1,10 +1,12 @@
 """BigramHash embedding at the model's shape: Triton (atomic / deterministic backward) vs eager vs compiled.
 
-    python -m bench.bigram [--smoke]
+    python -m bench.bigram [--smoke] [--preset NAME] [--name value ...]
 
-ids [48, 2048] (one micro-batch per GPU), table 2048 x 128 bf16. Token ids are drawn from a
-Zipf-like law over the 1024-token vocab (p ~ 1/rank), so buckets are as unevenly filled as in real
-text: the deterministic backward's per-bucket loops see their long tail.
+ids [B, T] (one micro-batch per GPU) and the model's table, buckets x dim, bf16 as the model holds
+it (`shape`; SPEC: ids [48, 2048], table 2048 x 128). A model built without BigramHash is said so
+in one line, and nothing runs. Token ids are drawn from a Zipf-like law over the vocab
+(p ~ 1/rank), so buckets are as unevenly filled as in real text: the deterministic backward's
+per-bucket loops see their long tail.
 Variants: forward alone; forward + backward (the table gradient, via torch.autograd.grad, from a
 fixed bf16 upstream gradient). Eager = kernels.reference (F.embedding of the reference hash),
 compiled = torch.compile of it.
@@ -14,10 +16,18 @@ the ids and writes the table gradient once.
 """
 import torch
 
-from bench.common import Bench, table
+from bench.common import Bench, micro_batch, table, variant_rows
 
-SHAPE = dict(B=48, T=2048, BUCKETS=2048, D=128, VOCAB=1024)
-SMOKE_SHAPE = dict(B=2, T=37, BUCKETS=64, D=24, VOCAB=50)  # --smoke: odd T, D not a power of two
+
+def shape(cfg, model) -> dict | None:
+    """B, T of one micro-batch, BUCKETS x D of the model's bigram table, VOCAB; None where the
+    model has no BigramHash."""
+    bigram = getattr(model, "bigram", None)
+    if bigram is None:
+        return None
+    B, T = micro_batch(cfg)
+    buckets, dim = bigram.table.shape
+    return dict(B=B, T=T, BUCKETS=buckets, D=dim, VOCAB=cfg.vocab_size)
 
 
 def forward_bytes(b: int, t: int, d: int, elem: int = 2) -> int:
@@ -36,7 +46,11 @@ def zipf_ids(b: int, t: int, vocab: int, device: str) -> torch.Tensor:
 
 def main(argv=None) -> None:
     bench = Bench("bench.bigram", argv)
-    B, T, BUCKETS, D, VOCAB = bench.shapes(SHAPE, SMOKE_SHAPE).values()
+    found = shape(bench.cfg, bench.model)
+    if found is None:
+        print("bench.bigram: this configuration's model has no BigramHash; nothing to benchmark")
+        return
+    B, T, BUCKETS, D, VOCAB = found.values()
     from kernels import reference
     from kernels.ops import bigram
 
@@ -71,12 +85,8 @@ def main(argv=None) -> None:
         ("forward", fwd, forward_bytes(B, T, D)),
         ("forward + backward", fwd_bwd, forward_bytes(B, T, D) + backward_bytes(B, T, D, BUCKETS)),
     ):
-        times = {name: bench.ms(make(fn)) for name, fn in forward.items()}
-        for name, ms in times.items():
-            rows.append({
-                "pass": what, "variant": name, "ms": ms, "GB/s": nbytes / ms / 1e6,
-                "speed-up vs eager": times["eager"] / ms, "speed-up vs compiled": times["compiled"] / ms,
-            })  # fmt: skip
+        timed = bench.time_variants(forward, make)
+        rows += variant_rows(what, timed, nbytes=nbytes, baselines={"eager": "eager", "compiled": "compiled"})
 
     print(bench.header(f"BigramHash embedding, ids [{B}, {T}] (Zipf over {VOCAB}), table {BUCKETS} x {D} bf16"))
     print(table(rows))

@@ -1,6 +1,10 @@
-"""int6 fake-quant over every linear weight of the 11-layer model: Triton vs eager vs torch.compile(eager).
+"""int6 fake-quant over every linear weight of the model: Triton vs eager vs torch.compile(eager).
 
-    python -m bench.fakequant [--smoke]
+    python -m bench.fakequant [--smoke] [--preset NAME] [--name value ...]
+
+The weights are the built model's linear layers, the ones late QAT fake-quantises
+(`model_weights`; SPEC: 6 per block x 11 + the bigram and VE projections = 68), one row per
+layer kind and shape.
 
 Each weight is fp32 (the master copy) and the result is bf16 (the compute dtype), as in the
 model under late QAT. Variants:
@@ -10,30 +14,30 @@ model under late QAT. Variants:
 - compiled: torch.compile of that eager function.
 Bytes: 4 read + 2 written per element (the minimum for fp32 -> bf16; the same numerator for
 every variant, so GB/s compare). Fraction: of Bench.copy_bandwidth_gbs(), measured here.
-The last row runs all 68 weights back to back (one QAT forward's worth), launches included.
+The last row runs all the weights back to back (one QAT forward's worth), launches included.
 """
+import re
+
 import torch
 
-from bench.common import Bench, table
-
-# (name, rows = out_features, n = in_features, how many in the model)
-LAYERS = 11
-MODEL_WEIGHTS = [
-    ("attn q", 512, 512, LAYERS),
-    ("attn k", 256, 512, LAYERS),
-    ("attn v", 256, 512, LAYERS),
-    ("attn out", 512, 512, LAYERS),
-    ("mlp fc", 1536, 512, LAYERS),
-    ("mlp proj", 512, 1536, LAYERS),
-    ("bigram proj", 512, 128, 1),
-    ("VE proj", 256, 128, 1),
-]
-# --smoke: ragged rows and columns, a few of each
-SMOKE_WEIGHTS = [("attn q", 24, 40, 2), ("mlp fc", 72, 40, 1), ("mlp proj", 40, 72, 1)]
+from bench.common import Bench, table, variant_rows
 
 
-def weight_list(weights=MODEL_WEIGHTS) -> list[tuple[str, int, int]]:
-    """Every linear weight of the model, one entry each: 6 x 11 + 2 = 68."""
+def model_weights(model) -> list[tuple[str, int, int, int]]:
+    """(name, rows = out_features, cols = in_features, how many) of every linear layer the model
+    fake-quantises under QAT, grouped by name within a block ("attn.c_q") and shape, in model order."""
+    from model.gpt import CastedLinear
+
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            key = (re.sub(r"^blocks\.\d+\.", "", name), *module.weight.shape)
+            counts[key] = counts.get(key, 0) + 1
+    return [(name, rows, cols, count) for (name, rows, cols), count in counts.items()]
+
+
+def weight_list(weights) -> list[tuple[str, int, int]]:
+    """Every weight, one entry each."""
     return [(name, rows, n) for name, rows, n, count in weights for _ in range(count)]
 
 
@@ -44,7 +48,7 @@ def moved_bytes(rows: int, n: int) -> int:
 
 def main(argv=None) -> None:
     bench = Bench("bench.fakequant", argv)
-    weight_shapes = bench.shapes(MODEL_WEIGHTS, SMOKE_WEIGHTS)
+    weight_shapes = model_weights(bench.model)
     from kernels import reference
     from kernels.ops import fakequant
 
@@ -61,15 +65,8 @@ def main(argv=None) -> None:
     gen = torch.Generator(device=bench.device).manual_seed(0)
 
     def row(shape_name, fn_by_variant, nbytes):
-        times = {name: bench.ms(fn) for name, fn in fn_by_variant.items()}
-        rows = []
-        for name, ms in times.items():
-            gbs = nbytes / ms / 1e6
-            rows.append({
-                "weight": shape_name, "variant": name, "ms": ms, "GB/s": gbs,
-                "of copy bw": gbs / copy_gbs, "speed-up vs eager": times["eager"] / ms,
-            })  # fmt: skip
-        return rows
+        return variant_rows({"weight": shape_name}, bench.measure(fn_by_variant), nbytes=nbytes,
+                            baselines={"eager": "eager", "compiled": "compiled"}, ceiling=("copy bw", copy_gbs))
 
     results = []
     # The Triton variants must give the exporter's bits. Inductor's compiled reference divides with

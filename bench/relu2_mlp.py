@@ -1,23 +1,27 @@
 """The block's relu^2 MLP: fused Triton op vs eager reference vs torch.compile(reference).
 
-    python -m bench.relu2_mlp [--smoke]
+    python -m bench.relu2_mlp [--smoke] [--preset NAME] [--name value ...]
 
-One training micro-batch per GPU through one MLP: x [N, d] with N = 48 * 2048 tokens, d = 512,
-w_up [F, d] and w_down [d, F] with F = 1536, all bf16 (the model hands the op weights already
+One training micro-batch per GPU through one MLP (`shape`, from the config): x [N, d] with N the
+micro-batch's tokens, w_up [F, d] and w_down [d, F] with F = mlp_mult x d (SPEC: N = 48 * 2048,
+d = 512, F = 1536), all bf16 (the model hands the op weights already
 cast to x's dtype). Times forward alone (no grad) and forward + backward (random upstream
 gradient, gradients of x, w_up and w_down), and the peak memory each allocates beyond its inputs.
 
 FLOPs: forward 2 GEMMs of 2NdF each = 4NdF; the backward 4 GEMMs (dh, dW_down, dx, dW_up) = 8NdF,
 so forward + backward is 12NdF, three times the forward. Every variant executes the same GEMMs;
-what differs is the [N, F] pointwise traffic around them (N * F * 2 bytes = 302 MB per tensor),
+what differs is the [N, F] pointwise traffic around them (N * F * 2 bytes, 302 MB per tensor in SPEC),
 which the Triton op folds into the GEMMs' prologues and epilogues.
 """
 import torch
 
-from bench.common import Bench, table, variant_rows
+from bench.common import Bench, micro_batch, table, variant_rows
 
-SHAPE = dict(N=48 * 2048, D=512, HIDDEN=1536)
-SMOKE_SHAPE = dict(N=70, D=48, HIDDEN=144)  # --smoke: ragged against every block
+
+def shape(cfg) -> dict:
+    """N tokens of one micro-batch, D model dim, HIDDEN the MLP's width."""
+    B, T = micro_batch(cfg)
+    return dict(N=B * T, D=cfg.model_dim, HIDDEN=cfg.mlp_hidden)
 
 
 def flops(n: int, d: int, hidden: int, backward: bool) -> int:
@@ -42,7 +46,7 @@ def make_inputs(n: int, d: int, hidden: int, device: str):
 
 def main(argv=None) -> None:
     bench = Bench("bench.relu2_mlp", argv)
-    N, D, HIDDEN = bench.shapes(SHAPE, SMOKE_SHAPE).values()
+    N, D, HIDDEN = shape(bench.cfg).values()
     from kernels import reference
     from kernels.ops import relu2_mlp
 
@@ -67,7 +71,7 @@ def main(argv=None) -> None:
 
     rows = []
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
-        rows += variant_rows(pass_name, bench.time_variants(variants, make_run), flops(N, D, HIDDEN, backward))
+        rows += variant_rows(pass_name, bench.time_variants(variants, make_run), flops=flops(N, D, HIDDEN, backward))
 
     print(bench.header(f"relu^2 MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
     print(

@@ -1,8 +1,10 @@
 """Soft-capped cross-entropy over the tied head: Triton vs eager reference vs torch.compile(reference).
 
-    python -m bench.softcap_ce [--smoke]
+    python -m bench.softcap_ce [--smoke] [--preset NAME] [--name value ...]
 
-One training micro-batch per GPU: N = 48 * 2048 tokens, V = 1024, d = 512, bf16 x and weight.
+One training micro-batch per GPU through the tied head (`shape`, from the config): N tokens of the
+micro-batch, V = vocab, d = model dim, the model's soft cap (SPEC: N = 48 * 2048, V = 1024,
+d = 512, cap 30), bf16 x and weight.
 Times forward alone (no grad) and forward + backward (per-token random upstream gradient), and
 the peak memory each allocates beyond its inputs.
 
@@ -12,11 +14,13 @@ TFLOP/s below count the useful work (the same numerator for every variant, so th
 """
 import torch
 
-from bench.common import Bench, table, variant_rows
+from bench.common import Bench, micro_batch, table, variant_rows
 
-SHAPE = dict(N=48 * 2048, V=1024, D=512)
-SMOKE_SHAPE = dict(N=70, V=200, D=48)  # --smoke: ragged against every block
-SOFTCAP = 30.0
+
+def shape(cfg) -> dict:
+    """N tokens of one micro-batch, V vocab, D model dim: x [N, D] against the tied head [V, D]."""
+    B, T = micro_batch(cfg)
+    return dict(N=B * T, V=cfg.vocab_size, D=cfg.model_dim)
 
 
 def useful_flops(n: int, v: int, d: int, backward: bool) -> int:
@@ -45,16 +49,17 @@ def make_inputs(n: int, v: int, d: int, device: str):
 
 def main(argv=None) -> None:
     bench = Bench("bench.softcap_ce", argv)
-    N, V, D = bench.shapes(SHAPE, SMOKE_SHAPE).values()
+    N, V, D = shape(bench.cfg).values()
+    softcap = bench.cfg.logit_softcap
     from kernels import reference
     from kernels.ops import softcap_ce
 
     x, weight, targets, grad_loss = make_inputs(N, V, D, bench.device)
     # Every variant takes (x, weight, targets); the soft cap is a constant of the model.
     variants = {
-        "triton": lambda x, w, t: softcap_ce.softcap_cross_entropy(x, w, t, SOFTCAP),
-        "eager reference": lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP),
-        "compiled reference": bench.compiled(lambda x, w, t: reference.softcap_cross_entropy(x, w, t, SOFTCAP)),
+        "triton": lambda x, w, t: softcap_ce.softcap_cross_entropy(x, w, t, softcap),
+        "eager reference": lambda x, w, t: reference.softcap_cross_entropy(x, w, t, softcap),
+        "compiled reference": bench.compiled(lambda x, w, t: reference.softcap_cross_entropy(x, w, t, softcap)),
     }
     x_grad, weight_grad = x.detach().requires_grad_(), weight.detach().requires_grad_()
 
@@ -73,9 +78,9 @@ def main(argv=None) -> None:
     rows = []
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
         timed = bench.time_variants(variants, make_run)
-        rows += variant_rows(pass_name, timed, useful_flops(N, V, D, backward), flops_column="useful TFLOP/s")
+        rows += variant_rows(pass_name, timed, flops=useful_flops(N, V, D, backward), column="useful TFLOP/s")
 
-    print(bench.header(f"softcap cross-entropy, N={N}, V={V}, d={D}, bf16, softcap {SOFTCAP}"))
+    print(bench.header(f"softcap cross-entropy, N={N}, V={V}, d={D}, bf16, softcap {softcap}"))
     print(
         f"useful FLOPs: forward 2NVd = {useful_flops(N, V, D, False):.3e}, forward+backward 6NVd = "
         f"{useful_flops(N, V, D, True):.3e}; the Triton backward recomputes the logits, so it executes "

@@ -1,6 +1,9 @@
 """Fused XSA attention vs its baselines, forward and forward+backward, bf16, at the training shape.
 
-    python -m bench.xsa_attention [--smoke]
+    python -m bench.xsa_attention [--smoke] [--preset NAME] [--name value ...]
+
+Shape (`shape`): q [B, T, H, D], k and v [B, T, Hkv, D] for one training micro-batch per GPU, from
+the config (SPEC: B = 786,432 / 8 / 2048 = 48 sequences, T = 2048, H = 8, Hkv = 4, D = 64).
 
 Variants: the Triton kernel; kernels.reference.xsa_attention_sdpa (SDPA flash + eager XSA, the
 practical baseline and the speed-up's denominator); torch.compile of that; FlashAttention-3
@@ -8,17 +11,21 @@ practical baseline and the speed-up's denominator); torch.compile of that; Flash
 """
 import torch
 
-from bench.common import Bench, table
+from bench.common import Bench, micro_batch, table, variant_rows
 from kernels import reference
 
-SHAPE = dict(B=48, T=2048, H=8, Hkv=4, D=64)
-SMOKE_SHAPE = dict(B=2, T=70, H=4, Hkv=2, D=16)  # --smoke: T ragged against every block
 # flash-attention's convention: the backward costs 2.5 forwards (5 matmuls to the forward's 2).
 BWD_OVER_FWD = 2.5
 FLOP_FORMULA = (
     "fwd FLOPs = 4*B*H*T*T*D/2 (QK^T and PV, causal half); "
     f"fwd+bwd = (1 + {BWD_OVER_FWD}) x fwd (bwd = {BWD_OVER_FWD} x fwd); XSA's O(B*T*H*D) epilogue not counted"
 )
+
+
+def shape(cfg) -> dict:
+    """B, T, H, Hkv, D of the attention in one training micro-batch."""
+    B, T = micro_batch(cfg)
+    return dict(B=B, T=T, H=cfg.num_heads, Hkv=cfg.num_kv_heads, D=cfg.head_dim)
 
 
 def causal_attention_flops(B: int, T: int, H: int, D: int, mode: str) -> float:
@@ -70,7 +77,7 @@ def timed_call(fn, q, k, v, dy, xsa: bool, mode: str):
 
 def main(argv=None):
     bench = Bench("bench.xsa_attention", argv)
-    B, T, H, Hkv, D = bench.shapes(SHAPE, SMOKE_SHAPE).values()
+    B, T, H, Hkv, D = shape(bench.cfg).values()
     torch.manual_seed(0)
     q = torch.randn(B, T, H, D, device=bench.device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device=bench.device, dtype=torch.bfloat16, requires_grad=True)
@@ -79,26 +86,10 @@ def main(argv=None):
     rows = []
     for xsa in (False, True):
         for mode in ("fwd", "fwd+bwd"):
-            flops = causal_attention_flops(B, T, H, D, mode)
-            timings = {}
-            for name, fn in variants(bench).items():
-                call = timed_call(fn, q, k, v, dy, xsa, mode)
-                call()  # autotune / compile outside the timed region
-                bench.synchronize()
-                timings[name] = bench.ms(call)
-            baseline = timings["sdpa + eager xsa"]
-            for name, ms in timings.items():
-                rows.append(
-                    {
-                        "shape B,T,H,Hkv,D": f"{B},{T},{H},{Hkv},{D}",
-                        "xsa": xsa,
-                        "pass": mode,
-                        "variant": name,
-                        "median ms": ms,
-                        "TFLOP/s": flops / ms / 1e9,
-                        "speed-up vs sdpa": baseline / ms,
-                    }
-                )
+            timed = bench.measure({name: timed_call(fn, q, k, v, dy, xsa, mode) for name, fn in variants(bench).items()})
+            labels = {"shape B,T,H,Hkv,D": f"{B},{T},{H},{Hkv},{D}", "xsa": xsa, "pass": mode}
+            rows += variant_rows(labels, timed, flops=causal_attention_flops(B, T, H, D, mode),
+                                 baselines={"sdpa": "sdpa + eager xsa"})
     print(bench.header("xsa_attention (bf16)"))
     print(FLOP_FORMULA + "\n")
     print(table(rows))
