@@ -9,7 +9,6 @@ tables and matrices from the model), so `--preset NAME` and any `--name value` s
 model.config.load_config exactly as train.py resolves them, bench another system's shapes.
 --smoke prepends SMOKE_ARGS (tiny, ragged shapes); settings given after it win.
 """
-import argparse
 import collections
 import datetime
 import functools
@@ -183,9 +182,6 @@ class Bench:
         except Exception as e:  # a capture failure must not cost the rest of the table
             print(f"CUDA-graph timing failed: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
             return float("nan")
-
-    def synchronize(self) -> None:
-        synchronize(torch.device(self.device))
 
     def peak_extra_bytes(self, fn) -> float:
         """Peak bytes allocated while fn runs beyond what was allocated before it

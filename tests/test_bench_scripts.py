@@ -127,4 +127,5 @@ def test_a_model_without_bigram_is_said_in_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr("bench.common.build_model", no_bigram)
     assert bigram.main(["--smoke"]) is None  # returns: exit status 0
-    assert capsys.readouterr().out.strip().splitlines() == ["bench.bigram: this configuration's model has no BigramHash; nothing to benchmark"]
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == ["bench.bigram: this configuration's model has no BigramHash; nothing to benchmark"]
