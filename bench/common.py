@@ -21,7 +21,7 @@ import time
 import torch
 
 from model.config import Config, help_text, load_config, setting_warnings
-from model.distributed import synchronize  # noqa: F401 - bench.step imports it from here
+from model.distributed import synchronize
 
 # --smoke's model and micro-batch: one layer (with XSA and VE), d = 48 in 3 heads of 16 over 1 KV
 # head, MLP 144, vocab 200, bigram 64 x 24, one micro-batch of 2 x 70 tokens. Odd sizes on purpose:

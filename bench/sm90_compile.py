@@ -126,6 +126,7 @@ def _cases(dtypes) -> list[tuple[str, object]]:
     """(case name, thunk) for every launch the model makes on a GPU, at SPEC's default shapes.
     `dtypes`: the activation dtypes to compile the dot-product kernels for (the model's bf16; fp32
     is what the GPU tests also run)."""
+    from bench.common import micro_batch
     from kernels import reference
     from kernels.ops import bigram, fakequant, softcap_ce
     from kernels.ops import newton_schulz as ns
@@ -136,7 +137,7 @@ def _cases(dtypes) -> list[tuple[str, object]]:
 
     cfg = Config()
     model = GPT(cfg)
-    B, T = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len, cfg.train_seq_len
+    B, T = micro_batch(cfg)
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
     empty = lambda *shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
     cases = []

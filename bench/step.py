@@ -43,10 +43,10 @@ import sys
 import torch
 
 import kernels
-from bench.common import bench_device, header, median_ms, synchronize, table, wall_ms
+from bench.common import bench_device, header, median_ms, micro_batch, table, wall_ms
 from model import evaluate
 from model.config import Config, load_config
-from model.distributed import Dist
+from model.distributed import Dist, synchronize
 from model.gpt import GPT
 from model.precision import autocast
 from model.training import OPTIMIZER_RANGE, build_training_state, training_step
@@ -146,7 +146,7 @@ class FixedBatches:
     device beforehand, in turn: the benchmark times the step, not the data."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
+        micro_seqs, _ = micro_batch(cfg)
         self.batches = [torch.randint(0, cfg.vocab_size, (micro_seqs, cfg.train_seq_len + 1), device=device)
                         for _ in range(cfg.grad_accum_total)]  # [micro_seqs, T + 1] each
         self.next = 0
@@ -212,7 +212,7 @@ def measure_training_step(cfg: Config, backend: str, device: torch.device, steps
         shares, busy = step_shares(step, device, profile_steps) if profile_steps else ([], float("nan"))
     tokens_per_s = cfg.train_batch_tokens / (ms / 1e3)
     achieved = flops_per_token(cfg, matrix_params(model)) * tokens_per_s
-    micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
+    micro_seqs, _ = micro_batch(cfg)
     return {
         "backend": backend,
         "micro-batches": f"{cfg.grad_accum_total} x {micro_seqs} x {cfg.train_seq_len}",

@@ -96,7 +96,7 @@ def any_rank(*flags: bool, device: torch.device) -> tuple[bool, ...]:
     return tuple(bool(f) for f in agreed.tolist())
 
 
-def synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (host timers must not run ahead of the GPU)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
