@@ -171,6 +171,9 @@ class Config:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not GRAD_ACCUM_TOTAL={self.grad_accum_total} "
                 f"x a whole number of TRAIN_SEQ_LEN={self.train_seq_len} sequences"
             )
+        if self.eval_only and self.resume:
+            problems.append(f"EVAL_ONLY={self.eval_only!r} and RESUME={self.resume!r} are both set; score an artifact "
+                            f"or continue a run, not both")
         if self.eval_stride > self.eval_seq_len:
             problems.append(f"EVAL_STRIDE={self.eval_stride} must lie in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         if problems:

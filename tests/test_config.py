@@ -48,6 +48,7 @@ def test_every_field_has_an_env_name():
     ([], {"VE_LAYERS": "9,11"}, "outside [0, 11)"),
     ([], {"XSA_LAST_N": "12"}, "XSA_LAST_N=12"),
     ([], {"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000"),
+    (["--eval-only", "a.ptz", "--resume", "c.pt"], {}, "are both set"),
 ])
 def test_bad_settings_get_one_line(argv, environ, message):
     with pytest.raises(ValueError, match=None) as err:
