@@ -122,8 +122,8 @@ def _body(op):
     return fn
 
 
-def _cases(dtypes) -> list[tuple[str, object]]:
-    """(case name, thunk) for every launch the model makes on a GPU, at SPEC's default shapes.
+def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
+    """(case name, thunk) for every launch the model makes on a GPU, at cfg's shapes (SPEC's by default).
     `dtypes`: the activation dtypes to compile the dot-product kernels for (the model's bf16; fp32
     is what the GPU tests also run)."""
     from bench.common import micro_batch
@@ -135,7 +135,7 @@ def _cases(dtypes) -> list[tuple[str, object]]:
     from model.config import Config
     from model.gpt import GPT
 
-    cfg = Config()
+    cfg = cfg or Config()
     model = GPT(cfg)
     B, T = micro_batch(cfg)
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
@@ -211,11 +211,11 @@ def _cases(dtypes) -> list[tuple[str, object]]:
     return cases
 
 
-def capture(dtypes) -> list[Launch]:
+def capture(dtypes, cfg=None) -> list[Launch]:
     """Every distinct Triton launch of every case (a kernel launched again with the same constexprs
     and argument types, e.g. each Newton-Schulz step, is compiled once)."""
     launches, seen = [], set()
-    for case, thunk in _cases(dtypes):
+    for case, thunk in _cases(dtypes, cfg):
         recorded = []
         with _recording(recorded, case):
             thunk()
@@ -305,10 +305,10 @@ def compile_launch(launch: Launch, config) -> Row:
     return row
 
 
-def run(first_config: bool, dtypes) -> list[Row]:
+def run(first_config: bool, dtypes, cfg=None) -> list[Row]:
     rows = []
     with _hopper_driver():
-        for launch in capture(dtypes):
+        for launch in capture(dtypes, cfg):
             _, configs = _jit_and_configs(launch.kernel)
             for config in configs[:1] if first_config else configs:
                 rows.append(compile_launch(launch, config))
@@ -360,12 +360,20 @@ def _summary(rows: list[Row]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Any other --name value is a model/config.py setting (--preset NAME too): the shapes compiled.")
     parser.add_argument("--first-config", action="store_true", help="compile only the first autotune config of each launch")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="activation dtypes for the dot kernels (default: bfloat16,float32)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--summary", action="store_true", help="one line per kernel and dtype instead of one per variant")
-    args = parser.parse_args(argv)
+    args, settings = parser.parse_known_args(argv)
+    from model.config import load_config
+
+    try:  # the model's shapes: --preset NAME and any --name value, as train.py resolves them
+        cfg, _ = load_config(settings, prog="python -m bench.sm90_compile")
+    except ValueError as exc:
+        print(f"sm90_compile: {exc}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("sm90_compile: TRITON_INTERPRET=1 replaces the kernels with the interpreter; unset it and run again", file=sys.stderr)
         return 2
@@ -377,7 +385,7 @@ def main(argv=None) -> int:
     import triton
 
     started = time.perf_counter()
-    rows = run(args.first_config, dtypes)
+    rows = run(args.first_config, dtypes, cfg)
     print(f"## Triton kernels compiled for sm_{TARGET_ARCH}a (H100), triton {triton.__version__}, torch {torch.__version__}\n")
     print(_summary(rows) if args.summary else _table(rows))
     print(f"\n{len(rows)} variants compiled in {time.perf_counter() - started:.0f} s; shared-memory limit {H100_SHARED_BYTES // 1024} KiB")
