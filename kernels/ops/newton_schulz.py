@@ -174,8 +174,9 @@ INTERPRET_BLOCK = 16
 # 8192 elements (96 partials for a 512 x 1536 matrix: one short read for the normalise kernel),
 # and a normalise tile is 32 x 128 (32 elements per thread at the default 4 warps). In the
 # interpreter smaller ones, so the test shapes span several chunks and tiles.
-SUMSQ_BLOCK, SUMSQ_CHUNKS = (256, 4) if INTERPRET else (1024, 8)
-NORMALISE_ROWS, NORMALISE_COLS = (16, 32) if INTERPRET else (32, 128)
+GPU_SUMSQ_BLOCKS, GPU_NORMALISE_TILE = (1024, 8), (32, 128)  # (SUMSQ_BLOCK, SUMSQ_CHUNKS), (rows, cols)
+SUMSQ_BLOCK, SUMSQ_CHUNKS = (256, 4) if INTERPRET else GPU_SUMSQ_BLOCKS
+NORMALISE_ROWS, NORMALISE_COLS = (16, 32) if INTERPRET else GPU_NORMALISE_TILE
 
 
 def _gram_config(batch: int, rows: int, device) -> dict:

@@ -56,22 +56,23 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
     return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m), num_warps=warps, num_stages=stages)
 
 
+# bf16 on sm_90a, all three launches (y, dh, dW_down^T): wgmma, 0 spills, <= 192 KiB shared.
+# 256 x 128 tiles were left out: the forward's A-in-registers prologue spills there (48 B).
+GPU_GEMM_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    _config(128, 256, 64, 8, 3),
+    _config(128, 256, 64, 8, 4),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 128, 64, 8, 5),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+]
+# Also spill-free for fp32 operands (IEEE products on the FMA units), which bigger tiles are not.
+GPU_FIXED_CONFIG = _config(64, 64, 32, 4, 3)
 if INTERPRET:
     _GEMM_CONFIGS = [_config(32, 16, 16, 4, 1, group_m=2)]
     _FIXED_CONFIG = _GEMM_CONFIGS[0]
 else:
-    # bf16 on sm_90a, all three launches (y, dh, dW_down^T): wgmma, 0 spills, <= 192 KiB shared.
-    # 256 x 128 tiles were left out: the forward's A-in-registers prologue spills there (48 B).
-    _GEMM_CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-        _config(128, 256, 64, 8, 3),
-        _config(128, 256, 64, 8, 4),
-        _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 8, 5),
-        _config(128, 128, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-    ]
-    # Also spill-free for fp32 operands (IEEE products on the FMA units), which bigger tiles are not.
-    _FIXED_CONFIG = _config(64, 64, 32, 4, 3)
+    _GEMM_CONFIGS, _FIXED_CONFIG = GPU_GEMM_CONFIGS, GPU_FIXED_CONFIG
 _TUNE_KEY = ["M", "N", "K", "SPLIT_K", "RELU2_A", "EPILOGUE_DRELU2"]
 TUNE_MIN_MNK = 2**30  # M * N * K from which a 16-bit GEMM is autotuned (the model's are ~2^36)
 

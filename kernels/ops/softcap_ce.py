@@ -152,15 +152,21 @@ def _softcap_ce_dlogits_kernel(
 # --------------------------------------------------------------------------- launch wrappers
 
 
+# The GPU's tiles by x's element size: 3 stages of 128 x BLOCK_D tiles of x and weight, 96 KiB of
+# shared memory in either dtype.
+GPU_CONFIGS = {
+    2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    4: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+}
+
+
 def _config(x: torch.Tensor) -> dict:
     """Block sizes and dot precision. Small blocks in the interpreter, so that the small test
     shapes are ragged in N, V and d at once; H100-sized tiles otherwise."""
     precision = dot_precision(x.dtype)
     if INTERPRET:
         return dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, INPUT_PRECISION=precision)
-    # 3 stages of 128 x BLOCK_D tiles of x and weight: 96 KiB of shared memory in either dtype.
-    block_d = 64 if x.element_size() == 2 else 32
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
+    return dict(GPU_CONFIGS[x.element_size()], INPUT_PRECISION=precision)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, where: str) -> None:

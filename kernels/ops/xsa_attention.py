@@ -60,23 +60,21 @@ def _configs(gpu_configs, interpreter_config, outer: str, inner: str) -> list:
     return kept
 
 
-_FWD_CONFIGS = _configs(
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
-    interpreter_config=(32, 16), outer="BLOCK_M", inner="BLOCK_N",
-)
+# The GPU lists, (BLOCK_M, BLOCK_N, warps, stages), are module constants so that tests can run each
+# of them through the interpreter and check its tile rule and shared memory.
+FWD_GPU_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
+_FWD_CONFIGS = _configs(FWD_GPU_TILES, interpreter_config=(32, 16), outer="BLOCK_M", inner="BLOCK_N")
 # dK/dV holds two [BLOCK_N, D] fp32 accumulators: with 4 warps ptxas spills (bench/sm90_compile.py
 # showed 8-368 bytes per thread in bf16), with 8 warps none of these do.
-_DKDV_CONFIGS = _configs(  # BLOCK_M: query rows per step, BLOCK_N: key rows owned by the program
-    [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 4), (32, 64, 8, 4)],
-    interpreter_config=(16, 32), outer="BLOCK_N", inner="BLOCK_M",
-)
-_DQ_CONFIGS = _configs(
-    [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    interpreter_config=(32, 16), outer="BLOCK_M", inner="BLOCK_N",
-)
+# BLOCK_M: query rows per step, BLOCK_N: key rows owned by the program.
+DKDV_GPU_TILES = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 4), (32, 64, 8, 4)]
+_DKDV_CONFIGS = _configs(DKDV_GPU_TILES, interpreter_config=(16, 32), outer="BLOCK_N", inner="BLOCK_M")
+DQ_GPU_TILES = [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+_DQ_CONFIGS = _configs(DQ_GPU_TILES, interpreter_config=(32, 16), outer="BLOCK_M", inner="BLOCK_N")
 # Rows per program of the row-wise preprocess: [64, D] fp32 tiles (v_hat, dv_hat, u, dy) fit 4 warps'
 # registers up to D = 128; 16 in the interpreter, so the T = 17 and 33 tests cross tiles.
-_PREPROCESS_BLOCK_T = 16 if INTERPRET else 64
+PREPROCESS_GPU_BLOCK_T = 64
+_PREPROCESS_BLOCK_T = 16 if INTERPRET else PREPROCESS_GPU_BLOCK_T
 _TUNE_KEY = ["T", "HEAD_DIM", "GROUP", "XSA"]
 TUNE_MIN_T = 512  # sequences from which 16-bit inputs autotune (kernels._launch.AutotunePair)
 

@@ -13,6 +13,7 @@ import kernels
 from kernels import _launch, reference
 from kernels.ops import bigram
 from tests.conftest import DEVICE
+from tests.kernels.gpu_tiles import is_power_of_two
 from tests.tolerances import assert_close
 
 # (B, T, D, buckets): T=1, odd T, D not a power of two, D past MAX_BLOCK_D (two column blocks),
@@ -84,6 +85,18 @@ def test_forward_and_gradients_match_reference(B, T, D, buckets, dtype):
         got = table_grad(ids, table, grad, deterministic)
         assert got.dtype == dtype and got.shape == table.shape
         assert_close(got, exact.to(dtype), dtype)
+
+
+def test_block_sizes_are_the_gpus_own():
+    # The module picks no interpreter-only block sizes (it does not look at INTERPRET), so every
+    # test here already runs the GPU's blocks; D = 128 (the model's) gives 32 positions x 128 columns.
+    assert not hasattr(bigram, "INTERPRET")
+    assert bigram._position_blocks(128) == (32, 128)
+    for D in (1, 5, 8, 96, 128, 300):
+        block_p, block_d = bigram._position_blocks(D)
+        assert is_power_of_two(block_p) and is_power_of_two(block_d), D  # tl.arange's sizes
+        assert block_d <= bigram.MAX_BLOCK_D and block_p * block_d <= bigram.TILE_ELEMENTS, D
+    assert is_power_of_two(bigram.HASH_BLOCK) and is_power_of_two(bigram.SORTED_CHUNK)
 
 
 def test_deterministic_gradient_repeats_its_bits_and_atomic_is_reported(record_property):

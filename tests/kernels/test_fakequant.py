@@ -11,6 +11,7 @@ import kernels
 from kernels import _launch, reference
 from kernels.ops import fakequant
 from tests.conftest import DEVICE
+from tests.kernels.gpu_tiles import is_power_of_two
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (shape): ragged widths, one row, many rows, a width past MAX_BLOCK_N (two-pass loop), leading dims
@@ -86,6 +87,35 @@ def test_two_pass_path_with_many_ragged_chunks(monkeypatch):
     monkeypatch.setattr(fakequant, "MAX_BLOCK_N", 32)
     w = make_weight((9, 101), torch.float32, seed=5)  # 4 chunks of 32, the last one 5 wide
     assert fakequant._blocks(9, 101)[2] is False, "this test must exercise the looped path"
+    deq_ref, q_ref, scale_ref = expected(w)
+    q, scale = fakequant.int6_quantize(w)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert torch.equal(fakequant.int6_fakequant(w), deq_ref)
+
+
+# --------------------------------------------------------------------------- the GPU's block sizes
+# On a GPU the row count per program is cut until the grid fills two waves of the H100's SMs
+# (MIN_PROGRAMS); the interpreter keeps whole 4096-element tiles. No tl.dot and no pipelined loads:
+# what a config must keep is shapes tl.arange takes and a tile within TILE_ELEMENTS (registers).
+MODEL_WEIGHT_SHAPES = [(512, 512), (256, 512), (1536, 512), (512, 1536), (512, 128), (256, 128)]  # SPEC.md's linears
+
+
+def test_gpu_block_sizes_keep_the_kernels_rules(monkeypatch):
+    monkeypatch.setattr(fakequant, "MIN_PROGRAMS", 2 * _launch.H100_SMS)
+    for rows, n in MODEL_WEIGHT_SHAPES + [(3, 2100), (150, 96), (1, 1)]:
+        block_rows, block_n, one_tile, num_warps = fakequant._blocks(rows, n)
+        what = f"[{rows}, {n}] -> {block_rows} x {block_n}"
+        assert is_power_of_two(block_rows) and is_power_of_two(block_n), what
+        assert block_n <= fakequant.MAX_BLOCK_N and block_rows * block_n <= max(fakequant.TILE_ELEMENTS, block_n), what
+        assert one_tile == (n <= block_n) and 2 <= num_warps <= 8, what
+
+
+@pytest.mark.parametrize("shape", [(150, 96), (3, 2100)], ids=str)
+def test_gpu_block_sizes_in_interpreter(monkeypatch, shape):
+    # 150 rows: one row per program as on a GPU (150 < 264 programs); 2100 wide: the two-pass loop
+    monkeypatch.setattr(fakequant, "MIN_PROGRAMS", 2 * _launch.H100_SMS)
+    assert fakequant._blocks(*shape)[0] == 1
+    w = make_weight(shape, torch.float32, seed=12)
     deq_ref, q_ref, scale_ref = expected(w)
     q, scale = fakequant.int6_quantize(w)
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)

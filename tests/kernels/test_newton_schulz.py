@@ -12,6 +12,7 @@ import torch
 import kernels
 from kernels import reference
 from kernels.ops import newton_schulz as ns
+from tests.kernels.gpu_tiles import BYTES, assert_fits_sm90, is_power_of_two, pipelined_bytes
 from tests.tolerances import TOLERANCES, assert_close, assert_within_pytorch_error
 
 # "Polar Express" per-step coefficients (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932), as
@@ -117,13 +118,39 @@ def test_stack_equals_each_matrix_alone():
 
 @pytest.mark.parametrize("sms", [1, 132])
 def test_gpu_block_sizes_in_interpreter(monkeypatch, sms):
-    # The GPU configuration (64- or 128-wide tiles, picked by occupancy) run through the
-    # interpreter at a shape ragged at those sizes: sms=1 forces the 128 tiles, 132 the 64 ones.
+    # The GPU configuration (64- or 128-wide tiles, picked by occupancy, and the norm's 1024 x 8
+    # chunks and 32 x 128 tiles) run through the interpreter at a shape ragged at those sizes:
+    # sms=1 forces the 128 tiles, 132 the 64 ones; 130 x 200 is 4 norm chunks, the last ragged.
     monkeypatch.setattr(ns, "INTERPRET", False)
     monkeypatch.setattr(ns, "num_sms", lambda device: sms)
+    monkeypatch.setattr(ns, "SUMSQ_BLOCK", ns.GPU_SUMSQ_BLOCKS[0])
+    monkeypatch.setattr(ns, "SUMSQ_CHUNKS", ns.GPU_SUMSQ_BLOCKS[1])
+    monkeypatch.setattr(ns, "NORMALISE_ROWS", ns.GPU_NORMALISE_TILE[0])
+    monkeypatch.setattr(ns, "NORMALISE_COLS", ns.GPU_NORMALISE_TILE[1])
     G = torch.randn(1, 130, 200, generator=torch.Generator().manual_seed(9))
     out = ns.newton_schulz(G, 2, compute_dtype=torch.float32)
     assert_close(out, reference.newton_schulz(G, 2, reference.QUINTIC_COEFFS, torch.float32))
+
+
+def test_gpu_configs_keep_the_kernels_rules(monkeypatch):
+    monkeypatch.setattr(ns, "INTERPRET", False)
+    cpu = torch.device("cpu")  # num_sms: the H100's 132
+    # both occupancy branches of each: (batch, rows, cols) with few tiles, then with a wave of them
+    grams = [ns._gram_config(batch, rows, cpu) for batch, rows in ((1, 256), (11, 1536))]
+    updates = [ns._update_config(batch, 512, 1536, cpu) for batch in (1, 11)]
+    assert [c["BLOCK"] for c in grams] == [64, 128] and [c["BLOCK_M"] for c in updates] == [64, 128]
+    for dtype in ("bf16", "fp32"):  # fp32 compute runs the same configs (test_fp32_on_gpu_matches_reference)
+        for c in grams:
+            # one square BLOCK: a tile and its mirror are the same shape; the K loop buffers X's two row panels
+            assert is_power_of_two(c["BLOCK"]) and is_power_of_two(c["BLOCK_K"]) and c["BLOCK_K"] >= 16, c
+            shared = pipelined_bytes(c["num_stages"], [c["BLOCK"] * c["BLOCK_K"]] * 2, [], BYTES[dtype])
+            assert_fits_sm90(shared, f"_sym_gram_kernel {c}, {dtype}")
+        for c in updates:
+            assert all(is_power_of_two(c[b]) and c[b] >= 16 for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), c
+            tiles = [c["BLOCK_M"] * c["BLOCK_K"], c["BLOCK_K"] * c["BLOCK_N"]]
+            shared = pipelined_bytes(c["num_stages"], tiles, [], BYTES[dtype])
+            assert_fits_sm90(shared, f"_ns_update_kernel {c}, {dtype}")
+    assert all(is_power_of_two(b) for b in (*ns.GPU_SUMSQ_BLOCKS, *ns.GPU_NORMALISE_TILE))
 
 
 def test_each_kernel_against_torch():

@@ -10,7 +10,9 @@ import torch
 import kernels
 from kernels import _launch, reference
 from kernels.ops import softcap_ce
+from kernels._numerics import dot_precision
 from tests.conftest import DEVICE
+from tests.kernels.gpu_tiles import BYTES, assert_fits_sm90, is_power_of_two, pipelined_bytes
 from tests.tolerances import assert_close, assert_within_pytorch_error
 
 
@@ -198,6 +200,34 @@ def test_compiles_without_graph_break_or_recompile():
         for got, want in zip((loss, grad_x, grad_weight), ref):
             assert_close(got, want.float(), torch.float32)
     assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- the GPU's tile configs
+# The interpreter runs 32-wide blocks; a GPU runs softcap_ce.GPU_CONFIGS, one per operand size of x.
+# Each is checked against what the kernels assume and run here, loss and both gradients, through
+# the interpreter (on fp32 operands: the 16-bit config's tiles with fp32 numbers).
+
+
+@pytest.mark.parametrize("x_bytes", sorted(softcap_ce.GPU_CONFIGS))
+def test_gpu_config_keeps_the_kernels_rules(x_bytes):
+    config = softcap_ce.GPU_CONFIGS[x_bytes]
+    # tl.arange takes powers of two, tl.dot operands at least 16 rows and columns
+    assert all(is_power_of_two(config[b]) and config[b] >= 16 for b in ("BLOCK_N", "BLOCK_V", "BLOCK_D")), config
+    # the loop over d buffers an x [BLOCK_N, BLOCK_D] and a weight [BLOCK_V, BLOCK_D] tile per stage; the
+    # weight may be stored wider than x (fp32 weight, 16-bit x), so it is counted at 4 bytes
+    stages, d = config["num_stages"], config["BLOCK_D"]
+    x_tiles = pipelined_bytes(stages, [config["BLOCK_N"] * d], [], x_bytes)
+    weight_tiles = pipelined_bytes(stages, [config["BLOCK_V"] * d], [], BYTES["fp32"])
+    assert_fits_sm90(x_tiles + weight_tiles, f"softcap_ce GPU config for {x_bytes}-byte x: {config}")
+
+
+@pytest.mark.parametrize("x_bytes", sorted(softcap_ce.GPU_CONFIGS))
+def test_loss_and_grads_with_each_gpu_config(monkeypatch, x_bytes):
+    config = softcap_ce.GPU_CONFIGS[x_bytes]
+    monkeypatch.setattr(softcap_ce, "_config", lambda x: dict(config, INPUT_PRECISION=dot_precision(x.dtype)))
+    # N = V = 300 cross 128-wide tiles raggedly, d = 80 does not fill its last BLOCK_D step
+    x, weight, targets, grad_loss = make_inputs(300, 300, 80, x_scale=4.0, seed=16)
+    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
 
 
 # --------------------------------------------------------------------------- GPU only

@@ -6,13 +6,19 @@ under the fair bound (test_16bit_inputs); outputs and the backward's scratch buf
 (KERNELS_POISON), so an element a kernel forgets shows up.
 On a GPU the same tests run natively, plus bf16 at the training shape under the fair bound.
 """
+import itertools
+
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels import reference
+from kernels._launch import autotune_pair
+from kernels.ops import xsa_attention as xa
 from kernels.ops.xsa_attention import xsa_attention, xsa_attention_bwd_eager, xsa_attention_fwd_eager
 from tests.conftest import HAS_GPU
+from tests.kernels.gpu_tiles import BYTES, assert_fits_sm90, is_power_of_two, pipelined_bytes
 from tests.tolerances import assert_close, assert_within_pytorch_error
 
 
@@ -144,10 +150,11 @@ def test_backward_is_bitwise_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_public_api_routes_triton_backend_here(device):
-    q, k, v, _ = _inputs(1, 5, 2, 1, 16, torch.float32, device, seed=5)
+def test_public_api_routes_triton_backend_here():
     with kernels.use_backend("triton"):
-        torch.testing.assert_close(kernels.xsa_attention(q, k, v, True), xsa_attention(q, k, v, True), rtol=0, atol=0)
+        assert kernels._impl("xsa_attention") is xsa_attention
+    with kernels.use_backend("reference"):
+        assert kernels._impl("xsa_attention") is reference.xsa_attention
 
 
 @pytest.mark.parametrize(
@@ -196,6 +203,96 @@ def test_compiles_fullgraph_without_recompiling(device):
         for actual, eager in zip([out.detach()] + [t.grad for t in leaves], expected):
             assert_close(actual, eager, dtype=torch.float32)
     assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- the GPU's tile configs
+# The interpreter runs one small config per kernel; a GPU autotunes over the lists below. Every
+# config in them is checked against what the kernels assume of a config, and run here through the
+# interpreter on a sequence ragged for its tiles, so the first GPU run is not the first run of a
+# config. Each kernel walks its diagonal tile (`outer` rows) in steps of `inner` rows: inner must
+# divide outer, or keys go unvisited or unmasked.
+GPU_TILE_LISTS = {  # kernel: (its GPU tiles (BLOCK_M, BLOCK_N, warps, stages), outer block, inner block)
+    "fwd": (xa.FWD_GPU_TILES, "BLOCK_M", "BLOCK_N"),
+    "dkdv": (xa.DKDV_GPU_TILES, "BLOCK_N", "BLOCK_M"),
+    "dq": (xa.DQ_GPU_TILES, "BLOCK_M", "BLOCK_N"),
+}
+
+
+def _tile_id(tile):
+    m, n, warps, stages = tile
+    return f"{m}x{n}w{warps}s{stages}"
+
+
+def _shared_bytes(kernel, tile, head_dim, element_bytes):
+    """Pipelined shared memory of one config (tests/kernels/gpu_tiles.py): what each kernel's key or
+    query loop loads per step, and the tiles it loads once before it."""
+    m, n, _warps, stages = tile
+    if kernel == "fwd":  # loop: K, V [BLOCK_N, D]; once: Q [BLOCK_M, D]
+        return pipelined_bytes(stages, [n * head_dim] * 2, [m * head_dim], element_bytes)
+    if kernel == "dq":  # loop: K, V [BLOCK_N, D]; once: Q, dU [BLOCK_M, D]
+        return pipelined_bytes(stages, [n * head_dim] * 2, [m * head_dim] * 2, element_bytes)
+    # dkdv, loop: Q, dU [BLOCK_M, D] and fp32 lse, delta [BLOCK_M]; once: K, V [BLOCK_N, D]
+    return pipelined_bytes(stages, [m * head_dim] * 2, [n * head_dim] * 2, element_bytes) + stages * 2 * m * 4
+
+
+@pytest.mark.parametrize("kernel", sorted(GPU_TILE_LISTS))
+def test_gpu_tile_configs_keep_the_kernels_rules(monkeypatch, kernel):
+    tiles, outer, inner = GPU_TILE_LISTS[kernel]
+    head_dim = max(xa.SUPPORTED_HEAD_DIMS)
+    for tile in tiles:
+        blocks = dict(zip(("BLOCK_M", "BLOCK_N"), tile[:2]))
+        what = f"{kernel} config {_tile_id(tile)}"
+        # tl.arange takes powers of two, tl.dot operands at least 16 rows
+        assert all(is_power_of_two(b) and b >= 16 for b in blocks.values()), what
+        assert blocks[outer] % blocks[inner] == 0, f"{what}: {inner} must divide {outer}"
+        assert_fits_sm90(_shared_bytes(kernel, tile, head_dim, BYTES["bf16"]), f"{what}, bf16, D={head_dim}")
+    # fp32 inputs (the GPU tests) take the list's last config (kernels._launch.autotune_pair)
+    assert_fits_sm90(_shared_bytes(kernel, tiles[-1], head_dim, BYTES["fp32"]), f"{kernel} fixed config, fp32")
+    # and the op's own pruning (xsa_attention._configs, which drops a config that breaks the rule) keeps every one
+    monkeypatch.setattr(xa, "INTERPRET", False)
+    kept = xa._configs(tiles, interpreter_config=None, outer=outer, inner=inner)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == list(tiles)
+
+
+def _use_gpu_tiles(monkeypatch, kernel, tile):
+    """Make the ops launch `kernel` with this one GPU config, whatever the dtype and sequence length."""
+    m, n, warps, stages = tile
+    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+    jit, pair = {"fwd": (xa._xsa_fwd_kernel, "_FWD"), "dkdv": (xa._xsa_bwd_dkdv_kernel, "_DKDV"),
+                 "dq": (xa._xsa_bwd_dq_kernel, "_DQ")}[kernel]  # fmt: skip
+    monkeypatch.setattr(xa, pair, autotune_pair(jit, [config], xa._TUNE_KEY))
+    monkeypatch.setattr(xa, "_PREPROCESS_BLOCK_T", xa.PREPROCESS_GPU_BLOCK_T)
+
+
+# T = 150 is ragged for every block size (128, 64, 32, 16) and crosses at least two tiles of each.
+GPU_TILE_SHAPE = dict(B=1, T=150, H=4, Hkv=2, D=64)
+
+
+@pytest.mark.parametrize("tile", xa.FWD_GPU_TILES, ids=_tile_id)
+def test_forward_with_each_gpu_config(monkeypatch, device, tile):
+    _use_gpu_tiles(monkeypatch, "fwd", tile)
+    q, k, v, _ = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=20)
+    got = torch.ops.golf.xsa_attention_fwd(q.float(), k.float(), v.float(), True)
+    for name, actual, exact in zip(("y", "c", "lse"), got, xsa_attention_fwd_eager(q, k, v, True)):
+        assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# Each backward run takes one dK/dV and one dQ config; the shorter list repeats so both are covered.
+assert len(xa.DQ_GPU_TILES) <= len(xa.DKDV_GPU_TILES), "pair the configs the other way round"
+BACKWARD_TILE_PAIRS = list(zip(xa.DKDV_GPU_TILES, itertools.cycle(xa.DQ_GPU_TILES)))
+
+
+@pytest.mark.parametrize("dkdv_tile, dq_tile", BACKWARD_TILE_PAIRS, ids=lambda t: _tile_id(t))
+def test_backward_with_each_gpu_config(monkeypatch, device, dkdv_tile, dq_tile):
+    _use_gpu_tiles(monkeypatch, "dkdv", dkdv_tile)
+    _use_gpu_tiles(monkeypatch, "dq", dq_tile)
+    q, k, v, dy = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=21)
+    _, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dy, True)
+    q32, k32, v32, dy32 = (t.float() for t in (q, k, v, dy))
+    y, c, lse = xsa_attention_fwd_eager(q32, k32, v32, True)  # the forward's outputs, without its kernel
+    got = torch.ops.golf.xsa_attention_bwd(dy32, q32, k32, v32, y, c, lse, True)
+    for name, actual, exact in zip(("dq", "dk", "dv"), got, (dq_ref, dk_ref, dv_ref)):
+        assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --------------------------------------------------------------------------- GPU only
