@@ -6,6 +6,7 @@ import torch
 
 import kernels
 from kernels import reference
+from kernels.ops import bigram, fakequant, newton_schulz, relu2_mlp, softcap_ce, xsa_attention
 
 
 def test_unknown_backend_is_one_clear_error():
@@ -96,11 +97,47 @@ def test_softcap_cross_entropy_reference():
     torch.testing.assert_close(reference.softcap_cross_entropy(x, w, t), expected)
 
 
-def test_public_api_reference_backend_routes_to_reference():
-    ids = torch.randint(0, 1024, (2, 7))
-    table = torch.randn(64, 4)
-    with kernels.use_backend("reference"):
-        torch.testing.assert_close(kernels.bigram_embed(ids, table), table[reference.bigram_hash(ids, 64)])
+# Every public function, its Triton implementation and its argument count (kernels/__init__.py).
+PUBLIC = {
+    "xsa_attention": (xsa_attention.xsa_attention, 4),
+    "int6_fakequant": (fakequant.int6_fakequant, 2),
+    "int6_quantize": (fakequant.int6_quantize, 1),
+    "bigram_hash": (bigram.bigram_hash, 2),
+    "bigram_embed": (bigram.bigram_embed, 3),
+    "newton_schulz": (newton_schulz.newton_schulz, 4),
+    "softcap_cross_entropy": (softcap_ce.softcap_cross_entropy, 4),
+    "relu2_mlp": (relu2_mlp.relu2_mlp, 3),
+}
+
+
+def test_every_public_function_has_a_triton_implementation():
+    assert sorted(vars(kernels._TRITON)) == sorted(PUBLIC)
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_function_runs_its_backends_implementation(monkeypatch, name, backend):
+    """Which implementation ran, by identity: both are replaced by recorders, and the public function
+    must call exactly the selected backend's, once, with its arguments passed through unchanged."""
+    triton_impl, arity = PUBLIC[name]
+    with kernels.use_backend(backend):
+        assert kernels._impl(name) is (triton_impl if backend == "triton" else getattr(reference, name))
+    calls = []
+
+    def recorder(which):
+        def implementation(*args):
+            calls.append((which, args))
+            return which
+
+        return implementation
+
+    monkeypatch.setattr(kernels._TRITON, name, recorder("triton"))
+    monkeypatch.setattr(reference, name, recorder("reference"))
+    args = tuple(object() for _ in range(arity))
+    with kernels.use_backend(backend):
+        assert getattr(kernels, name)(*args) == backend
+    assert len(calls) == 1 and calls[0][0] == backend
+    assert len(calls[0][1]) == arity and all(got is sent for got, sent in zip(calls[0][1], args))
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
