@@ -14,7 +14,7 @@ from kernels import reference
 from kernels._launch import autotune_pair
 from kernels.ops import relu2_mlp as mlp
 from tests.conftest import DEVICE
-from tests.kernels.gpu_tiles import BYTES, assert_fits_sm90, is_power_of_two, pipelined_bytes
+from tests.kernels.gpu_tiles import BYTES, CONFIG_TEST_DTYPE, assert_fits_sm90, is_power_of_two, pipelined_bytes
 from tests.tolerances import assert_close, assert_within_pytorch_error
 
 
@@ -259,8 +259,16 @@ def test_gpu_configs_keep_the_kernels_rules():
 def test_forward_and_gradients_with_each_gpu_config(monkeypatch, config):
     monkeypatch.setattr(mlp, "_GEMM", autotune_pair(mlp._relu2_gemm_kernel, [config], mlp._TUNE_KEY, fixed=config))
     monkeypatch.setattr(mlp, "SPLIT_K_OVERRIDE", 3)
-    x, w_up, w_down, dy = make_inputs((600,), 40, 300, seed=17)
-    check_fp32_with_fair_bound_on_weight_grads(x, w_up, w_down, dy)
+    x, w_up, w_down, dy = make_inputs((600,), 40, 300, dtype=CONFIG_TEST_DTYPE, seed=17)
+    if CONFIG_TEST_DTYPE == torch.float32:
+        check_fp32_with_fair_bound_on_weight_grads(x, w_up, w_down, dy)
+        return
+    # natively on a GPU (tests/kernels/gpu_tiles.CONFIG_TEST_DTYPE): as test_bf16_model_shape_within_pytorch_error
+    got = output_and_grads(mlp.relu2_mlp, x, w_up, w_down, dy)
+    exact = output_and_grads(reference.relu2_mlp, x, w_up, w_down, dy, cast=torch.float64)
+    same_dtype = output_and_grads(reference.relu2_mlp, x, w_up, w_down, dy)
+    for actual, want, torch_low in zip(got, exact, same_dtype):
+        assert_within_pytorch_error(actual, want, torch_low, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- GPU only

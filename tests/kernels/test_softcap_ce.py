@@ -11,8 +11,8 @@ import kernels
 from kernels import _launch, reference
 from kernels.ops import softcap_ce
 from kernels._numerics import dot_precision
-from tests.conftest import DEVICE
-from tests.kernels.gpu_tiles import BYTES, assert_fits_sm90, is_power_of_two, pipelined_bytes
+from tests.conftest import DEVICE, HAS_GPU
+from tests.kernels.gpu_tiles import BYTES, CONFIG_TEST_DTYPE, assert_fits_sm90, is_power_of_two, pipelined_bytes
 from tests.tolerances import assert_close, assert_within_pytorch_error
 
 
@@ -225,9 +225,18 @@ def test_gpu_config_keeps_the_kernels_rules(x_bytes):
 def test_loss_and_grads_with_each_gpu_config(monkeypatch, x_bytes):
     config = softcap_ce.GPU_CONFIGS[x_bytes]
     monkeypatch.setattr(softcap_ce, "_config", lambda x: dict(config, INPUT_PRECISION=dot_precision(x.dtype)))
-    # N = V = 300 cross 128-wide tiles raggedly, d = 80 does not fill its last BLOCK_D step
-    x, weight, targets, grad_loss = make_inputs(300, 300, 80, x_scale=4.0, seed=16)
-    check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+    # N = V = 300 cross 128-wide tiles raggedly, d = 80 does not fill its last BLOCK_D step. In the
+    # interpreter on fp32 operands; natively on a GPU, on operands of the size the config serves.
+    dtype = torch.float32 if x_bytes == 4 or not HAS_GPU else CONFIG_TEST_DTYPE
+    x, weight, targets, grad_loss = make_inputs(300, 300, 80, x_scale=4.0, dtype=dtype, seed=16)
+    if dtype == torch.float32:
+        check_against_fp64_reference(x, weight, targets, grad_loss, softcap=30.0)
+        return
+    got = loss_and_grads(softcap_ce.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    exact = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0, cast=torch.float64)
+    same_dtype = loss_and_grads(reference.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
+    for g, e, t in zip(got, exact, same_dtype):
+        assert_within_pytorch_error(g, e, t)
 
 
 # --------------------------------------------------------------------------- GPU only

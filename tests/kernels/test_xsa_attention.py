@@ -18,7 +18,7 @@ from kernels._launch import autotune_pair
 from kernels.ops import xsa_attention as xa
 from kernels.ops.xsa_attention import xsa_attention, xsa_attention_bwd_eager, xsa_attention_fwd_eager
 from tests.conftest import HAS_GPU
-from tests.kernels.gpu_tiles import BYTES, assert_fits_sm90, is_power_of_two, pipelined_bytes
+from tests.kernels.gpu_tiles import BYTES, CONFIG_TEST_DTYPE, assert_fits_sm90, is_power_of_two, pipelined_bytes
 from tests.tolerances import assert_close, assert_within_pytorch_error
 
 
@@ -272,6 +272,11 @@ GPU_TILE_SHAPE = dict(B=1, T=150, H=4, Hkv=2, D=64)
 def test_forward_with_each_gpu_config(monkeypatch, device, tile):
     _use_gpu_tiles(monkeypatch, "fwd", tile)
     q, k, v, _ = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=20)
+    if CONFIG_TEST_DTYPE != torch.float32:  # natively on a GPU: tests/kernels/gpu_tiles.CONFIG_TEST_DTYPE
+        low = [t.to(CONFIG_TEST_DTYPE) for t in (q, k, v)]
+        y, _, _ = torch.ops.golf.xsa_attention_fwd(*low, True)
+        assert_within_pytorch_error(y, reference.xsa_attention(q, k, v, True), reference.xsa_attention(*low, True))
+        return
     got = torch.ops.golf.xsa_attention_fwd(q.float(), k.float(), v.float(), True)
     for name, actual, exact in zip(("y", "c", "lse"), got, xsa_attention_fwd_eager(q, k, v, True)):
         assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
@@ -287,6 +292,12 @@ def test_backward_with_each_gpu_config(monkeypatch, device, dkdv_tile, dq_tile):
     _use_gpu_tiles(monkeypatch, "dkdv", dkdv_tile)
     _use_gpu_tiles(monkeypatch, "dq", dq_tile)
     q, k, v, dy = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=21)
+    if CONFIG_TEST_DTYPE != torch.float32:  # natively on a GPU: tests/kernels/gpu_tiles.CONFIG_TEST_DTYPE
+        low = [t.to(CONFIG_TEST_DTYPE) for t in (q, k, v, dy)]
+        exact, same_dtype = _reference_grads(q, k, v, dy, True), _reference_grads(*low, True)
+        for actual, ex, torch_low in zip(_kernel_grads(*low, True), exact, same_dtype):
+            assert_within_pytorch_error(actual, ex, torch_low)
+        return
     _, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dy, True)
     q32, k32, v32, dy32 = (t.float() for t in (q, k, v, dy))
     y, c, lse = xsa_attention_fwd_eager(q32, k32, v32, True)  # the forward's outputs, without its kernel
