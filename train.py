@@ -11,6 +11,7 @@ Settings: every field of model/config.py, by environment variable (NUM_LAYERS=11
 """
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -22,15 +23,16 @@ import time
 import torch
 
 import kernels
+from kernels.ops.xsa_attention import SUPPORTED_HEAD_DIMS
 from model import evaluate, export, submission
-from model.atomic import WriteFailed
+from model.atomic import atomic_write
 from model.bpb import build_byte_luts, load_tokenizer
 from model.checkpoint import TRAINING_STATE_KEYS, load_checkpoint, save_checkpoint
 from model.config import Config, help_text, load_config, setting_warnings
 from model.data import (DistributedTokenLoader, check_tokenizer_matches, check_train_shards, load_validation_tokens,
                         shard_paths)
-from model.distributed import (Dist, any_rank, barrier, leave_process_group, mean_over_ranks, setup_distributed,
-                               world_size_from_environment)
+from model.distributed import (Dist, any_rank, barrier, from_rank_zero, leave_process_group, mean_over_ranks,
+                               setup_distributed, world_size_from_environment)
 from model.gpt import GPT
 from model.precision import autocast
 from model.runlog import RunLog
@@ -61,7 +63,7 @@ def run_folder(cfg: Config) -> str:
     """runs/<RUN_ID>; a resumed run (or a scored artifact) continues in its own folder's name unless RUN_ID says otherwise."""
     inside = cfg.resume or cfg.eval_only
     run_id = cfg.run_id or (os.path.basename(os.path.dirname(os.path.abspath(inside))) if inside
-                            else time.strftime("%Y%m%d-%H%M%S"))
+                            else from_rank_zero(time.strftime("%Y%m%d-%H%M%S")))  # ranks straddling a second agree
     return os.path.join("runs", run_id)
 
 
@@ -73,8 +75,9 @@ def claim_run_folder(cfg: Config, folder: str, ctx: Dist) -> None:
     taken = os.path.isdir(folder) and bool(os.listdir(folder)) and not continuing
     barrier()
     if taken and not cfg.overwrite:
-        raise TrainingError(f"{folder} holds an earlier run; choose another RUN_ID, resume it with RESUME="
-                            f"{os.path.join(folder, 'checkpoint.pt')}, or set OVERWRITE=1 to replace it")
+        checkpoint = os.path.join(folder, "checkpoint.pt")
+        resume = f"resume it with RESUME={checkpoint}, " if os.path.isfile(checkpoint) else ""
+        raise TrainingError(f"{folder} holds an earlier run; choose another RUN_ID, {resume}or set OVERWRITE=1 to replace it")
     if taken and ctx.is_main:
         shutil.rmtree(folder)
     barrier()
@@ -93,6 +96,20 @@ def prepare_data(cfg: Config, log: RunLog, ctx: Dist) -> Config:
         make_smoke_dataset(folder, vocab_size=cfg.vocab_size, seed=cfg.seed)
     barrier()
     return dataclasses.replace(cfg, data_path=folder, tokenizer_path=os.path.join(folder, "tokenizer.model"))
+
+
+@contextlib.contextmanager
+def interrupts_explained(what_next: str):
+    """SIGTERM/SIGINT inside the block raise Interrupted saying `what_next`: how to finish the run."""
+    def interrupt(signum, frame):
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; {what_next}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -147,12 +164,14 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if self.saved_step != self.state.step:
-            self.save()  # the final training state: a run killed in export or evaluation resumes from here
-        if self.state.ctx.device.type == "cuda":
-            self.log.log(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated")
-        if self.state.swa.apply(self.state.model):
-            self.log.log(f"swa: averaged {self.state.swa.count} snapshots into the final weights")
+        with interrupts_explained(f"training had finished; RESUME={self.checkpoint_path} continues from the last "
+                                  f"checkpoint saved, if there is one"):
+            if self.saved_step != self.state.step:
+                self.save()  # the final training state: a run killed in export or evaluation resumes from here
+            if self.state.ctx.device.type == "cuda":
+                self.log.log(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated")
+            if self.state.swa.apply(self.state.model):
+                self.log.log(f"swa: averaged {self.state.swa.count} snapshots into the final weights")
         self.state.model.set_qat(False)
         return self.state.model
 
@@ -205,8 +224,8 @@ class Trainer:
 class Scoring:
     """What the run scores with: validation tokens and byte tables, on this rank's share."""
 
-    def __init__(self, cfg: Config, ctx: Dist, log: RunLog):
-        self.cfg, self.ctx, self.log = cfg, ctx, log
+    def __init__(self, cfg: Config, ctx: Dist):
+        self.cfg, self.ctx = cfg, ctx
         check_tokenizer_matches(cfg.data_path, cfg.tokenizer_path)
         self.luts = build_byte_luts(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size, ctx.device)
         self.tokens = load_validation_tokens(cfg.data_path, max(cfg.train_seq_len, cfg.eval_seq_len), cfg.max_val_tokens,
@@ -219,14 +238,14 @@ class Scoring:
         with autocast(self.ctx.device):
             return evaluate.evaluate_contiguous(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
 
-    def during_training(self, model: GPT, step: int, train_time_ms: float) -> None:
+    def during_training(self, log: RunLog, model: GPT, step: int, train_time_ms: float) -> None:
         val_loss, val_bpb = self.contiguous(model)
         model.train()
-        self.log.log(f"step:{step} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_time_ms:.0f}ms")
-        self.log.metric(kind="val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_time_ms)
+        log.log(f"step:{step} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_time_ms:.0f}ms")
+        log.metric(kind="val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_time_ms)
 
-    def final(self, model: GPT) -> dict:
-        cfg, log, results = self.cfg, self.log, {}
+    def final(self, log: RunLog, model: GPT) -> dict:
+        cfg, results = self.cfg, {}
         t0 = time.perf_counter()
         results["val_loss"], results["val_bpb"] = self.contiguous(model)
         log.log(f"final_roundtrip val_loss:{results['val_loss']:.4f} val_bpb:{results['val_bpb']:.4f} "
@@ -273,7 +292,7 @@ def score_artifact(path: str, cfg: Config, ctx: Dist, log: RunLog, scoring: Scor
     fresh.load_state_dict(export.read_artifact(path))
     if cfg.compile:  # scoring 62M tokens through 2048-token windows is worth a compiled graph
         evaluate.compile_for_eval(fresh)
-    results = scoring.final(fresh)
+    results = scoring.final(log, fresh)
     results.update(run_facts, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
                    total_bytes=artifact_bytes + code_bytes, seed=cfg.seed)
     log.metric(kind="final", **results)
@@ -291,11 +310,26 @@ def trained_so_far(folder: str) -> dict:
     return {"steps": rows[-1]["step"], "train_time_ms": rows[-1]["train_time_ms"]} if rows else {}
 
 
+def checked_data(cfg: Config, ctx: Dist) -> tuple[int | None, Scoring]:
+    """(train tokens, scoring data): every train shard's header (unless only scoring), the tokenizer
+    and the validation tokens, read and checked now, not at step 15,000."""
+    return (None if cfg.eval_only else check_train_shards(cfg.data_path)), Scoring(cfg, ctx)
+
+
+def checked_kernel_shapes(cfg: Config) -> None:
+    """The triton attention kernel's head dims (the reference takes any): one line now, not at warm-up."""
+    if kernels.backend() == "triton" and cfg.head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"MODEL_DIM={cfg.model_dim} / NUM_HEADS={cfg.num_heads} gives head dim {cfg.head_dim}; the triton "
+                         f"attention kernel takes {', '.join(map(str, SUPPORTED_HEAD_DIMS))}: change them or set KERNELS=reference")
+
+
 def checked_resume(cfg: Config, device: torch.device) -> dict | None:
     """The RESUME checkpoint, opened and checked before the warm-up spends minutes compiling."""
     if not cfg.resume:
         return None
     state = load_checkpoint(cfg.resume, map_location=device, required_keys=TRAINING_STATE_KEYS)
+    if not isinstance(state["config"], dict):
+        raise ResumeRefused(f"checkpoint {cfg.resume} holds no config dict; resume from a checkpoint.pt this train.py wrote")
     different = cfg.model_differences(state["config"])
     if different:
         raise ResumeRefused(f"checkpoint {cfg.resume} was made with another model ({', '.join(different)}); "
@@ -321,22 +355,24 @@ def run(cfg: Config, ctx: Dist) -> None:
     if cfg.eval_only:
         checked_artifact(cfg)
     resume_state = checked_resume(cfg, ctx.device)
+    # Data named by DATA_PATH is read and checked before the run folder is touched, so a failed start
+    # leaves nothing behind; the smoke preset's generated data lives in the folder, so it comes after.
+    data = checked_data(cfg, ctx) if cfg.data_path else None
     claim_run_folder(cfg, folder, ctx)
     log = RunLog(folder, ctx.is_main)
     cfg = prepare_data(cfg, log, ctx)
+    train_tokens, scoring = data or checked_data(cfg, ctx)
     if not cfg.eval_only or not os.path.isfile(log.path("config.json")):
         log.write_text("config.json", cfg.to_json() + "\n")
     log.log(f"run {os.path.basename(folder)}: world_size {ctx.world_size}, device {ctx.device}, kernels {kernels.backend()}, "
             f"torch {torch.__version__}")
     log.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    if not cfg.eval_only:
-        train_tokens = check_train_shards(cfg.data_path)  # a truncated shard fails now, not at step 15,000
-    scoring = Scoring(cfg, ctx, log)
     if cfg.eval_only:
         log.log(f"eval-only: scoring {cfg.eval_only}")
         path = log.path(ARTIFACT)
         if ctx.is_main and os.path.abspath(cfg.eval_only) != os.path.abspath(path):
-            shutil.copyfile(cfg.eval_only, path)  # the record is built from the run folder
+            with open(cfg.eval_only, "rb") as f:  # the record is built from the run folder
+                atomic_write(path, f.read())
         barrier()
         score_artifact(path, cfg, ctx, log, scoring, **trained_so_far(os.path.dirname(os.path.abspath(cfg.eval_only))))
         return
@@ -345,27 +381,15 @@ def run(cfg: Config, ctx: Dist) -> None:
 
     loader = DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size)
     state = build_training_state(cfg, ctx, loader)
+    if resume_state is not None:
+        state.check_resumable(resume_state, f"checkpoint {cfg.resume}")  # its contents, before the warm-up
     log.log(f"model_params:{sum(p.numel() for p in state.model.parameters())}")
-    model = Trainer(state, log, scoring.during_training).run(resume=resume_state)
+    model = Trainer(state, log, functools.partial(scoring.during_training, log)).run(resume=resume_state)
     with interrupts_explained(f"the final training state is {log.path('checkpoint.pt')}: RESUME={log.path('checkpoint.pt')} "
                               f"exports and scores it again"):
         path = export_artifact(model, cfg, ctx, log)
     with interrupts_explained(f"the artifact is complete: score it with --eval-only {path}"):
         score_artifact(path, cfg, ctx, log, scoring, steps=state.step, train_time_ms=state.clock.elapsed_ms)
-
-
-@contextlib.contextmanager
-def interrupts_explained(what_next: str):
-    """SIGTERM/SIGINT inside the block raise Interrupted saying `what_next`: how to finish the run."""
-    def interrupt(signum, frame):
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; {what_next}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def dry_run(cfg: Config) -> None:
@@ -387,6 +411,7 @@ def main(argv=None) -> int:
             print(help_text())
             return 0
         cfg.grad_accum_steps(world_size_from_environment())  # before any process group can hang
+        checked_kernel_shapes(cfg)
     except ValueError as e:
         return fail(str(e), 2)
     if os.environ.get("RANK", "0") == "0":
@@ -401,7 +426,7 @@ def main(argv=None) -> int:
         return 0
     except Interrupted as e:
         return fail(str(e), 130)
-    except (TrainingError, ValueError, FileNotFoundError, WriteFailed) as e:
+    except (TrainingError, ValueError, OSError) as e:  # OSError: WriteFailed, a missing file, a refused read
         return fail(str(e), 1)
     except torch.OutOfMemoryError:
         return fail(f"out of GPU memory; lower TRAIN_BATCH_TOKENS or raise GRAD_ACCUM_TOTAL (micro-batch "

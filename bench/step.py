@@ -45,7 +45,7 @@ import torch
 import kernels
 from bench.common import bench_device, header, median_ms, micro_batch, table, wall_ms
 from model import evaluate
-from model.config import Config, load_config
+from model.config import Config, help_text, load_config
 from model.distributed import Dist, synchronize
 from model.gpt import GPT
 from model.precision import autocast
@@ -120,7 +120,11 @@ def parse_args(argv: list[str]) -> tuple[Config, int, bool, bool]:
             raise ValueError("--steps needs a positive whole number of timed steps, e.g. --steps 10")
         steps = int(argv.pop(i + 1))
         argv.pop(i)
-    cfg, _ = load_config(argv)
+    cfg, flags = load_config(argv, prog="python -m bench.step")
+    if "--help" in flags:
+        print(__doc__.split("\n\n")[1] + "\n")  # the usage line
+        print(help_text("python -m bench.step"))
+        raise SystemExit(0)
     return cfg, steps, skip_eval, smoke
 
 

@@ -52,7 +52,7 @@ class Config:
     tied_embed_init_std: float = setting(0.005, "std of the tied embedding's initialisation", low=0)
     ln_scale: bool = setting(True, "scale each block's norm output by 1/sqrt(layer + 1)", model=True)
     xsa_last_n: int = setting(4, "XSA (exclusive self-attention) on the last this many layers", low=0, model=True)
-    bigram_vocab_size: int = setting(2048, "BigramHash buckets", low=1, model=True)
+    bigram_vocab_size: int = setting(2048, "BigramHash buckets (the hash takes ids mod buckets - 1)", low=2, model=True)
     bigram_dim: int = setting(128, "BigramHash table width", low=1, model=True)
     bigram_scale_init: float = setting(0.05, "initial BigramHash output scale")
     ve_enabled: bool = setting(True, "value embeddings", model=True)
@@ -171,6 +171,9 @@ class Config:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not GRAD_ACCUM_TOTAL={self.grad_accum_total} "
                 f"x a whole number of TRAIN_SEQ_LEN={self.train_seq_len} sequences"
             )
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_id):
+            problems.append(f"RUN_ID={self.run_id!r} must be a plain folder name (letters, digits, '.', '_', '-'; "
+                            f"not starting with '.' or '-'): it names runs/<RUN_ID>/")
         if self.eval_only and self.resume:
             problems.append(f"EVAL_ONLY={self.eval_only!r} and RESUME={self.resume!r} are both set; score an artifact "
                             f"or continue a run, not both")
@@ -339,6 +342,8 @@ def load_config(argv: list[str] = (), environ=None, prog: str = "train.py") -> t
         raise ValueError(f"unknown setting --{key}; {hint}`{prog} --help` lists every setting")
     given = vars(given)
     flags = [flag for flag, dest in (("--help", "help"), ("--dry-run", "dry_run")) if given.pop(dest)]
+    if "--help" in flags:  # help is printed whatever else is set, even a setting that would be refused
+        return Config(), flags
     preset = given.pop("preset", environ.get("PRESET", ""))
     values = {}
     if preset:

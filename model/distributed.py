@@ -74,6 +74,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank_zero(value):
+    """Rank 0's value of a small picklable object, on every rank (a run id read off rank 0's clock)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """In place: every rank's tensor becomes the sum over ranks (gloo has no AVG)."""
     if is_distributed():

@@ -95,14 +95,31 @@ class TrainingState:
             "rng": rng_states(),
         }
 
-    def load_state_dict(self, state: dict, source: str = "checkpoint") -> list[str]:
-        """Continue from `state`. The model must be the same function (else ResumeRefused); the
-        optimizers keep this run's settings (learning rates, weight decays, betas, eps, Newton-Schulz
-        dtype and steps) and take only their state. Returns the settings kept where the state differs."""
+    def check_resumable(self, state: dict, source: str = "checkpoint") -> None:
+        """ResumeRefused, one line, unless `state` holds this model's function, weights (names and
+        shapes) and optimizers: checked before the warm-up spends minutes compiling."""
+        if not isinstance(state.get("config"), dict):
+            raise ResumeRefused(f"{source} holds no config dict; resume from a checkpoint.pt this train.py wrote")
         different = self.cfg.model_differences(state["config"])
         if different:
             raise ResumeRefused(f"{source} was made with another model ({', '.join(different)}); "
                                 f"resume with the settings it was trained with")
+        mine, theirs = self.model.state_dict(), state["model"]
+        if not isinstance(theirs, dict) or set(theirs) != set(mine) or any(
+                not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape for k, v in mine.items()):
+            raise ResumeRefused(f"{source} holds other model weights than this model's (names or shapes differ); "
+                                f"resume from a checkpoint.pt this train.py wrote for this model")
+        optimizers = state["optimizers"]
+        if not isinstance(optimizers, list) or [len(o.get("param_groups", ())) if isinstance(o, dict) else -1
+                                                for o in optimizers] != [len(o.param_groups) for o in self.optimizers]:
+            raise ResumeRefused(f"{source} holds other optimizers than this run's {len(self.optimizers)}; "
+                                f"resume from a checkpoint.pt this train.py wrote")
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> list[str]:
+        """Continue from `state` (check_resumable first). The optimizers keep this run's settings
+        (learning rates, weight decays, betas, eps, Newton-Schulz dtype and steps) and take only
+        their state. Returns the settings kept where the state differs."""
+        self.check_resumable(state, source)
         self.model.load_state_dict(state["model"])
         kept = []
         for i, (opt, saved) in enumerate(zip(self.optimizers, state["optimizers"], strict=True)):

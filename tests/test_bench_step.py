@@ -122,3 +122,10 @@ def test_smoke_run_prints_every_table(capsys):
     assert out.count("Share of GPU kernel time") == 2
     evaluation = rows[-1]
     assert len(evaluation) == 4 and all(v not in ("", "nan", "inf") for v in evaluation), out
+
+
+def test_help_prints_the_usage_and_every_setting(capsys):
+    with pytest.raises(SystemExit) as done:
+        bench_step.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "python -m bench.step [--steps N]" in out and "--num_layers" in out

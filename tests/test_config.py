@@ -49,6 +49,10 @@ def test_every_field_has_an_env_name():
     ([], {"XSA_LAST_N": "12"}, "XSA_LAST_N=12"),
     ([], {"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000"),
     (["--eval-only", "a.ptz", "--resume", "c.pt"], {}, "are both set"),
+    ([], {"RUN_ID": ".."}, "must be a plain folder name"),
+    ([], {"RUN_ID": "a/b"}, "must be a plain folder name"),
+    ([], {"RUN_ID": "/"}, "must be a plain folder name"),
+    ([], {"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE=1 is out of range; it must lie in [2, inf)"),
 ])
 def test_bad_settings_get_one_line(argv, environ, message):
     with pytest.raises(ValueError, match=None) as err:
@@ -67,13 +71,14 @@ def test_help_lists_every_setting_with_its_env_name_default_and_meaning():
     text = " ".join(help_text().split())  # argparse wraps lines
     for f in dataclasses.fields(Config):
         assert f"--{f.name} " in text and f"[env {f.name.upper()}; default {f.default!r}" in text, f.name
-        assert f.metadata["help"].split()[0] in text
+        assert "".join(f.metadata["help"].split()) in "".join(text.split()), f.name  # argparse wraps, even at hyphens
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_is_a_flag_not_a_setting(flag):
     cfg, flags = load_config([flag], environ={})
     assert flags == ["--help"] and cfg == Config()
+    assert load_config([flag], environ={"ITERATIONS": "0"})[1] == ["--help"]  # help even beside a bad setting
 
 
 @pytest.mark.parametrize("name, value, valid", [

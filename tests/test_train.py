@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import kernels
+
 from model.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -22,7 +24,7 @@ def cpu_environ(**extra) -> dict:
     """The environment of a train.py subprocess: no torchrun variables, the reference kernels, and no
     GPU (these tests are of the CPU pipeline; on a GPU machine train.py would take the GPU)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environ.update(KERNELS="reference", CUDA_VISIBLE_DEVICES="", **extra)
+    environ.update({"KERNELS": "reference", "CUDA_VISIBLE_DEVICES": "", **extra})
     return environ
 
 
@@ -299,8 +301,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(RunLog, "write_text", full)
-    monkeypatch.setenv("KERNELS", "reference")
-    assert train_module.main([*TINY, "--run_id", "full"]) == 1
+    assert train_module.main([*TINY, "--run_id", "full"]) == 1  # fails before any model runs
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
     assert lines == [f"train.py: could not write {os.path.join('runs', 'full', 'config.json')}: No space left on device; "
                      f"free disk space or fix the folder's permissions, then run again"]
@@ -314,6 +315,63 @@ def test_a_signal_in_export_or_evaluation_says_how_to_finish_the_run():
         with train_module.interrupts_explained("score it with --eval-only a.ptz"):
             os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("where, advice", [("export", "RESUME="), ("evaluation", "score it with --eval-only")])
+def test_a_run_killed_in_export_or_evaluation_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys, where, advice):
+    import train as train_module
+    from model import evaluate, export
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as torchrun or a scheduler would, mid-way
+        raise AssertionError("the signal should have interrupted the run")
+
+    monkeypatch.setattr(export if where == "export" else evaluate, "write_artifact" if where == "export" else "evaluate_sliding", killed)
+    def unprotected(signum, frame):
+        raise AssertionError(f"{where} ran without train.py's signal handler")
+
+    monkeypatch.chdir(tmp_path)
+    previous = signal.signal(signal.SIGTERM, unprotected)  # so a missing handler fails here, not kills pytest
+    try:
+        with kernels.use_backend("reference"):  # the backend was chosen when kernels was imported; KERNELS is read then
+            code = train_module.main([*TINY, "--iterations", "2", "--warmup_steps", "0", "--ttt_enabled", "0", "--run_id", "k"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert code == 130 and len(lines) == 1 and "interrupted by SIGTERM" in lines[0] and advice in lines[0], lines
+    assert _state(tmp_path / "runs" / "k")["step"] == 2  # the final training state was saved before export
+    assert (where == "export") != os.path.isfile(tmp_path / "runs" / "k" / "final_model.int6.ptz")
+
+
+def test_a_failed_start_leaves_no_run_folder_behind(tmp_path):
+    for _ in range(2):  # the retry meets the same one line, not "holds an earlier run"
+        result = train(tmp_path, *TINY, "--data_path", str(tmp_path / "missing"), "--run_id", "retry", check=False)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+        assert result.returncode == 1 and len(lines) == 1 and "fineweb_train_*.bin" in lines[0], result.stderr
+    assert not os.path.exists(tmp_path / "runs" / "retry")
+
+
+def test_a_checkpoint_of_other_weights_is_refused_before_warm_up(tmp_path):
+    import dataclasses as dc
+
+    from model.config import load_config
+
+    cfg, _ = load_config(TINY, environ={})
+    path = _checkpoint_with(tmp_path, **{f.name: getattr(cfg, f.name) for f in dc.fields(cfg)})
+    state = load_checkpoint(path)
+    state.update(model={"w": torch.zeros(3)}, optimizers=[])
+    save_checkpoint(state, path)
+    result = train(tmp_path, *TINY, "--resume", path, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 1 and len(lines) == 1 and "other model weights" in lines[0], result.stderr
+    assert "warmup:" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_head_dim_the_triton_kernel_cannot_take_is_refused_up_front(tmp_path):
+    result = train(tmp_path, "--dry-run", "--model_dim", "96", "--num_heads", "4", "--num_kv_heads", "2", env={"KERNELS": "triton"},
+                   check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert result.returncode == 2 and len(lines) == 1 and "head dim 24" in lines[0] and "KERNELS=reference" in lines[0]
 
 
 def _shards(folder, train_tokens, val_tokens):
