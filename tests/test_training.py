@@ -2,12 +2,12 @@
 the warm-up restoring through the same path, the clock, and the one training step."""
 import copy
 import dataclasses
-import time
 
 import pytest
 import torch
 
 import kernels
+import model.training
 from model.config import load_config
 from model.distributed import Dist
 from model.training import ResumeRefused, TrainingClock, build_training_state, training_step, warm_up
@@ -92,18 +92,20 @@ def test_no_clipping_when_grad_clip_norm_is_zero(monkeypatch):
     assert len(calls) == 1
 
 
-def test_the_clock_counts_only_between_start_and_pause():
+def test_the_clock_counts_only_between_start_and_pause(monkeypatch):
+    now = [100.0]  # seconds on a fake perf_counter: the logic under test, not the machine's timing
+    monkeypatch.setattr(model.training.time, "perf_counter", lambda: now[0])
     clock = TrainingClock(torch.device("cpu"), elapsed_ms=1000.0)
     assert clock.elapsed_ms == 1000.0
     clock.start()
-    time.sleep(0.05)
-    banked = clock.pause()
-    assert 1040 <= banked < 1500
-    time.sleep(0.05)
-    assert clock.elapsed_ms == banked  # paused: validation and checkpoints do not count
+    now[0] += 0.25
+    assert clock.elapsed_ms == 1250.0  # read while running, without a pause
+    assert clock.pause() == 1250.0
+    now[0] += 5.0
+    assert clock.elapsed_ms == 1250.0  # paused: validation and checkpoints do not count
     clock.start()
-    time.sleep(0.01)
-    assert clock.elapsed_ms > banked  # running again
+    now[0] += 0.5
+    assert clock.elapsed_ms == 1750.0  # running again
 
 
 def test_state_dict_holds_exactly_the_checkpoint_keys():
