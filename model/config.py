@@ -60,6 +60,24 @@ class Config:
     ve_layers: str = setting("9,10", "layers that add the value embedding, comma-separated", model=True)
     ve_scale_init: float = setting(0.1, "initial value-embedding scale")
     ve_table_init_std: float = setting(0.01, "std of the value-embedding table's initialisation", low=0)
+    bigram_enabled: bool = setting(True, "BigramHash added to the token embedding", model=True)
+
+    # model, the frontier's additions (FRONTIER.md section 2); each off (or SPEC's form) by default
+    mlp_leaky_slope: float = setting(0.0, "MLP activation leaky_relu(z, slope)^2; 0 = SPEC's relu^2", low=0, below=1, model=True)
+    rope_yarn: bool = setting(True, "rescale the RoPE base beyond ROPE_TRAIN_LEN (SPEC's NTK rule); off = one base at every length", model=True)
+    smear_gate_enabled: bool = setting(False, "the frontier's token-gated SmearGate with the BOS fix, in place of SPEC's per-channel one", model=True)
+    gate_window: int = setting(12, "input dims the smear and sparse attention gates read", low=1, model=True)
+    sparse_attn_gate_enabled: bool = setting(False, "per-head sigmoid gate on the attention output (after XSA)", model=True)
+    sparse_attn_gate_scale: float = setting(0.5, "scale of the sparse attention gate's pre-sigmoid value", model=True)
+    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse attention gate weights' initialisation (0 = zeros)", low=0)
+    skip_gates_enabled: bool = setting(False, "U-Net skips mixed by a learned sigmoid gate (lerp) instead of added", model=True)
+    parallel_start_layer: int = setting(0, "decoder blocks from this physical layer on run two parallel lanes; 0 = off", low=0, model=True)
+    parallel_final_lane: str = setting("mean", "what the two lanes hand the final norm: mean, attn or mlp", model=True)
+    num_loops: int = setting(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off", low=0, model=True)
+    loop_start: int = setting(3, "first physical layer of the recurrent span", low=0, model=True)
+    loop_end: int = setting(5, "last physical layer of the recurrent span (inclusive)", low=0, model=True)
+    enable_looping_at: float = setting(0.35, "training fraction at which the recurrence turns on (once, for good)", low=0, high=1)
+    doc_isolated_attention: bool = setting(False, "attention never crosses a BOS; documents cut every TRAIN_SEQ_LEN tokens (cu_seqlens)", model=True)
 
     # training (SPEC.md "Training recipe")
     iterations: int = setting(20000, "training steps at most", low=1)
@@ -86,6 +104,12 @@ class Config:
     swa_every: int = setting(50, "steps between SWA snapshots", low=1)
     swa_threshold: float = setting(0.2, "average while the LR scale is below this", low=0)
     late_qat_threshold: float = setting(0.1, "int6 fake-quant once the LR scale is below this; 0 = off", low=0)
+    ema_decay: float = setting(0.0, "EMA of every parameter after each step, evaluated and exported; 0 = off", low=0, below=1)
+    warmdown_frac: float = setting(0.0, "LR warmdown over this final fraction of the wall clock; 0 = WARMDOWN_ITERS", low=0, high=1)
+    min_lr: float = setting(0.0, "floor of the LR scale during the warmdown", low=0, high=1)
+    muon_row_normalize: bool = setting(False, "Muon divides each row of the update by its norm before Newton-Schulz")
+    muon_polar_express: bool = setting(False, "Muon's 5 Newton-Schulz steps use the Polar-Express coefficients (FRONTIER.md section 3)")
+    embed_wd: float = setting(-1.0, "AdamW weight decay of the token table; negative = ADAM_WD", low=-1)
     train_log_every: int = setting(200, "log the train loss every this many steps; 0 = off", low=0)
     val_loss_every: int = setting(0, "periodic validation during training; 0 = only at the end", low=0)
     val_batch_size: int = setting(524_288, "tokens per validation batch over all ranks", low=1)
@@ -110,6 +134,21 @@ class Config:
     # export (SPEC.md "Export")
     artifact_budget_bytes: int = setting(16_000_000, "artifact + code bytes allowed", low=1)
     zstd_level: int = setting(22, "zstd compression level of the artifact", low=1, high=22)
+    quant: str = setting("int6", "quantiser: int6 (SPEC's per-row rounding) or gptq (FRONTIER.md section 4)")
+    compressor: str = setting("zstd", "artifact compressor: zstd, brotli or pergroup")
+    gptq_calibration_batches: int = setting(16, "training batches whose activations build GPTQ's Hessians", low=1)
+    gptq_reserve_seconds: float = setting(0.0, "seconds of the training clock reserved for GPTQ calibration", low=0)
+    mlp_clip_sigmas: float = setting(11.5, "GPTQ scale = this x row std / qmax, MLP matrices", above=0)
+    attn_clip_sigmas: float = setting(13.0, "... attention matrices", above=0)
+    embed_clip_sigmas: float = setting(14.0, "... the tied embedding", above=0)
+    embed_bits: int = setting(7, "bits of the tied embedding under GPTQ", low=2, high=8)
+    gated_attn_quant_gate: bool = setting(True, "the sparse attention gate's weights in int8 per row (else fp16)")
+    lqer_enabled: bool = setting(False, "low-rank correction of the GPTQ tensors with the largest error")
+    lqer_asym_enabled: bool = setting(True, "LQER factors: A int2 with one scale, B int4 in groups")
+    lqer_rank: int = setting(4, "LQER rank", low=1)
+    lqer_top_k: int = setting(3, "LQER corrects this many tensors", low=1)
+    lqer_asym_group: int = setting(64, "LQER B's int4 group size", low=1)
+    lqer_factor_bits: int = setting(4, "bits of both LQER factors in the per-row fallback", low=2, high=8)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -177,6 +216,17 @@ class Config:
         if self.eval_only and self.resume:
             problems.append(f"EVAL_ONLY={self.eval_only!r} and RESUME={self.resume!r} are both set; score an artifact "
                             f"or continue a run, not both")
+        for name, allowed in (("quant", QUANTISERS), ("compressor", COMPRESSORS), ("parallel_final_lane", FINAL_LANES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name.upper()}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            problems.append(f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
+                            f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        if self.parallel_start_layer >= self.num_layers:
+            problems.append(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be below NUM_LAYERS={self.num_layers} "
+                            f"(0 turns the lanes off)")
+        if (self.smear_gate_enabled or self.sparse_attn_gate_enabled) and self.gate_window > self.model_dim:
+            problems.append(f"GATE_WINDOW={self.gate_window} must be at most MODEL_DIM={self.model_dim}")
         if self.eval_stride > self.eval_seq_len:
             problems.append(f"EVAL_STRIDE={self.eval_stride} must lie in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         if problems:
@@ -191,6 +241,11 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+QUANTISERS = ("int6", "gptq")
+COMPRESSORS = ("zstd", "brotli", "pergroup")
+FINAL_LANES = ("mean", "attn", "mlp")
 
 
 def model_fields() -> tuple[str, ...]:
@@ -242,7 +297,25 @@ def _smoke() -> dict:
     )
 
 
-PRESETS = {"smoke": _smoke}
+def _frontier() -> dict:
+    """FRONTIER.md: the 1.0611 record's values (its runs' command over its script's defaults)."""
+    return dict(
+        vocab_size=8192, mlp_mult=4, mlp_leaky_slope=0.5, xsa_last_n=11, qk_gain_init=5.0,
+        bigram_enabled=False, ve_enabled=False, rope_yarn=False,
+        smear_gate_enabled=True, gate_window=12,
+        sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, sparse_attn_gate_init_std=0.0,
+        skip_gates_enabled=True, parallel_start_layer=8, parallel_final_lane="mean",
+        num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, doc_isolated_attention=True,
+        matrix_lr=0.026, tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500, muon_wd=0.095, muon_row_normalize=True, muon_polar_express=True,
+        beta2=0.99, adam_wd=0.02, embed_wd=0.085, grad_clip_norm=0.3,
+        swa_enabled=False, late_qat_threshold=0.0, ema_decay=0.9965, warmdown_frac=0.85, min_lr=0.10,
+        gptq_reserve_seconds=0.5,
+        quant="gptq", compressor="pergroup", lqer_enabled=True,
+    )
+
+
+PRESETS = {"smoke": _smoke, "frontier": _frontier}
 
 
 # Sections of `train.py --help`, by the first field of each.
