@@ -91,9 +91,12 @@ def _impl(name: str):
     return getattr(reference, name)
 
 
-def xsa_attention(q, k, v, xsa: bool = False):
-    """Causal GQA attention, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; XSA projection when xsa."""
-    return _impl("xsa_attention")(q, k, v, xsa)
+def xsa_attention(q, k, v, xsa: bool = False, cu_seqlens=None, gate=None, deterministic: bool = False):
+    """Causal GQA attention, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]: the XSA projection when xsa;
+    only keys of the query's own segment when cu_seqlens (int32 offsets into the B*T tokens, 0 first,
+    B*T last, may end with repeated B*T entries); each head's output times sigmoid(gate [B,T,H]);
+    deterministic=True gives the same gradient bits every run (no atomics)."""
+    return _impl("xsa_attention")(q, k, v, xsa, cu_seqlens, gate, deterministic)
 
 
 def int6_fakequant(w, out_dtype=None):

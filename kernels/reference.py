@@ -14,12 +14,64 @@ import torch.nn.functional as F
 XSA_NORM_EPS = 1e-12  # F.normalize's floor on ||v||: v_hat = v / max(||v||, eps)
 
 
-def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
-    """Causal GQA attention with an explicit softmax, then the optional XSA projection.
+def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, where: str = "xsa_attention") -> None:
+    """cu_seqlens must be int32 offsets into the B*T tokens taken row by row: 1-D, 0 first, B*T last.
+
+    Dtype, rank and device class are metadata and always checked. The first and last values are
+    read only from a CPU tensor outside torch.compile: on a GPU reading them would be a device
+    sync in the training step, and under torch.compile a graph break. (Sortedness and the row
+    starts are not checked; segments are cut at row starts whether or not they are listed.)
+    """
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"{where}: cu_seqlens must be a 1-D int32 tensor of at least 2 offsets, got {cu_seqlens.dtype} "
+            f"{tuple(cu_seqlens.shape)}; pass torch.tensor([0, ..., B*T], dtype=torch.int32)"
+        )
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(cu_seqlens):
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != B * T:
+            raise ValueError(
+                f"{where}: cu_seqlens must run from 0 to B*T = {B * T}, got {first} .. {last}; "
+                f"offsets are into the {B}x{T} tokens taken row by row"
+            )
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def segment_mask(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """[B, T, T] bool: query t may see key s of its row when s <= t and both lie in one segment.
+
+    Segment of flattened token i = b*T + t: the number of offsets <= i (repeated trailing B*T
+    entries are empty segments and count for no token)."""
+    tokens = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    segment = torch.searchsorted(cu_seqlens, tokens, right=True).view(B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return causal & (segment[:, :, None] == segment[:, None, :])
+
+
+def xsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    xsa: bool = False,
+    cu_seqlens: torch.Tensor = None,
+    gate: torch.Tensor = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Causal GQA attention with an explicit softmax, then the optional XSA projection and output gate.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D] with H a multiple of Hkv; scale 1/sqrt(D).
+    cu_seqlens (int32 offsets into the B*T tokens, see check_cu_seqlens): a query sees only keys
+    at or before it in its own segment; None: plain causal per row.
     XSA: y <- y - (y . v_hat) v_hat, v_hat = v / ||v|| of the KV head serving the query head,
-    at the query's own position. Returns [B, T, H, D] in q's dtype.
+    at the query's own position.
+    gate [B, T, H] (pre-sigmoid, any float dtype): y[b, t, h] <- sigmoid(gate[b, t, h]) * y[b, t, h]
+    after XSA, the sigmoid in at least fp32. `deterministic` is the kernels' switch; eager already is.
+    Returns [B, T, H, D] in q's dtype.
     """
     B, T, H, D = q.shape
     group = H // k.shape[2]
@@ -27,12 +79,23 @@ def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool =
     kh = k.repeat_interleave(group, dim=2).transpose(1, 2)
     vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
     scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(D)  # [B, H, T, T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    if cu_seqlens is None:
+        visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        check_cu_seqlens(cu_seqlens, B, T)
+        visible = segment_mask(cu_seqlens, B, T)[:, None]  # [B, 1, T, T]
+    scores = scores.masked_fill(~visible, float("-inf"))
     y = torch.softmax(scores, dim=-1) @ vh  # [B, H, T, D]
     if xsa:
         y = xsa_project(y, vh)
+    if gate is not None:
+        y = y * output_gate(gate).transpose(1, 2).unsqueeze(-1)
     return y.transpose(1, 2).to(q.dtype)
+
+
+def output_gate(gate: torch.Tensor) -> torch.Tensor:
+    """sigmoid(gate) computed in fp32 (fp64 for fp64 gates)."""
+    return torch.sigmoid(gate.to(torch.promote_types(gate.dtype, torch.float32)))
 
 
 def xsa_project(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -41,8 +104,11 @@ def xsa_project(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
-def xsa_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
-    """The practical baseline: PyTorch SDPA (flash backend on a GPU) plus the eager XSA projection."""
+def xsa_attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False, gate: torch.Tensor = None
+) -> torch.Tensor:
+    """The practical baseline without segments: PyTorch SDPA (flash backend on a GPU) plus the
+    eager XSA projection and output gate."""
     group = q.shape[2] // k.shape[2]
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=group > 1
@@ -50,6 +116,8 @@ def xsa_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: b
     if xsa:
         vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
         y = xsa_project(y, vh)
+    if gate is not None:
+        y = (y * output_gate(gate).transpose(1, 2).unsqueeze(-1)).to(q.dtype)
     return y.transpose(1, 2)
 
 

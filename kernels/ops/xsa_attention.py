@@ -669,8 +669,20 @@ xsa_attention_fwd_op.register_autograd(_xsa_attention_fwd_backward, setup_contex
 # --------------------------------------------------------------------------- public API
 
 
-def xsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool = False) -> torch.Tensor:
-    """Causal GQA attention, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; XSA projection when xsa."""
+def xsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    xsa: bool = False,
+    cu_seqlens: torch.Tensor = None,
+    gate: torch.Tensor = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Causal GQA attention, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; XSA projection when xsa;
+    segments and output gate as in kernels.reference.xsa_attention."""
+    if cu_seqlens is not None or gate is not None:
+        # Until the kernels take segments and the gate: the eager reference (same semantics).
+        return reference.xsa_attention(q, k, v, xsa, cu_seqlens, gate, deterministic)
     return xsa_attention_fwd_op(q, k, v, bool(xsa))[0]
 
 

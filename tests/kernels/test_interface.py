@@ -99,14 +99,14 @@ def test_softcap_cross_entropy_reference():
 
 # Every public function, its Triton implementation and its argument count (kernels/__init__.py).
 PUBLIC = {
-    "xsa_attention": (xsa_attention.xsa_attention, 4),
+    "xsa_attention": (xsa_attention.xsa_attention, 7),
     "int6_fakequant": (fakequant.int6_fakequant, 2),
     "int6_quantize": (fakequant.int6_quantize, 1),
     "bigram_hash": (bigram.bigram_hash, 2),
     "bigram_embed": (bigram.bigram_embed, 3),
     "newton_schulz": (newton_schulz.newton_schulz, 4),
     "softcap_cross_entropy": (softcap_ce.softcap_cross_entropy, 4),
-    "relu2_mlp": (relu2_mlp.relu2_mlp, 3),
+    "relu2_mlp": (relu2_mlp.relu2_mlp, 4),
 }
 
 

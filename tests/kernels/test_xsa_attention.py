@@ -334,3 +334,72 @@ def test_inductor_compile_bf16_matches_eager_kernel():
     for actual, expected in zip([out.detach()] + [t.grad for t in leaves], eager):
         # Same kernels, same configs once tuned: Inductor only changes what surrounds them.
         assert_close(actual, expected, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- segments and the output gate
+
+
+def test_reference_segments_and_gate_against_loops():
+    """The reference's document mask and gate, term by term: each query a softmax over the keys at or
+    before it in its own segment, XSA, then times sigmoid(gate); zero-length trailing segments ignored."""
+    g = torch.Generator().manual_seed(30)
+    B, T, H, Hkv, D = 2, 7, 4, 2, 8
+    q, k, v = (torch.randn(B, T, h, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    gate = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 3, 4, 7, 9, 14, 14, 14], dtype=torch.int32)  # row 1 starts at 7
+    got = reference.xsa_attention(q, k, v, True, cu_seqlens, gate)
+    starts = [0, 3, 4, 7, 9]
+    for b, t, h in itertools.product(range(B), range(T), range(H)):
+        i = b * T + t
+        first = max(s for s in starts if s <= i) - b * T
+        kv = h // (H // Hkv)
+        s = torch.stack([q[b, t, h] @ k[b, j, kv] / D**0.5 for j in range(first, t + 1)])
+        y = (torch.softmax(s, 0)[:, None] * v[b, first : t + 1, kv]).sum(0)
+        vhat = v[b, t, kv] / v[b, t, kv].norm()
+        y = (y - (y @ vhat) * vhat) * torch.sigmoid(gate[b, t, h])
+        torch.testing.assert_close(got[b, t, h], y)
+
+
+def test_no_segments_is_one_segment_per_row():
+    q, k, v, _ = _inputs(2, 9, 4, 2, 16, torch.float64, "cpu", seed=31)
+    rows = torch.tensor([0, 9, 18] + [18] * 5, dtype=torch.int32)
+    torch.testing.assert_close(reference.xsa_attention(q, k, v, True, rows), reference.xsa_attention(q, k, v, True))
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, match",
+    [
+        (torch.tensor([0, 5, 8], dtype=torch.int64), "1-D int32 tensor"),
+        (torch.tensor([[0, 8]], dtype=torch.int32), "1-D int32 tensor"),
+        (torch.tensor([1, 8], dtype=torch.int32), "must run from 0 to B\\*T = 8, got 1 .. 8"),
+        (torch.tensor([0, 4, 7], dtype=torch.int32), "must run from 0 to B\\*T = 8, got 0 .. 7"),
+    ],
+)
+@pytest.mark.parametrize("fn", [reference.xsa_attention, xsa_attention], ids=["reference", "triton"])
+def test_bad_cu_seqlens_raise_one_clear_error(fn, cu_seqlens, match):
+    q, k, v, _ = _inputs(2, 4, 2, 1, 16, torch.float32, "cpu", seed=32)
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, v, False, cu_seqlens)
+
+
+def test_compiles_fullgraph_with_segments_and_gate_reference_backend():
+    """The public op with cu_seqlens and gate traces as one graph (the CPU runs the reference backend;
+    the Triton ops' own compile is a GPU test)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    q, k, v, dy = _inputs(1, 12, 4, 2, 16, torch.float32, "cpu", seed=33)
+    gate = torch.randn(1, 12, 4)
+    cu_seqlens = torch.tensor([0, 5, 12, 12], dtype=torch.int32)
+
+    def attend(q, k, v, gate, cu_seqlens):
+        return kernels.xsa_attention(q, k, v, xsa=True, cu_seqlens=cu_seqlens, gate=gate * 0.5)
+
+    compiled = torch.compile(attend, fullgraph=True, backend=counter)
+    with kernels.use_backend("reference"):
+        expected = attend(q, k, v, gate, cu_seqlens)
+        for _ in range(2):
+            out = compiled(q, k, v, gate, cu_seqlens)
+            torch.testing.assert_close(out, expected)
+    assert counter.frame_count == 1
