@@ -200,14 +200,20 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
             lambda x=x: _body(softcap_ce.softcap_ce_dlogits_op)(x, weight, targets, per_token, per_token, per_token, 30.0),
         ))
         # relu^2 MLP: the bodies run their cuBLAS half as CPU matmuls, so 8192 tokens stand in for the
-        # micro-batch's 98,304 (the same autotune list and constexprs; only the split-K count differs)
+        # micro-batch's 98,304 (the same autotune list and constexprs; only the split-K count differs).
+        # Both activations: relu^2 (SPEC) and LeakyReLU(0.5)^2 (FRONTIER.md), each its own constexpr.
         tokens, hidden = 8192, cfg.mlp_hidden
         xs, h = empty(tokens, cfg.model_dim, dtype=dtype), empty(tokens, hidden, dtype=dtype)
         w_up, w_down = empty(hidden, cfg.model_dim, dtype=dtype), empty(cfg.model_dim, hidden, dtype=dtype)
-        cases.append((f"relu2_mlp_fwd {name}", lambda xs=xs, u=w_up, w=w_down: _body(mlp.relu2_mlp_fwd_op)(xs, u, w)))
-        cases.append((
-            f"relu2_mlp_bwd {name}", lambda xs=xs, h=h, u=w_up, w=w_down: _body(mlp.relu2_mlp_bwd_op)(xs, xs, h, u, w),
-        ))
+        for slope in (0.0, 0.5):
+            cases.append((
+                f"relu2_mlp_fwd {name} slope={slope}",
+                lambda xs=xs, u=w_up, w=w_down, s=slope: _body(mlp.relu2_mlp_fwd_op)(xs, u, w, s),
+            ))
+            cases.append((
+                f"relu2_mlp_bwd {name} slope={slope}",
+                lambda xs=xs, h=h, u=w_up, w=w_down, s=slope: _body(mlp.relu2_mlp_bwd_op)(xs, xs, h, u, w, s),
+            ))
     return cases
 
 

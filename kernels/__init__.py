@@ -130,6 +130,7 @@ def softcap_cross_entropy(x, weight, targets, softcap: float = 30.0):
     return _impl("softcap_cross_entropy")(x, weight, targets, softcap)
 
 
-def relu2_mlp(x, w_up, w_down):
-    """The block's MLP relu(x @ w_up^T)^2 @ w_down^T: x [..., d], w_up [F, d], w_down [d, F] -> [..., d]."""
-    return _impl("relu2_mlp")(x, w_up, w_down)
+def relu2_mlp(x, w_up, w_down, negative_slope: float = 0.0):
+    """The block's MLP leaky_relu(x @ w_up^T, negative_slope)^2 @ w_down^T: x [..., d], w_up [F, d],
+    w_down [d, F] -> [..., d]; slope 0.0 is SPEC's relu^2, 0.5 FRONTIER.md's (a float fixed at build time)."""
+    return _impl("relu2_mlp")(x, w_up, w_down, negative_slope)

@@ -241,9 +241,22 @@ def softcap_cross_entropy(
 # --------------------------------------------------------------------------- MLP
 
 
-def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """The block's MLP: relu(x @ w_up^T)^2 @ w_down^T, x [..., d], w_up [F, d], w_down [d, F] -> [..., d].
+def leaky_relu2(h: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """phi(h) = leaky_relu(h, negative_slope)^2 in h's dtype: relu(h)^2 at slope 0.0 (SPEC), h^2 for
+    h > 0 and (slope * h)^2 otherwise, so phi'(h) = 2h or 2 slope^2 h (FRONTIER.md: slope 0.5).
 
-    Every intermediate (h, a = relu(h)^2) is a tensor of x's dtype, as in the model's eager code.
+    Rounding chain in h's dtype: l = round(leaky(h)), then round(l^2). Slope 0.0 is torch.relu
+    itself, not leaky_relu with a zero slope, which differs at the edges (leaky_relu(-inf, 0.0) is
+    NaN, and its backward gives -0.0 for a negative gradient where h <= 0): the seed's bits stay."""
+    act = torch.relu(h) if negative_slope == 0.0 else F.leaky_relu(h, negative_slope)
+    return act.square()
+
+
+def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """The block's MLP: leaky_relu2(x @ w_up^T) @ w_down^T, x [..., d], w_up [F, d], w_down [d, F] -> [..., d].
+
+    negative_slope 0.0 is SPEC's relu^2, 0.5 FRONTIER.md's LeakyReLU(0.5)^2. Every intermediate is a
+    tensor of x's dtype, as in the model's eager code: h = round(x @ w_up^T), l = round(leaky(h)),
+    a = round(l^2), y = round(a @ w_down^T).
     """
-    return F.linear(torch.relu(F.linear(x, w_up)).square(), w_down)
+    return F.linear(leaky_relu2(F.linear(x, w_up), negative_slope), w_down)

@@ -30,6 +30,8 @@ registers as wgmma's A operand and spills in no config, where dy^T @ relu2(h) (p
 which wgmma must read from shared memory) spilled at 128 x 256.
 FLOPs: forward 4NdF (2 GEMMs), backward 8NdF (4 GEMMs), nothing recomputed beyond a.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -37,6 +39,7 @@ import triton.language as tl
 
 from kernels._launch import INTERPRET, autotune_pair, new_output, num_sms, register_cpu_and_fake, wrap_triton
 from kernels._numerics import _dot, dot_precision  # _dot: also right on bf16 in the interpreter
+from kernels.reference import leaky_relu2
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,19 +76,31 @@ if INTERPRET:
     _FIXED_CONFIG = _GEMM_CONFIGS[0]
 else:
     _GEMM_CONFIGS, _FIXED_CONFIG = GPU_GEMM_CONFIGS, GPU_FIXED_CONFIG
-_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "RELU2_A", "EPILOGUE_DRELU2"]
+_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "RELU2_A", "EPILOGUE_DRELU2", "NEGATIVE_SLOPE"]
 TUNE_MIN_MNK = 2**30  # M * N * K from which a 16-bit GEMM is autotuned (the model's are ~2^36)
 
 # --------------------------------------------------------------------------- Triton kernels
 
 
 @triton.jit
-def _relu2(t):
-    """round(relu(t)^2) in t's dtype, squared in fp32 like torch's low-precision pointwise ops.
-    `t < 0` (not `t > 0`) keeps a NaN a NaN, as torch.relu does."""
-    t32 = t.to(tl.float32)
-    r = tl.where(t32 < 0.0, 0.0, t32)
-    return (r * r).to(t.dtype)
+def _leaky(t32, NEGATIVE_SLOPE: tl.constexpr):
+    """leaky_relu of an fp32 tensor as torch computes it: t if t > 0 else t * slope, and at slope 0
+    torch.relu (`t < 0`, not `t > 0`, keeps a NaN a NaN and -inf gives 0, as torch.relu does)."""
+    if NEGATIVE_SLOPE == 0.0:
+        return tl.where(t32 < 0.0, 0.0, t32)
+    else:
+        return tl.where(t32 > 0.0, t32, t32 * NEGATIVE_SLOPE)
+
+
+@triton.jit
+def _relu2(t, NEGATIVE_SLOPE: tl.constexpr):
+    """round(round(leaky(t))^2) in t's dtype, each step in fp32 and rounded like torch's
+    low-precision pointwise ops (kernels.reference.leaky_relu2). relu is exact, so at slope 0 the
+    inner rounding is skipped: round(relu(t)^2), the seed's instructions."""
+    act = _leaky(t.to(tl.float32), NEGATIVE_SLOPE)
+    if NEGATIVE_SLOPE != 0.0:
+        act = act.to(t.dtype).to(tl.float32)
+    return (act * act).to(t.dtype)
 
 
 @triton.jit
@@ -96,7 +111,7 @@ def _relu2_gemm_kernel(
     stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
     stride_em, stride_en,
-    RELU2_A: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr,
+    RELU2_A: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -135,26 +150,32 @@ def _relu2_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         k_ok = k + rk < k_end
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # relu2(0) = 0: padding stays 0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # phi(0) = 0: padding stays 0
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if RELU2_A:
-            a = _relu2(a)
+            a = _relu2(a, NEGATIVE_SLOPE)
         acc = _dot(a, b, acc, DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     mask = m_ok[:, None] & n_ok[None, :]
     if EPILOGUE_DRELU2:
-        # Eager autograd of relu(h).square() in x's dtype: da = round(dy @ w_down), then
-        # grad * (2 * relu(h)) with 2 * relu(h) a tensor of that dtype (exact unless it
-        # overflows, so it is rounded too), one rounding of the product, and relu's backward
-        # zeroing where h <= 0.
+        # Eager autograd of leaky_relu2(h) in x's dtype: da = round(dy @ w_down); square's
+        # backward g = round(da * round(2 l)) with l = round(leaky(h)) (2 l is exact unless it
+        # overflows, so it is rounded too); then the activation's backward: relu's zeroes where
+        # h <= 0, leaky_relu's is g if h > 0 else round(g * slope). So phi'(h) = 2h or 2 slope^2 h,
+        # rounded step by step as torch does (one step fewer at slope 0.5, where * 0.5 is exact).
         e_ptrs = E + row0.to(tl.int64) * stride_em + col0.to(tl.int64) * stride_en
         h = tl.load(e_ptrs + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0)
         h32 = h.to(tl.float32)
         da = acc.to(C.dtype.element_ty).to(tl.float32)
-        two_r = (2.0 * tl.where(h32 < 0.0, 0.0, h32)).to(h.dtype).to(tl.float32)
-        acc = tl.where(h32 <= 0.0, 0.0, da * two_r)
+        if NEGATIVE_SLOPE == 0.0:
+            two_r = (2.0 * _leaky(h32, NEGATIVE_SLOPE)).to(h.dtype).to(tl.float32)
+            acc = tl.where(h32 <= 0.0, 0.0, da * two_r)
+        else:
+            two_l = (2.0 * _leaky(h32, NEGATIVE_SLOPE).to(h.dtype).to(tl.float32)).to(h.dtype).to(tl.float32)
+            g = (da * two_l).to(h.dtype).to(tl.float32)
+            acc = tl.where(h32 > 0.0, g, g * NEGATIVE_SLOPE)
     c_ptrs = C + split.to(tl.int64) * stride_cs + row0.to(tl.int64) * stride_cm + col0.to(tl.int64) * stride_cn
     tl.store(c_ptrs + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
 
@@ -186,9 +207,10 @@ def _split_k(M: int, N: int, K: int, device) -> int:
     return best
 
 
-def _gemm(a, b, out, *, relu2_a=False, epilogue_h=None, split_k=1) -> None:
-    """out = pro(a) @ b for a [M, K], b [K, N] (any strides); out [M, N], or fp32
-    [split_k, M, N] partials when split_k > 1; epilogue_h [M, N] switches the dReLU^2 epilogue on."""
+def _gemm(a, b, out, *, relu2_a=False, epilogue_h=None, negative_slope=0.0, split_k=1) -> None:
+    """out = pro(a) @ b for a [M, K], b [K, N] (any strides); out [M, N], or fp32 [split_k, M, N]
+    partials when split_k > 1; epilogue_h [M, N] switches the phi' epilogue on; negative_slope is
+    the activation's (a compile-time constant: one kernel per slope)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
@@ -206,7 +228,8 @@ def _gemm(a, b, out, *, relu2_a=False, epilogue_h=None, split_k=1) -> None:
         b.stride(0), b.stride(1),
         out3.stride(0), out3.stride(1), out3.stride(2),
         e.stride(0), e.stride(1),
-        RELU2_A=relu2_a, EPILOGUE_DRELU2=epilogue_h is not None, DOT_PRECISION=dot_precision(a.dtype),
+        RELU2_A=relu2_a, EPILOGUE_DRELU2=epilogue_h is not None, NEGATIVE_SLOPE=negative_slope,
+        DOT_PRECISION=dot_precision(a.dtype),
     )
 
 
@@ -237,38 +260,51 @@ def _check_inputs(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, whe
         )
 
 
+def _check_slope(negative_slope, where: str) -> None:
+    # A Python number, because it becomes a compile-time constant of the kernels (one per slope).
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
+        raise ValueError(
+            f"{where}: negative_slope must be a finite Python float fixed at build time (0.0 for relu^2), "
+            f"got {negative_slope!r}; pass the config's number, not a tensor."
+        )
+
+
 # --------------------------------------------------------------------------- ops
 
 
 @torch.library.triton_op("golf::relu2_mlp_fwd", mutates_args=())
-def relu2_mlp_fwd_op(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def relu2_mlp_fwd_op(
+    x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, d], w_up [F, d], w_down [d, F] -> (y [N, d], h = x @ w_up^T [N, F], saved for the backward)."""
     _check_inputs(x, w_up, w_down, "golf::relu2_mlp_fwd")
+    _check_slope(negative_slope, "golf::relu2_mlp_fwd")
     if x.dim() != 2:
         raise ValueError(f"golf::relu2_mlp_fwd: x must be [N, d], got {tuple(x.shape)}; kernels.relu2_mlp flattens it")
     N, d = x.shape
     with _no_autocast(x):
         h = F.linear(x, w_up)  # cuBLAS; [N, F] in x's dtype
     y = new_output((N, d), x.dtype, x.device)
-    _gemm(h, w_down.T, y, relu2_a=True)  # y = relu2(h) @ w_down^T
+    _gemm(h, w_down.T, y, relu2_a=True, negative_slope=negative_slope)  # y = phi(h) @ w_down^T
     return y, h
 
 
 @torch.library.triton_op("golf::relu2_mlp_bwd", mutates_args=())
 def relu2_mlp_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [N, d], dw_up [F, d], dw_down [d, F]) from the output gradient dy [N, d] and the saved x, h."""
     _check_inputs(x, w_up, w_down, "golf::relu2_mlp_bwd")
+    _check_slope(negative_slope, "golf::relu2_mlp_bwd")
     N, d = x.shape
     hidden = w_up.shape[0]
     dh = new_output((N, hidden), x.dtype, x.device)
-    _gemm(dy, w_down, dh, epilogue_h=h)  # dh = drelu2(dy @ w_down, h)
-    # dW_down^T = relu2(h)^T @ dy [F, d], split over the N tokens; the relu^2 operand is A (see the
+    _gemm(dy, w_down, dh, epilogue_h=h, negative_slope=negative_slope)  # dh = phi'(h) * (dy @ w_down)
+    # dW_down^T = phi(h)^T @ dy [F, d], split over the N tokens; the phi operand is A (see the
     # module docstring), and a fixed-order sum of the fp32 partials: deterministic.
     split_k = _split_k(hidden, d, N, x.device)
     partials = new_output((split_k, hidden, d), torch.float32, x.device)
-    _gemm(h.T, dy, partials, relu2_a=True, split_k=split_k)
+    _gemm(h.T, dy, partials, relu2_a=True, negative_slope=negative_slope, split_k=split_k)
     dw_down = partials.sum(0).to(x.dtype).T.contiguous()
     with _no_autocast(x):
         dx = dh @ w_up  # [N, d]
@@ -281,25 +317,29 @@ def relu2_mlp_bwd_op(
 # formulas as the kernels, in torch ops and in the inputs' dtype.
 
 
-def relu2_mlp_fwd_eager(x, w_up, w_down):
+def relu2_mlp_fwd_eager(x, w_up, w_down, negative_slope):
     with _no_autocast(x):
         h = F.linear(x, w_up)
-        return F.linear(torch.relu(h).square(), w_down), h
+        return F.linear(leaky_relu2(h, negative_slope), w_down), h
 
 
-def relu2_mlp_bwd_eager(dy, x, h, w_up, w_down):
+def relu2_mlp_bwd_eager(dy, x, h, w_up, w_down, negative_slope):
     with _no_autocast(x):
         da = dy @ w_down  # [N, F]
-        dh = torch.where(h <= 0, 0.0, da * (2 * torch.relu(h)))
-        dw_down = dy.T @ torch.relu(h).square()
+        if negative_slope == 0.0:
+            dh = torch.where(h <= 0, 0.0, da * (2 * torch.relu(h)))
+        else:  # the epilogue's steps: g = round(da * round(2 l)), then g or round(g * slope)
+            g = da * (2 * F.leaky_relu(h, negative_slope))
+            dh = torch.where(h > 0, g, g * negative_slope)
+        dw_down = dy.T @ leaky_relu2(h, negative_slope)
         return dh @ w_up, dh.T @ x, dw_down
 
 
-def _relu2_mlp_fwd_fake(x, w_up, w_down):
+def _relu2_mlp_fwd_fake(x, w_up, w_down, negative_slope):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], w_up.shape[0]))
 
 
-def _relu2_mlp_bwd_fake(dy, x, h, w_up, w_down):
+def _relu2_mlp_bwd_fake(dy, x, h, w_up, w_down, negative_slope):
     return x.new_empty(x.shape), w_up.new_empty(w_up.shape), w_down.new_empty(w_down.shape)
 
 
@@ -310,9 +350,10 @@ register_cpu_and_fake(relu2_mlp_bwd_op, reference=relu2_mlp_bwd_eager, fake=_rel
 
 
 def _relu2_mlp_fwd_setup_context(ctx, inputs, output):
-    x, w_up, w_down = inputs
+    x, w_up, w_down, negative_slope = inputs
     _y, h = output
     ctx.save_for_backward(x, h, w_up, w_down)
+    ctx.negative_slope = negative_slope
 
 
 def _relu2_mlp_fwd_backward(ctx, dy, _dh):
@@ -320,8 +361,8 @@ def _relu2_mlp_fwd_backward(ctx, dy, _dh):
     x, h, w_up, w_down = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    dx, dw_up, dw_down = relu2_mlp_bwd_op(dy.to(x.dtype), x, h, w_up, w_down)
-    return dx, dw_up, dw_down
+    dx, dw_up, dw_down = relu2_mlp_bwd_op(dy.to(x.dtype), x, h, w_up, w_down, ctx.negative_slope)
+    return dx, dw_up, dw_down, None
 
 
 relu2_mlp_fwd_op.register_autograd(_relu2_mlp_fwd_backward, setup_context=_relu2_mlp_fwd_setup_context)
@@ -329,17 +370,19 @@ relu2_mlp_fwd_op.register_autograd(_relu2_mlp_fwd_backward, setup_context=_relu2
 # --------------------------------------------------------------------------- public API
 
 
-def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """relu(x @ w_up^T)^2 @ w_down^T: x [..., d], w_up [F, d], w_down [d, F] -> [..., d], one dtype.
+def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """leaky_relu(x @ w_up^T, negative_slope)^2 @ w_down^T: x [..., d], w_up [F, d], w_down [d, F] -> [..., d],
+    one dtype; slope 0.0 (relu^2, SPEC) or any other float fixed when the model is built (0.5, FRONTIER.md).
 
-    Same semantics as kernels.reference.relu2_mlp (h and a rounded to x's dtype), autocast
-    included: under autocast the fp32/fp16/bf16 operands are cast to its dtype first, as
+    Same semantics as kernels.reference.relu2_mlp (h, leaky(h) and a rounded to x's dtype),
+    autocast included: under autocast the fp32/fp16/bf16 operands are cast to its dtype first, as
     F.linear's would be."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_up, w_down = (t.to(dtype) if t.dtype in SUPPORTED_DTYPES else t for t in (x, w_up, w_down))
     _check_inputs(x, w_up, w_down, "relu2_mlp")
-    y, _h = relu2_mlp_fwd_op(x.reshape(-1, x.shape[-1]), w_up, w_down)
+    _check_slope(negative_slope, "relu2_mlp")
+    y, _h = relu2_mlp_fwd_op(x.reshape(-1, x.shape[-1]), w_up, w_down, float(negative_slope))
     return y.reshape(x.shape)
 
 

@@ -185,9 +185,9 @@ def test_opcheck():
     x, w_up, w_down, dy = make_inputs((17,), 24, 40, seed=7)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
-    torch.library.opcheck(mlp.relu2_mlp_fwd_op, tuple(leaves), test_utils=checks)
+    torch.library.opcheck(mlp.relu2_mlp_fwd_op, (*leaves, 0.5), test_utils=checks)
     h = x @ w_up.T
-    torch.library.opcheck(mlp.relu2_mlp_bwd_op, (dy, x, h, w_up, w_down), test_utils=checks)
+    torch.library.opcheck(mlp.relu2_mlp_bwd_op, (dy, x, h, w_up, w_down, 0.5), test_utils=checks)
 
 
 def test_compiles_fullgraph_without_recompiling():
@@ -219,8 +219,8 @@ def test_eager_twins_match_reference_autograd():
     # The CPU path without the interpreter restates the kernels' formulas with torch ops; in fp64
     # they must be autograd of the reference to rounding.
     x, w_up, w_down, dy = make_inputs((17,), 24, 40, dtype=torch.float64, seed=11)
-    y, h = mlp.relu2_mlp_fwd_eager(x, w_up, w_down)
-    got = [y, *mlp.relu2_mlp_bwd_eager(dy, x, h, w_up, w_down)]
+    y, h = mlp.relu2_mlp_fwd_eager(x, w_up, w_down, 0.0)
+    got = [y, *mlp.relu2_mlp_bwd_eager(dy, x, h, w_up, w_down, 0.0)]
     for actual, want in zip(got, output_and_grads(reference.relu2_mlp, x, w_up, w_down, dy)):
         assert_close(actual, want, torch.float64)
 
