@@ -188,6 +188,15 @@ def bigram_embed(ids: torch.Tensor, table: torch.Tensor, deterministic: bool = F
 # --------------------------------------------------------------------------- Newton-Schulz
 
 QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+# FRONTIER.md section 3: Muon's five Polar-Express steps, one (a, b, c) triple per step; the scalar
+# map sigma -> a sigma + b sigma^3 + c sigma^5, applied five times, sends [1e-3, 1] into [0.8589, 1.1411].
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 NS_NORM_EPS = 1e-7  # X = G / (||G||_F + eps)
 
 

@@ -4,9 +4,15 @@ Per parameter p [rows, cols] with gradient g, each step:
 
     b  <- momentum * b + g                    (momentum buffer, starts at zero)
     g' <- g + momentum * b  (Nesterov)  or  b
+    g' <- g' / max(||row||_2, 1e-7) per row   (only with row_normalize: FRONTIER.md section 3)
     U  <- newton_schulz(g')                   (kernels.newton_schulz: the backend switch applies)
     p  <- p * (1 - lr * weight_decay)         (decoupled weight decay)
     p  <- p - lr * sqrt(max(1, rows / cols)) * U
+
+Newton-Schulz itself divides by the Frobenius norm first (X = g' / (||g'||_F + 1e-7), in the
+kernel and its reference): that is the one place for it. Its coefficients are one (a, b, c) triple
+for every step (SPEC's quintic) or one triple per step (FRONTIER.md's Polar-Express schedule,
+kernels.reference.POLAR_EXPRESS_COEFFS).
 
 Matrices of the same shape are stacked and orthogonalised by one batched call. With
 torch.distributed initialised and more than one rank, each shape group's stack is split into
@@ -26,6 +32,15 @@ from model.distributed import rank_and_world
 
 # all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+ROW_NORM_EPS = 1e-7  # FRONTIER.md section 3: each row divided by max(||row||_2, 1e-7)
+
+
+def normalize_rows(u: torch.Tensor) -> torch.Tensor:
+    """Each row of u [..., rows, cols] divided by max(||row||_2, 1e-7), as the record does it: the
+    norm in fp32, rounded to u's dtype, then the division in u's dtype."""
+    norms = u.float().norm(dim=-1, keepdim=True).clamp_min(ROW_NORM_EPS).to(u.dtype)
+    return u / norms
 
 
 class _ShapeGroup:
@@ -49,7 +64,9 @@ class _ShapeGroup:
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights; `lr` and `momentum` live in each param group, so the trainer can set them every step.
 
-    compute_dtype is the Newton-Schulz precision (bf16 in training; fp32 in CPU tests).
+    compute_dtype is the Newton-Schulz precision (bf16 in training; fp32 in CPU tests). coeffs is
+    one (a, b, c) triple or backend_steps of them; row_normalize divides each row of the update by
+    its norm before Newton-Schulz (FRONTIER.md; off in SPEC's recipe).
     """
 
     def __init__(
@@ -62,6 +79,7 @@ class Muon(torch.optim.Optimizer):
         coeffs=QUINTIC_COEFFS,
         weight_decay: float = 0.0,
         compute_dtype: torch.dtype = torch.bfloat16,
+        row_normalize: bool = False,
     ):
         if lr < 0:
             raise ValueError(f"Muon: lr must be >= 0, got {lr}")
@@ -70,7 +88,7 @@ class Muon(torch.optim.Optimizer):
         per_step_coeffs(backend_steps, coeffs)  # a malformed schedule fails here, not at the first step
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, backend_steps=backend_steps, coeffs=coeffs,
-            weight_decay=weight_decay, compute_dtype=compute_dtype,
+            weight_decay=weight_decay, compute_dtype=compute_dtype, row_normalize=row_normalize,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -127,6 +145,8 @@ class Muon(torch.optim.Optimizer):
         """Newton-Schulz of a same-shape stack; returns ([>= k, rows, cols] result, pending gather or None)."""
 
         def newton_schulz(stack):
+            if group["row_normalize"]:
+                stack = normalize_rows(stack)
             return kernels.newton_schulz(stack, group["backend_steps"], group["coeffs"], group["compute_dtype"])
 
         if world == 1:

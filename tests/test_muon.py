@@ -1,4 +1,5 @@
-"""Muon (model/muon.py): one step by hand, shape grouping, the Triton backend, and 2 ranks vs 1."""
+"""Muon (model/muon.py): one step by hand, shape grouping, the Triton backend, and 2 ranks vs 1;
+the frontier's Polar-Express coefficients and row normalisation (FRONTIER.md section 3)."""
 import math
 import os
 
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import kernels
 from kernels import reference
 from model.distributed import leave_process_group
-from model.muon import Muon
+from model.muon import Muon, normalize_rows
 from tests.multiprocess import run_ranks
 from tests.tolerances import assert_close
 
@@ -91,6 +92,84 @@ def test_rejects_non_matrices():
         Muon([torch.zeros(5, requires_grad=True)], lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="momentum must be in"):
         Muon([torch.zeros(5, 5, requires_grad=True)], lr=0.1, momentum=1.0)
+
+
+# ----------------------------------------------------------------------------- the frontier's Muon
+
+
+def scalar_map(sigma: torch.Tensor, coeffs) -> torch.Tensor:
+    """What the iteration does to each singular value: sigma <- a sigma + b sigma^3 + c sigma^5 per step."""
+    for a, b, c in coeffs:
+        sigma = a * sigma + b * sigma**3 + c * sigma**5
+    return sigma
+
+
+def test_polar_express_scalar_map_lands_in_the_stated_band():
+    # FRONTIER.md: the 5-step map sends [1e-3, 1] into [0.8589, 1.1411] (fp64); the band is stated
+    # to 4 decimals, and both ends are reached (equal ripple about 1).
+    sigma = torch.cat([torch.logspace(-3, 0, 100_001, dtype=torch.float64), torch.linspace(1e-3, 1, 100_001, dtype=torch.float64)])
+    image = scalar_map(sigma, reference.POLAR_EXPRESS_COEFFS)
+    assert round(image.min().item(), 4) == 0.8589 and round(image.max().item(), 4) == 1.1411
+    # SPEC's quintic, five times, does not: its small singular values stay far below the band
+    assert scalar_map(sigma, [reference.QUINTIC_COEFFS] * 5).min() < 0.5
+
+
+def test_normalize_rows_gives_unit_rows():
+    u = torch.randn(3, 7, 11) * torch.logspace(-4, 3, 7)[:, None]
+    u[1, 2] = 0.0  # a zero row is divided by the 1e-7 floor: it stays zero, no NaN
+    rows = normalize_rows(u).norm(dim=-1)
+    expected = torch.ones_like(rows)
+    expected[1, 2] = 0.0
+    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=0)
+    # bf16: the norm is taken in fp32 and rounded to bf16, so each row is 1 within bf16's rounding
+    half = normalize_rows(u.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float().norm(dim=-1), expected, rtol=2e-2, atol=0)
+
+
+def test_row_normalized_update_reaches_newton_schulz(monkeypatch):
+    """With row_normalize, Newton-Schulz receives unit rows of the (Nesterov) update, and the step
+    is the frontier's: p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS_polar(rownorm(u))."""
+    lr, wd, momentum = 0.026, 0.095, 0.92
+    params = make_params([(12, 20), (12, 20), (20, 8)], seed=4)
+    before = [p.detach().clone() for p in params]
+    seen = []
+    real = kernels.newton_schulz
+
+    def recording(G, steps, coeffs, compute_dtype):
+        seen.append(G.clone())
+        return real(G, steps, coeffs, compute_dtype)
+
+    monkeypatch.setattr(kernels, "newton_schulz", recording)
+    opt = Muon(params, lr=lr, momentum=momentum, weight_decay=wd, coeffs=reference.POLAR_EXPRESS_COEFFS,
+               compute_dtype=torch.float32, row_normalize=True)
+    set_grads(params, seed=5)
+    with kernels.use_backend("reference"):
+        opt.step()
+    assert [tuple(G.shape) for G in seen] == [(2, 12, 20), (1, 20, 8)]
+    for G in seen:
+        torch.testing.assert_close(G.norm(dim=-1), torch.ones(G.shape[:-1]))
+    for p, p0 in zip(params, before):
+        u = p.grad + momentum * (momentum * 0 + p.grad)  # Nesterov on a fresh buffer: g + mu g
+        u = u / u.norm(dim=-1, keepdim=True)
+        ortho = reference.newton_schulz(u, 5, reference.POLAR_EXPRESS_COEFFS, torch.float32)
+        rows, cols = p.shape
+        assert_close(p.detach(), p0 * (1 - lr * wd) - lr * math.sqrt(max(1, rows / cols)) * ortho)
+
+
+def test_row_normalize_off_leaves_the_update_alone(monkeypatch):
+    seen = []
+    monkeypatch.setattr(kernels, "newton_schulz", lambda G, *args: seen.append(G.clone()) or G.clone())
+    params = make_params([(6, 9)], seed=6)
+    set_grads(params, seed=7)
+    Muon(params, lr=0.1, momentum=0.5, compute_dtype=torch.float32).step()
+    torch.testing.assert_close(seen[0][0], params[0].grad * 1.5)  # g + mu (mu 0 + g), no row scaling
+
+
+def test_polar_express_needs_five_steps():
+    with pytest.raises(ValueError, match="coeffs must be one"):
+        Muon([torch.zeros(4, 4, requires_grad=True)], lr=0.1, momentum=0.9, backend_steps=4,
+             coeffs=reference.POLAR_EXPRESS_COEFFS)
 
 
 # ----------------------------------------------------------------------------- 2 ranks (gloo)
