@@ -173,6 +173,7 @@ def training_step(state: TrainingState, lr_scale: float, momentum: float) -> tor
         total += loss.detach()
     with torch.profiler.record_function(OPTIMIZER_RANGE):
         set_schedule(state.optimizers, lr_scale, momentum)
+        # clips the rank-averaged gradient; the 1.0611 record clips each rank's own before averaging (one GPU: the same)
         if cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip_norm)
         for opt in state.optimizers:

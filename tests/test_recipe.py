@@ -27,6 +27,9 @@ or one step late, or validation counted as training time, or the step time estim
 (the stop test); an LR warm-up added, or the compile warm-up not undone (the warm-up test); the
 bigram projection given to AdamW, or AdamW's beta2 at 0.999 (the groups test); the step-counted
 warmdown ignored (its test).
+
+FRONTIER.md section 3's optimizer table is checked the same way on the tiny model: --preset
+frontier's optimizer settings must arrive in the groups as the table's literals.
 """
 import copy
 import os
@@ -39,7 +42,7 @@ import kernels
 import model.training
 import train
 from model import export
-from model.config import Config
+from model.config import Config, load_config
 from model.distributed import Dist
 from model.muon import Muon
 from model.runlog import RunLog
@@ -287,6 +290,52 @@ def test_every_parameter_is_in_exactly_one_optimizer_group_with_spec_settings():
                 assert g["betas"] == SPEC_BETAS and g["eps"] == SPEC_EPS, kind
 
 
+# FRONTIER.md section 3's optimizer table, as literals: (lr, weight decay) per group, AdamW's betas
+# and eps, Muon's momentum warm-up and its five Polar-Express triples.
+FRONTIER_GROUPS = {"matrix": (0.026, 0.095), "embed": (0.03, 0.085), "scalar": (0.02, 0.02)}
+FRONTIER_BETAS, FRONTIER_EPS, FRONTIER_MOMENTUM = (0.9, 0.99), 1e-8, (0.92, 0.97, 1500)
+FRONTIER_NS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+FRONTIER_TRAINING_FIELDS = ("matrix_lr", "tied_embed_lr", "scalar_lr", "muon_momentum", "muon_momentum_warmup_start",
+                            "muon_momentum_warmup_steps", "muon_wd", "muon_row_normalize", "muon_polar_express",
+                            "muon_backend_steps", "beta1", "beta2", "adam_eps", "adam_wd", "embed_wd", "grad_clip_norm")
+
+
+def test_frontier_preset_reaches_the_optimizers():
+    """--preset frontier's optimizer settings, on the tiny model, arrive in the groups as FRONTIER.md's table has them."""
+    frontier, _ = load_config(["--preset", "frontier"], environ={})
+    cfg = tiny_config(**{name: getattr(frontier, name) for name in FRONTIER_TRAINING_FIELDS})
+    assert (cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps) == FRONTIER_MOMENTUM
+    assert cfg.grad_clip_norm == 0.3
+    with kernels.use_backend("reference"):
+        state = build_training_state(cfg, Dist.single(), CountingBatches(64))
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    seen = set()
+    for opt in state.optimizers:
+        for g in opt.param_groups:
+            kind = group_kind(g, names)
+            seen.add(kind)
+            assert (g["base_lr"], g["weight_decay"]) == FRONTIER_GROUPS[kind], kind
+            if kind == "matrix":
+                assert g["nesterov"] and g["row_normalize"] and g["backend_steps"] == 5
+                assert tuple(map(tuple, g["coeffs"])) == FRONTIER_NS_COEFFS
+            else:
+                assert (g["betas"], g["eps"]) == (FRONTIER_BETAS, FRONTIER_EPS), kind
+    assert seen == set(FRONTIER_GROUPS)
+
+
+def test_seed_muon_has_no_frontier_options_and_polar_express_needs_five_steps():
+    state = build_training_state(tiny_config(), Dist.single(), CountingBatches(64))
+    assert not state.optimizers[0].param_groups[0]["row_normalize"]
+    with pytest.raises(ValueError, match="MUON_POLAR_EXPRESS=1 has 5 coefficient triples.*set MUON_BACKEND_STEPS=5"):
+        build_training_state(tiny_config(muon_polar_express=True, muon_backend_steps=4), Dist.single(), CountingBatches(64))
+
+
 # --------------------------------------------------------------------------- schedule on every optimizer
 
 def assert_schedule(run: dict, scale_of_step) -> None:
@@ -327,6 +376,24 @@ def test_step_count_warmdown_on_every_optimizer_without_a_cap(step_count_run):
     assert_schedule(run, step_count_scale)
     assert not any("stopping at step" in line for line in run["log_lines"])
     assert lr_scale(STEP_RUN_ITERATIONS, run["final_elapsed_ms"], run["cfg"]) == 0.0
+
+
+def test_frontier_fraction_schedule_and_reduced_budget_through_the_trainer(tmp_path):
+    """FRONTIER.md "Schedule" through Trainer.run(): frac = elapsed / (cap - GPTQ reserve), here
+    s x 125 ms / 1500 ms = s / 12; lr_scale 1 while frac < 1 - WARMDOWN_FRAC, then (1 - frac) /
+    WARMDOWN_FRAC floored at MIN_LR; the stop after the step that reaches 1500 ms, not the 2 s cap."""
+    warmdown_frac, min_lr = 0.5, 0.25
+    cfg = tiny_config(iterations=40, max_wallclock_seconds=2.0, gptq_reserve_seconds=0.5, warmdown_frac=warmdown_frac,
+                      min_lr=min_lr, late_qat_threshold=0, swa_enabled=False)
+    run = instrumented_run(cfg, str(tmp_path), STEP_MS)
+    assert len(run["steps"]) == 12 and run["final_elapsed_ms"] == 1500.0
+
+    def frontier_scale(s: int) -> float:
+        frac = s / 12
+        return 1.0 if frac < 1 - warmdown_frac else max((1 - frac) / warmdown_frac, min_lr)
+
+    assert [round(frontier_scale(s), 3) for s in range(6, 12)] == [1.0, 0.833, 0.667, 0.5, 0.333, 0.25]
+    assert_schedule(run, frontier_scale)
 
 
 # --------------------------------------------------------------------------- Muon momentum warm-up
