@@ -13,30 +13,49 @@ a document may straddle two shards), named fineweb_{val,train}_{i:06d}.bin.
 Beside the shards goes tokenizer.json (the tokenizer's name, sha256 and piece count), which
 model.data.check_tokenizer_matches reads so that a run with another tokenizer stops at start-up.
 
+CaseOps (--caseops; FRONTIER.md section 1): each document goes through data/caseops.encode before
+SentencePiece, and every validation shard gets a byte sidecar fineweb_val_bytes_NNNNNN.bin (the
+shard format, one uint16 per token: the UTF-8 bytes of the ORIGINAL text the token covers; BOS 0),
+from which evaluation counts bytes. With --train-tokenizer the tokenizer gets the record's settings:
+the four operators as user-defined symbols (ids 4-7) and no hard vocabulary limit.
+
+    python data/prepare.py --caseops --input docs_selected.jsonl --out data/datasets/fineweb10B_sp8192_caseops \
+        --tokenizer data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+
+Documents are encoded by a pool of --workers processes (default: every core), in chunks, in order;
+progress goes to stderr every few seconds.
+
 Python API (the smoke preset uses it): `prepare(documents, out_dir, tokenizer_path, val_docs,
-shard_tokens) -> dict` and `train_tokenizer(documents, model_path, vocab_size)`.
+shard_tokens, caseops=False, workers=1) -> dict`, `train_tokenizer(documents, model_path,
+vocab_size, caseops=False)` and `encode_document(sp, text, caseops, with_bytes)`.
 """
 import argparse
+import collections
 import glob
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data import caseops  # noqa: E402
 from model.atomic import WriteFailed, describe_os_error  # noqa: E402
 from model.data import TOKENIZER_MANIFEST, open_sentencepiece, write_shard, write_tokenizer_manifest  # noqa: E402
 
-SHARD_PATTERN = "fineweb_{split}_{index:06d}.bin"
-ENCODE_BATCH_DOCS = 1024  # documents per SentencePiece batch call (it encodes a batch on several threads)
+SHARD_PATTERN = "fineweb_{split}_{index:06d}.bin"  # split "val_bytes" names the byte sidecars
+CHUNK_DOCS = 64  # documents per task of the worker pool
+PROGRESS_EVERY_S = 10.0
 SENTENCEPIECE_DEFAULT_MAX_SENTENCE_BYTES = 4192
+MAX_PIECE_BYTES = 2**16 - 1  # a sidecar entry is a uint16
 
 
 class DataPrepError(ValueError):
@@ -128,7 +147,8 @@ def load_tokenizer(tokenizer_path: str):
         raise DataPrepError(str(e)) from None
 
 
-def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int = 1024, max_docs: int | None = None) -> str:
+def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int = 1024, max_docs: int | None = None,
+                    caseops_transform: bool = False) -> str:
     """Train a SentencePiece BPE tokenizer with the challenge's sp1024 conventions, saved to model_path
     (plus the matching .vocab next to it); returns model_path.
 
@@ -136,16 +156,25 @@ def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int =
     256 byte-fallback pieces (so every string is encodable), digits split, no dummy prefix, NFKC
     normalisation, character coverage 0.999. The vocabulary has exactly vocab_size pieces: a corpus
     too small for that raises (a few hundred bytes of real text already give 512 pieces).
+
+    caseops_transform: the record's CaseOps tokenizer (FRONTIER.md section 1): trained on
+    caseops.encode(text), the four operators as user-defined symbols (ids 4-7, bytes 8-263) and
+    hard_vocab_limit off, as the record's model says: a small corpus then gives fewer than
+    vocab_size pieces instead of an error (the model's VOCAB_SIZE must be the count it got).
     """
     import sentencepiece as spm
 
-    if vocab_size < 260 + 1 or vocab_size > 2**16:
-        raise DataPrepError(f"vocab_size {vocab_size} is outside [261, 65536]; 4 special and 256 byte pieces come first, and ids must fit uint16 shards")
+    specials = 4 + (len(caseops.OPERATORS) if caseops_transform else 0)
+    if vocab_size < specials + 256 + 1 or vocab_size > 2**16:
+        raise DataPrepError(
+            f"vocab_size {vocab_size} is outside [{specials + 257}, 65536]; {specials} special and 256 byte pieces come first, "
+            "and ids must fit uint16 shards"
+        )
     texts = []
     for text in documents:
         text = text.replace("\x00", " ").strip()  # as the official trainer feeds it
         if text:
-            texts.append(text)
+            texts.append(caseops.encode(text) if caseops_transform else text)
         if max_docs is not None and len(texts) >= max_docs:
             break
     if not texts:
@@ -173,7 +202,10 @@ def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int =
                 bos_id=1,
                 eos_id=2,
                 unk_id=3,
-                hard_vocab_limit=True,  # exactly vocab_size pieces: the model's embedding table has that many rows
+                # sp1024: exactly vocab_size pieces (the model's embedding table has that many rows);
+                # CaseOps: as the record's tokenizer was trained
+                hard_vocab_limit=not caseops_transform,
+                user_defined_symbols=list(caseops.OPERATORS) if caseops_transform else [],
                 max_sentence_length=max(SENTENCEPIECE_DEFAULT_MAX_SENTENCE_BYTES, longest),
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2,  # errors only: its per-step training log is noise here
@@ -189,7 +221,7 @@ def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int =
             if "Vocabulary size is smaller than required_chars" in message:
                 needed = re.search(r"vs (\d+)", message)
                 raise DataPrepError(
-                    f"vocab_size {vocab_size} is too small for this corpus: its distinct characters plus the 260 special "
+                    f"vocab_size {vocab_size} is too small for this corpus: its distinct characters plus the {specials + 256} special "
                     f"and byte pieces need {needed.group(1) if needed else 'more'}; raise vocab_size"
                 ) from None
             raise
@@ -201,27 +233,110 @@ def train_tokenizer(documents: Iterable[str], model_path: str, vocab_size: int =
     return model_path
 
 
-# -- shards ---------------------------------------------------------------------------------------
+# -- encoding one document ----------------------------------------------------------------------------
 
 
-def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch = []
-    for doc in documents:
+def piece_offsets(sp, text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(ids, begins, ends) of text's pieces: [begin, end) is the span of `text` (in characters)
+    that SentencePiece reports each piece covers, its "surface". Byte-fallback pieces of one
+    character: the last holds the character, the others are empty; whitespace the normaliser
+    collapsed lies in the surface of the piece that holds what is left of it; leading and trailing
+    whitespace it dropped lies in no surface."""
+    try:
+        result = sp.encode(text, out_type="offset_mapping")  # sentencepiece >= 0.2.1
+        spans = np.asarray(result["offsets"], dtype=np.int64).reshape(-1, 2)
+        return list(result["ids"]), spans[:, 0], spans[:, 1]
+    except (ValueError, RuntimeError, TypeError):
+        pass
+    proto = sp.encode(text, out_type="immutable_proto")  # older releases: spans in UTF-8 bytes
+    ids = [p.id for p in proto.pieces]
+    byte_spans = np.asarray([(p.begin, p.end) for p in proto.pieces], dtype=np.int64).reshape(-1, 2)
+    utf8 = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    chars_before = np.concatenate([[0], np.cumsum((utf8 & 0xC0) != 0x80)])  # byte offset -> character offset
+    return ids, chars_before[byte_spans[:, 0]], chars_before[byte_spans[:, 1]]
+
+
+def piece_bytes(weights: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """int64 [pieces]: the summed character weights of each piece's surface, every character
+    counted once (by the first piece whose surface holds it, should surfaces ever overlap)."""
+    cumulative = np.concatenate([[0], np.cumsum(weights, dtype=np.int64)])
+    covered = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]]) if len(ends) else ends
+    starts = np.maximum(begins, covered)
+    stops = np.maximum(ends, starts)
+    return cumulative[stops] - cumulative[starts]
+
+
+def encode_document(sp, text: str, caseops_transform: bool, with_bytes: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, sidecar) of one document: tokens uint16 = [BOS] + the SentencePiece ids of the text
+    (after caseops.encode when caseops_transform); sidecar uint16 (with_bytes) = per token the UTF-8
+    bytes of the ORIGINAL text it covers (FRONTIER.md section 1: BOS 0, operators 0, an ESC'd literal
+    operator 3, ASCII letters 1, other characters their UTF-8 length), else None."""
+    encoded = caseops.encode(text) if caseops_transform else text
+    if not with_bytes:
+        ids = sp.encode(encoded, out_type=int)
+        return np.asarray([sp.bos_id(), *ids], dtype=np.uint16), None
+    ids, begins, ends = piece_offsets(sp, encoded)
+    counts = piece_bytes(caseops.byte_weights(encoded), begins, ends)
+    if counts.size and counts.max() > MAX_PIECE_BYTES:
+        raise DataPrepError(
+            f"a piece of document {text[:40]!r}... covers {int(counts.max()):,} bytes, more than a uint16 sidecar entry holds; "
+            "shorten its runs of whitespace"
+        )
+    return np.asarray([sp.bos_id(), *ids], dtype=np.uint16), np.concatenate([[0], counts]).astype(np.uint16)
+
+
+# -- the worker pool ----------------------------------------------------------------------------------
+
+_worker_state: dict = {}
+
+
+def _start_worker(tokenizer_path: str, caseops_transform: bool) -> None:
+    _worker_state.update(sp=open_sentencepiece(tokenizer_path), caseops=caseops_transform)
+
+
+def _encode_chunk(task: tuple[list[str], bool]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    texts, with_bytes = task
+    sp, caseops_transform = _worker_state["sp"], _worker_state["caseops"]
+    if with_bytes:
+        return [encode_document(sp, text, caseops_transform, with_bytes) for text in texts]
+    encoded = [caseops.encode(text) for text in texts] if caseops_transform else texts
+    bos = sp.bos_id()
+    return [(np.asarray([bos, *ids], dtype=np.uint16), None) for ids in sp.encode(encoded, out_type=int)]
+
+
+def _chunks(documents: Iterable[str], val_docs: int, with_val_bytes: bool) -> Iterator[tuple[list[str], bool]]:
+    """(texts, with_bytes) tasks of up to CHUNK_DOCS documents; a chunk never mixes the splits."""
+    chunk: list[str] = []
+    for index, doc in enumerate(documents):
         if not isinstance(doc, str):
             raise DataPrepError(f"documents must be strings, got a {type(doc).__name__}; pass the text of each document")
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        if chunk and (len(chunk) == CHUNK_DOCS or index == val_docs):
+            yield chunk, with_val_bytes and index - len(chunk) < val_docs
+            chunk = []
+        chunk.append(doc)
+    if chunk:
+        yield chunk, with_val_bytes and index + 1 - len(chunk) < val_docs
 
 
-def _encode_batch(sp, texts: list[str]) -> list[list[int]]:
-    try:
-        return sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
-    except TypeError:  # older sentencepiece without num_threads
-        return sp.encode(texts, out_type=int)
+def _encoded_documents(chunks: Iterator, tokenizer_path: str, caseops_transform: bool, workers: int) -> Iterator:
+    """encode_document's results in document order: in this process (workers == 1) or in a pool
+    with at most 2 * workers chunks in flight (memory stays bounded for any corpus)."""
+    if workers == 1:
+        _start_worker(tokenizer_path, caseops_transform)
+        for task in chunks:
+            yield from _encode_chunk(task)
+        return
+    with multiprocessing.get_context().Pool(workers, _start_worker, (tokenizer_path, caseops_transform)) as pool:
+        in_flight: collections.deque = collections.deque()
+        for task in chunks:
+            in_flight.append(pool.apply_async(_encode_chunk, (task,)))
+            if len(in_flight) >= 2 * workers:
+                yield from in_flight.popleft().get()
+        while in_flight:
+            yield from in_flight.popleft().get()
+
+
+# -- shards ---------------------------------------------------------------------------------------
 
 
 class _ShardWriter:
@@ -253,6 +368,24 @@ class _ShardWriter:
         self.pending, self.pending_tokens = [], 0
 
 
+class _Progress:
+    """A line every PROGRESS_EVERY_S seconds and one at the end: documents, their rate, tokens."""
+
+    def __init__(self, log: Callable[[str], None] | None):
+        self.log, self.start = log, time.perf_counter()
+        self.last = self.start
+
+    def rate(self, docs: int) -> float:
+        return docs / max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self, docs: int, tokens: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if self.log is not None and (final or now - self.last >= PROGRESS_EVERY_S):
+            self.last = now
+            self.log(f"{'encoded' if final else 'encoding:'} {docs:,} documents, {tokens:,} tokens, "
+                     f"{self.rate(docs):,.0f} documents/s over {now - self.start:.1f}s")
+
+
 def prepare(
     documents: Iterable[str],
     out_dir: str,
@@ -260,27 +393,41 @@ def prepare(
     val_docs: int = 50_000,
     shard_tokens: int = 100_000_000,
     overwrite: bool = False,
+    caseops_transform: bool = False,
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Tokenize documents into out_dir/fineweb_{val,train}_*.bin; returns counts of documents,
-    tokens and files per split (and the shard file names).
+    tokens and files per split (and the shard file names), and the documents per second.
 
-    The first val_docs documents form the validation split. Shards are staged in a hidden folder
-    inside out_dir and moved into place only once every document is written, so a failure leaves
-    out_dir as it was. Existing shards in out_dir are an error unless overwrite (then they are
-    replaced, stale higher-numbered ones included). tokenizer.json is written last: a run killed
-    before it leaves no manifest (no check), never one naming another tokenizer. An OSError is
-    one WriteFailed line naming the file.
+    The first val_docs documents form the validation split. caseops_transform: documents go
+    through caseops.encode first and each val shard gets its byte sidecar fineweb_val_bytes_*.bin
+    (same length, same cuts). workers: encoding processes (1: this one). log: receives progress
+    lines. Shards are staged in a hidden folder inside out_dir and moved into place only once every
+    document is written, so a failure leaves out_dir as it was. Existing shards in out_dir are an
+    error unless overwrite (then they are replaced, stale higher-numbered ones included).
+    tokenizer.json is written last: a run killed before it leaves no manifest (no check), never
+    one naming another tokenizer. An OSError is one WriteFailed line naming the file.
     """
     if val_docs < 0:
         raise DataPrepError(f"val_docs is {val_docs}; it must be >= 0 (the number of leading documents kept for validation)")
     if shard_tokens < 1:
         raise DataPrepError(f"shard_tokens is {shard_tokens}; it must be a positive number of tokens per shard")
+    if workers < 1:
+        raise DataPrepError(f"workers is {workers}; it must be a positive number of encoding processes")
     sp = load_tokenizer(tokenizer_path)
     bos_id, vocab_size = sp.bos_id(), sp.vocab_size()
     if bos_id < 0:
         raise DataPrepError(f"tokenizer {tokenizer_path} has no BOS piece; every document must start with BOS, so train it with bos_id=1")
     if vocab_size > 2**16:
         raise DataPrepError(f"tokenizer {tokenizer_path} has {vocab_size} pieces; uint16 shards hold at most 65536")
+    if caseops_transform:
+        missing = [f"U+{ord(op):04X}" for op in caseops.OPERATORS if sp.piece_to_id(op) == sp.unk_id()]
+        if missing:
+            raise DataPrepError(
+                f"tokenizer {tokenizer_path} has no piece for the CaseOps operator(s) {', '.join(missing)}; use a CaseOps tokenizer "
+                "(the record's, or --train-tokenizer with --caseops)"
+            )
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -291,37 +438,45 @@ def prepare(
             f"{out_dir} already holds {len(existing)} shard(s) ({os.path.basename(existing[0])}, ...); "
             "choose an empty folder or pass --overwrite to replace them"
         )
+    progress = _Progress(log)
     try:
-        docs, writers = _write_shards(documents, out_dir, sp, bos_id, val_docs, shard_tokens)
+        docs, writers = _write_shards(documents, out_dir, tokenizer_path, val_docs, shard_tokens, caseops_transform, workers, progress)
         write_tokenizer_manifest(out_dir, tokenizer_path, vocab_size)
     except OSError as e:
         if isinstance(e, WriteFailed):
             raise
         raise WriteFailed(describe_os_error(e.filename or out_dir, e)) from e
+    total_docs = docs["val"] + docs["train"]
+    progress.update(total_docs, writers["val"].tokens + writers["train"].tokens, final=True)
     return {
         "out_dir": out_dir,
         "bos_id": bos_id,
         "vocab_size": vocab_size,
-        **{f"docs_{split}": docs[split] for split in writers},
+        "caseops": caseops_transform,
+        "docs_per_second": progress.rate(total_docs),
+        **{f"docs_{split}": docs[split] for split in ("val", "train")},
         **{f"tokens_{split}": writers[split].tokens for split in writers},
         **{f"files_{split}": list(writers[split].files) for split in writers},
     }
 
 
-def _write_shards(documents, out_dir: str, sp, bos_id: int, val_docs: int, shard_tokens: int):
-    """Encode into a staging folder, then swap the shards in; returns (docs, writers) per split."""
+def _write_shards(documents, out_dir: str, tokenizer_path: str, val_docs: int, shard_tokens: int,
+                  caseops_transform: bool, workers: int, progress: _Progress):
+    """Encode into a staging folder, then swap the shards in; returns (docs, writers) per split
+    (writers["val_bytes"] holds the sidecars, present with caseops_transform)."""
     staging = tempfile.mkdtemp(prefix=".prepare.", dir=out_dir)
     try:
-        writers = {split: _ShardWriter(staging, split, shard_tokens) for split in ("val", "train")}
+        splits = ("val", "train", "val_bytes") if caseops_transform else ("val", "train")
+        writers = {split: _ShardWriter(staging, split, shard_tokens) for split in splits}
         docs = {"val": 0, "train": 0}
-        for batch in _batches(documents, ENCODE_BATCH_DOCS):
-            for ids in _encode_batch(sp, batch):
-                split = "val" if docs["val"] < val_docs else "train"
-                doc_tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-                doc_tokens[0] = bos_id
-                doc_tokens[1:] = ids
-                writers[split].add(doc_tokens)
-                docs[split] += 1
+        chunks = _chunks(documents, val_docs, with_val_bytes=caseops_transform)
+        for tokens, sidecar in _encoded_documents(chunks, tokenizer_path, caseops_transform, workers):
+            split = "val" if docs["val"] < val_docs else "train"
+            writers[split].add(tokens)
+            if sidecar is not None:
+                writers["val_bytes"].add(sidecar)
+            docs[split] += 1
+            progress.update(docs["val"] + docs["train"], writers["val"].tokens + writers["train"].tokens)
         if docs["val"] + docs["train"] == 0:
             raise DataPrepError("the input holds no documents; give at least one non-empty document")
         for writer in writers.values():
@@ -357,8 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (the official shards: 100,000,000)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--train-tokenizer", action="store_true", help="first train a new SentencePiece BPE tokenizer on the training documents")
-    p.add_argument("--vocab-size", type=int, default=1024, help="pieces of the trained tokenizer")
+    p.add_argument("--vocab-size", type=int, default=None, help="pieces of the trained tokenizer (default 1024; 8192 with --caseops)")
     p.add_argument("--tokenizer-train-docs", type=int, default=None, help="train the tokenizer on at most this many training documents")
+    p.add_argument("--caseops", action="store_true",
+                   help="apply the CaseOps case transform before tokenising and write fineweb_val_bytes_*.bin byte sidecars (FRONTIER.md section 1)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: every core)")
     return p
 
 
@@ -369,6 +527,7 @@ def _documents(args) -> Iterator[str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    vocab_size = args.vocab_size or (8192 if args.caseops else 1024)
     try:
         for path in args.input:  # fail before any work (reading is lazy)
             read_documents(path, args.format, args.one_doc_per_line)
@@ -376,9 +535,10 @@ def main(argv=None) -> int:
             # Train on the training split only: a tokenizer fitted to the validation text would
             # flatter the validation score.
             train_docs = (doc for i, doc in enumerate(_documents(args)) if i >= args.val_docs)
-            train_tokenizer(train_docs, args.tokenizer, args.vocab_size, max_docs=args.tokenizer_train_docs)
-            print(f"tokenizer: {args.tokenizer} ({args.vocab_size} pieces)")
-        stats = prepare(_documents(args), args.out, args.tokenizer, args.val_docs, args.shard_tokens, overwrite=args.overwrite)
+            train_tokenizer(train_docs, args.tokenizer, vocab_size, max_docs=args.tokenizer_train_docs, caseops_transform=args.caseops)
+            print(f"tokenizer: {args.tokenizer} ({load_tokenizer(args.tokenizer).vocab_size()} pieces)")
+        stats = prepare(_documents(args), args.out, args.tokenizer, args.val_docs, args.shard_tokens, overwrite=args.overwrite,
+                        caseops_transform=args.caseops, workers=args.workers, log=lambda line: print(line, file=sys.stderr))
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -387,6 +547,8 @@ def main(argv=None) -> int:
         return 1
     for split in ("val", "train"):
         print(f"{split}: {stats[f'docs_{split}']:,} documents, {stats[f'tokens_{split}']:,} tokens, {len(stats[f'files_{split}'])} shard(s)")
+    if args.caseops:
+        print(f"val byte sidecars: {len(stats['files_val_bytes'])} (fineweb_val_bytes_*.bin; evaluation counts bytes from them)")
     if not stats["files_train"]:
         print(f"note: every document went to validation (--val-docs {args.val_docs}); there are no training shards")
     print(f"shards in {args.out}")

@@ -14,6 +14,7 @@ from model.atomic import atomic_open, atomic_write
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
 TOKENIZER_MANIFEST = "tokenizer.json"  # beside the shards: which tokenizer made them
+BYTES_MARK = "_bytes_"  # fineweb_val_bytes_NNNNNN.bin: per-token byte sidecar of fineweb_val_NNNNNN.bin
 
 
 def write_shard(path: str, tokens) -> None:
@@ -68,9 +69,10 @@ def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
 
 
 def shard_paths(data_path: str, split: str) -> list[str]:
-    """Sorted paths of `data_path`/fineweb_{split}_*.bin (shard order is the token order)."""
+    """Sorted paths of `data_path`/fineweb_{split}_*.bin (shard order is the token order); byte
+    sidecars (fineweb_val_bytes_*.bin, which the pattern also matches) are not token shards."""
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    paths = sorted(glob.glob(pattern))
+    paths = sorted(p for p in glob.glob(pattern) if BYTES_MARK not in os.path.basename(p))
     if not paths:
         raise ValueError(
             f"no {split} shards match {pattern}; download them with data/download.py or set DATA_PATH to the folder that holds them"
@@ -204,6 +206,51 @@ def load_validation_tokens(data_path: str, seq_len: int, max_tokens: int = 0, vo
             f"seq_len + 1 = {seq_len + 1}; use a shorter sequence length or more validation tokens"
         )
     return torch.from_numpy(tokens[:usable_targets + 1].astype(np.int64))
+
+
+def sidecar_path(shard_path: str) -> str:
+    """The byte sidecar of a token shard: fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin."""
+    folder, name = os.path.split(shard_path)
+    stem, _, index = name.rpartition("_")
+    return os.path.join(folder, f"{stem}{BYTES_MARK}{index}")
+
+
+def load_validation_bytes(data_path: str, num_tokens: int) -> torch.Tensor | None:
+    """Per-token bytes from the validation shards' sidecars (fineweb_val_bytes_*.bin, FRONTIER.md
+    section 1: the UTF-8 bytes of the original text each token covers, BOS 0), int32
+    [num_tokens], aligned with load_validation_tokens(...) of the same folder (pass its numel()).
+    None when the folder has no sidecar: bytes then come from the tokenizer's tables. One
+    ValueError line when only some shards have one or a sidecar's length differs from its shard's."""
+    shards = shard_paths(data_path, "val")
+    sidecars = [sidecar_path(p) for p in shards]
+    present = [os.path.isfile(p) for p in sidecars]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = sidecars[present.index(False)]
+        raise ValueError(
+            f"{missing} is missing while other validation shards in {data_path} have byte sidecars; "
+            "re-export the validation split with data/prepare.py --caseops (or remove every fineweb_val_bytes_*.bin)"
+        )
+    counts = []
+    for shard, sidecar in zip(shards, sidecars):
+        tokens, token_bytes = shard_token_count(shard), shard_token_count(sidecar)
+        if tokens != token_bytes:
+            raise ValueError(
+                f"{sidecar} holds {token_bytes:,} byte counts but {os.path.basename(shard)} holds {tokens:,} tokens; "
+                "the sidecar belongs to another export: re-export the validation split with data/prepare.py --caseops"
+            )
+        counts.append(tokens)
+    if num_tokens > sum(counts):
+        raise ValueError(f"load_validation_bytes: {num_tokens:,} tokens asked for but the validation shards in {data_path} hold {sum(counts):,}")
+    out, filled = np.empty(num_tokens, dtype=np.int32), 0
+    for sidecar, count in zip(sidecars, counts):
+        if filled == num_tokens:
+            break
+        take = min(count, num_tokens - filled)
+        out[filled:filled + take] = np.fromfile(sidecar, dtype="<u2", count=take, offset=HEADER_WORDS * 4)
+        filled += take
+    return torch.from_numpy(out)
 
 
 # -- the tokenizer the shards were made with ---------------------------------------------------------

@@ -13,6 +13,10 @@ tokens[..j]. The model has `token_losses(ids [B, T], targets [B, T]) -> [B, T]` 
 behind them are float64 and, with world_size > 1, all-reduced over the ranks of the default
 process group (call it on every rank).
 
+`luts` is the byte source (model.bpb.ByteSource): the tokenizer's byte tables, or SidecarBytes
+when the validation shards have byte sidecars (the CaseOps data); model.bpb.validation_byte_source
+picks it for a data folder and describe_byte_source names it for the log.
+
 Scoring runs under torch.no_grad(), not inference_mode: TTT trains the model after scoring it,
 and tensors made under inference_mode cannot take part in autograd (no module may keep one).
 """
@@ -23,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from model.bpb import bits_per_byte, target_bytes
+from model.bpb import bits_per_byte, byte_source_to, check_byte_source, scored_bytes
 from model.distributed import sum_over_ranks
 from model.precision import autocast
 
@@ -94,8 +98,7 @@ def compile_for_eval(model):
 def _check_inputs(tokens: torch.Tensor, luts) -> None:
     if tokens.dim() != 1 or tokens.numel() < 2:
         raise ValueError(f"validation tokens must be a 1-D tensor of at least 2 tokens; got shape {tuple(tokens.shape)}")
-    if len(luts) != 3:
-        raise ValueError("luts must be (base_bytes, has_leading_space, is_boundary) from model.bpb.build_byte_luts")
+    check_byte_source(luts, tokens.numel())
 
 
 @torch.no_grad()
@@ -123,7 +126,7 @@ def _score_windows(model, tokens: torch.Tensor, plan: Windows, batch_seqs: int, 
         # torch.where, not boolean indexing: no host sync per batch on the GPU
         sums[0] += torch.where(scored, nll.double(), 0.0).sum()
         sums[1] += scored.sum()
-        sums[2] += torch.where(scored, target_bytes(inputs, targets, luts), 0).sum()
+        sums[2] += torch.where(scored, scored_bytes(luts, inputs, targets, index[:, 1:]), 0).sum()
     return sums
 
 
@@ -149,7 +152,7 @@ def _eval_mode(model):
 def _prepare(model, tokens, luts):
     _check_inputs(tokens, luts)
     device = _model_device(model)
-    return tokens.to(device), tuple(t.to(device) for t in luts)
+    return tokens.to(device), byte_source_to(luts, device)
 
 
 def evaluate_contiguous(model, tokens, seq_len: int, batch_seqs: int, luts, rank: int = 0, world_size: int = 1):
