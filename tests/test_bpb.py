@@ -125,3 +125,23 @@ def test_target_bytes_synthetic_luts():
     got = target_bytes(prev, target, (base_bytes, has_leading_space, is_boundary))
     assert got.dtype == torch.int32
     assert got.tolist() == [[2, 2, 3], [3, 1, 0]]
+
+
+def test_byte_source_sidecar_or_tables(tmp_path):
+    """validation_byte_source: the tokenizer tables without sidecars, the sidecars (aligned with
+    the tokens, scored by position) when the folder has them; describe_byte_source names each."""
+    from model.bpb import SidecarBytes, describe_byte_source, scored_bytes, validation_byte_source
+    from model.data import write_shard
+
+    luts = (torch.tensor([0, 2, 3], dtype=torch.int16), torch.tensor([False, True, False]), torch.tensor([True, False, False]))
+    write_shard(str(tmp_path / "fineweb_val_000000.bin"), [1, 2, 1, 2, 2])
+    assert validation_byte_source(str(tmp_path), 5, luts) is luts
+    assert describe_byte_source(luts) == "tokenizer byte tables"
+    write_shard(str(tmp_path / "fineweb_val_bytes_000000.bin"), [0, 7, 0, 4, 1])
+    source = validation_byte_source(str(tmp_path), 4, luts)  # a cut stream: the first 4 tokens
+    assert isinstance(source, SidecarBytes) and source.token_bytes.tolist() == [0, 7, 0, 4]
+    assert describe_byte_source(source) == "sidecar fineweb_val_bytes_*.bin (11 bytes over 4 tokens)"
+    inputs, targets = torch.tensor([[1, 2, 1]]), torch.tensor([[2, 1, 2]])
+    positions = torch.tensor([[1, 2, 3]])  # the targets' places in the stream
+    assert scored_bytes(source, inputs, targets, positions).tolist() == [[7, 0, 4]]
+    assert scored_bytes(luts, inputs, targets, positions).tolist() == [[3, 3, 3]]  # by id: 3, 2 + a leading space, 3

@@ -154,6 +154,50 @@ def one_line(message: str) -> bool:
     return "\n" not in message and len(message) > 20
 
 
+# -- byte sidecars (fineweb_val_bytes_*.bin, the CaseOps data) ----------------------------------------
+
+
+def write_sidecars(folder: str, lengths=(30, 23)) -> np.ndarray:
+    """Sidecars beside the train_dir fixture's two val shards: token i of the stream is worth i % 5 bytes."""
+    counts = np.arange(sum(lengths)) % 5
+    write_shard(os.path.join(folder, "fineweb_val_bytes_000000.bin"), counts[:lengths[0]])
+    write_shard(os.path.join(folder, "fineweb_val_bytes_000001.bin"), counts[lengths[0]:])
+    return counts
+
+
+def test_sidecars_are_not_token_shards(train_dir):
+    folder, _ = train_dir
+    write_sidecars(folder)
+    assert [os.path.basename(p) for p in shard_paths(folder, "val")] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    assert torch.equal(load_validation_tokens(folder, 4), torch.arange(53))
+    assert data.sidecar_path("/d/fineweb_val_000001.bin") == "/d/fineweb_val_bytes_000001.bin"
+
+
+@pytest.mark.parametrize("seq_len, max_tokens", [(4, 0), (7, 20), (5, 0)])
+def test_validation_bytes_aligned_with_the_tokens(train_dir, seq_len, max_tokens):
+    folder, _ = train_dir
+    assert data.load_validation_bytes(folder, 53) is None  # no sidecar: the tokenizer tables count
+    counts = write_sidecars(folder)
+    tokens = load_validation_tokens(folder, seq_len, max_tokens)
+    token_bytes = data.load_validation_bytes(folder, tokens.numel())
+    assert token_bytes.dtype == torch.int32 and token_bytes.tolist() == counts[:tokens.numel()].tolist()
+
+
+def test_validation_bytes_mismatch_is_one_line(train_dir):
+    folder, _ = train_dir
+    write_sidecars(folder, lengths=(30, 22))  # the second sidecar is one count short
+    with pytest.raises(ValueError, match=r"fineweb_val_bytes_000001\.bin holds 22 byte counts but fineweb_val_000001\.bin holds 23 tokens") as err:
+        data.load_validation_bytes(folder, 53)
+    assert one_line(str(err.value))
+    os.remove(os.path.join(folder, "fineweb_val_bytes_000001.bin"))  # one shard without its sidecar
+    with pytest.raises(ValueError, match=r"fineweb_val_bytes_000001\.bin is missing while other validation shards") as err:
+        data.load_validation_bytes(folder, 53)
+    assert one_line(str(err.value))
+    write_sidecars(folder)
+    with pytest.raises(ValueError, match="54 tokens asked for"):
+        data.load_validation_bytes(folder, 54)
+
+
 # -- token ids against the vocabulary ---------------------------------------------------------------
 
 

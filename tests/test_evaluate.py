@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.bpb import SidecarBytes
 from model.config import Config
 from model.evaluate import (
     _finish,
@@ -480,3 +481,57 @@ def test_ttt_chunks_shorter_than_the_window():
     sums = _score_windows(TinyCausalLM(), tokens, plan, 3, luts)
     assert float(sums[1]) == num_targets
     assert_close(torch.tensor(_finish(sums)), torch.tensor(expected))
+
+
+# ----------------------------------------------------------------------------- byte sidecar
+def synthetic_sidecar(num_tokens: int, seed: int = 2) -> SidecarBytes:
+    """Bytes per token position, independent of the token ids (as in the CaseOps data, where a
+    piece's bytes depend on the original text); BOS (position 0) 0."""
+    g = torch.Generator().manual_seed(seed)
+    token_bytes = torch.randint(0, 7, (num_tokens,), generator=g, dtype=torch.int32)
+    token_bytes[0] = 0
+    return SidecarBytes(token_bytes)
+
+
+def direct_scores_from_sidecar(model, tokens, context_start, sidecar: SidecarBytes):
+    """As direct_scores, with target j's bytes read at its position j + 1 in the sidecar."""
+    nll_sum, num_targets = 0.0, tokens.numel() - 1
+    with torch.no_grad():
+        for j in range(num_targets):
+            s = context_start(j)
+            nll_sum += float(model.token_losses(tokens[s:j + 1][None], tokens[s + 1:j + 2][None])[0, -1])
+    byte_count = int(sidecar.token_bytes[1:tokens.numel()].sum())
+    return nll_sum / num_targets, nll_sum / math.log(2) / byte_count
+
+
+@pytest.mark.parametrize("num_tokens, window, stride, batch_seqs", [(9, 8, 4, 3), (70, 16, 4, 5)])
+def test_every_path_counts_bytes_from_the_sidecar(num_tokens, window, stride, batch_seqs):
+    tokens, sidecar = synthetic_tokens(num_tokens), synthetic_sidecar(num_tokens)
+    got = evaluate_sliding(TinyCausalLM(), tokens, window, stride, batch_seqs, sidecar)
+    expected = direct_scores_from_sidecar(TinyCausalLM(), tokens, sliding_context_start(num_tokens - 1, window, stride), sidecar)
+    assert_close(torch.tensor(got), torch.tensor(expected))
+    seq_len = 4
+    used = (num_tokens - 1) // seq_len * seq_len + 1
+    got = evaluate_contiguous(TinyCausalLM(), tokens[:used], seq_len, batch_seqs, SidecarBytes(sidecar.token_bytes[:used]))
+    expected = direct_scores_from_sidecar(TinyCausalLM(), tokens[:used], lambda j: j // seq_len * seq_len, sidecar)
+    assert_close(torch.tensor(got), torch.tensor(expected))
+
+
+def test_ttt_counts_bytes_from_the_sidecar_chunk_by_chunk():
+    tokens, sidecar = synthetic_tokens(NUM_TOKENS), synthetic_sidecar(NUM_TOKENS)
+    cfg, scores = ttt_config(), []
+    evaluate_ttt(TinyCausalLM(), tokens, cfg, sidecar, chunk_scores=scores)
+    per_chunk = [int(sidecar.token_bytes[1 + c * CHUNK:1 + (c + 1) * CHUNK].sum()) for c in range(len(scores))]
+    assert [s.bytes for s in scores] == per_chunk  # each chunk's scored targets, by position
+    frozen = evaluate_ttt(TinyCausalLM(), tokens, ttt_config(ttt_lr=0.0), sidecar)
+    sliding = evaluate_sliding(TinyCausalLM(), tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, sidecar)
+    assert_close(torch.tensor(frozen), torch.tensor(sliding))
+
+
+def test_sidecar_not_aligned_with_the_tokens_is_one_line():
+    tokens = synthetic_tokens(20)
+    with pytest.raises(ValueError, match=r"the byte sidecar holds \(19,\) counts for 20 validation tokens") as err:
+        evaluate_sliding(TinyCausalLM(), tokens, 8, 4, 2, synthetic_sidecar(19))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="build_byte_luts or a model.bpb.SidecarBytes"):
+        evaluate_contiguous(TinyCausalLM(), tokens, 4, 2, (torch.zeros(3),))
