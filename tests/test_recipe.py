@@ -29,7 +29,9 @@ bigram projection given to AdamW, or AdamW's beta2 at 0.999 (the groups test); t
 warmdown ignored (its test).
 
 FRONTIER.md section 3's optimizer table is checked the same way on the tiny model: --preset
-frontier's optimizer settings must arrive in the groups as the table's literals.
+frontier's optimizer settings must arrive in the groups as the table's literals. And the warm-up
+leaves no trace (FRONTIER.md section 3 "Warm-up", the record's momentum leak on more than one GPU):
+on 1 rank and on 2 (gloo), warm-up then steps gives the bits of the same steps without a warm-up.
 """
 import copy
 import os
@@ -37,18 +39,20 @@ import re
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import kernels
 import model.training
 import train
 from model import export
 from model.config import Config, load_config
-from model.distributed import Dist
+from model.distributed import Dist, leave_process_group
 from model.muon import Muon
 from model.runlog import RunLog
-from model.schedule import lr_scale
-from model.training import build_training_state
+from model.schedule import lr_scale, muon_momentum
+from model.training import build_training_state, training_step, warm_up
 from tests.fakes import CountingBatches
+from tests.multiprocess import run_ranks
 
 # SPEC.md "Training recipe", as literals (Config's defaults must be these, and the tiny runs use them).
 SPEC_MATRIX_LR, SPEC_EMBED_LR, SPEC_SCALAR_LR = 0.025, 0.035, 0.025
@@ -492,3 +496,70 @@ def test_the_loop_stops_at_the_cap_with_the_warmdown_at_zero(wallclock_run):
     assert re.match(rf"step:{CAP_STEPS}/{cfg.iterations} .*lr_scale:{1 / WARMDOWN:.3f} train_time:{CAP_STEPS * STEP_MS:.0f}ms",
                     last_step), last_step
     assert os.path.exists(run["log"].path("checkpoint.pt"))
+
+
+# --------------------------------------------------------------------------- the warm-up leaves no trace
+
+NO_TRACE_STEPS = 3
+
+
+def steps_after(cfg: Config, ctx: Dist, warm: bool) -> dict:
+    """NO_TRACE_STEPS training steps of a fresh state, with or without the compile warm-up first; the
+    weights and every optimizer's state after them (Muon's momentum buffers, Adam's moments and steps)."""
+    state = build_training_state(cfg, ctx, CountingBatches(cfg.vocab_size))
+    if warm:
+        warm_up(state)
+    for s in range(NO_TRACE_STEPS):
+        training_step(state, lr_scale(s, 0.0, cfg), muon_momentum(s, cfg))
+    return {"model": clone_weights(state.model), "optimizers": copy.deepcopy([opt.state_dict()["state"] for opt in state.optimizers])}
+
+
+def assert_same_bits(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs after the warm-up: it left a trace"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_bits(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_bits(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def no_trace_config() -> Config:
+    # the frontier's Muon (momentum 0.92 -> 0.97, row normalisation, Polar-Express), with QAT flipping in the warm-up
+    return tiny_config(warmup_steps=4, iterations=20, max_wallclock_seconds=0, muon_momentum=0.97,
+                       muon_momentum_warmup_steps=4, muon_row_normalize=True, muon_polar_express=True)
+
+
+def test_warm_up_leaves_no_trace_on_one_rank():
+    cfg = no_trace_config()
+    with kernels.use_backend("reference"):
+        warmed, cold = (steps_after(cfg, Dist.single(), warm) for warm in (True, False))
+    assert warmed["optimizers"][0], "Muon kept no momentum buffers: the comparison would be empty"
+    assert_same_bits(warmed, cold)
+
+
+def _no_trace_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = no_trace_config()
+        ctx = Dist(rank, world, 0, torch.device("cpu"))
+        with kernels.use_backend("reference"):
+            result = {warm: steps_after(cfg, ctx, warm) for warm in (True, False)}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        leave_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch and triton
+def test_warm_up_leaves_no_trace_on_two_ranks(tmp_path):
+    run_ranks(_no_trace_worker, 2, (2, str(tmp_path / "init"), str(tmp_path)))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result[True]["optimizers"][0], f"rank {rank}: Muon kept no momentum buffers"
+        assert_same_bits(result[True], result[False], f"rank {rank}")
