@@ -130,6 +130,32 @@ class Config:
     ttt_grad_clip: float = setting(1.0, "TTT gradient-norm clip; 0 = off", low=0)
     ttt_freeze_blocks: int = setting(0, "TTT leaves the first this many blocks frozen", low=0)
     ttt_batch_seqs: int = setting(32, "TTT sequences per batch", low=1)
+    # evaluation, the frontier's phased LoRA TTT (FRONTIER.md section 5; model/phased_ttt.py)
+    ttt_method: str = setting("sgd", "TTT: sgd (SPEC's chunked SGD over the stream) or phased_lora (FRONTIER.md's "
+                                     "per-document LoRA with global SGD phases)")
+    ttt_lora_rank: int = setting(80, "phased TTT: LoRA rank r", low=1)
+    ttt_lora_alpha: float = setting(144.0, "phased TTT: LoRA alpha (the delta is scaled by alpha / r)", above=0)
+    ttt_chunk_size: int = setting(48, "phased TTT: predictions per scored-then-trained chunk of a document", low=1)
+    ttt_eval_seq_len: int = setting(2048, "phased TTT: a chunk's window reaches back at most this many tokens", low=1)
+    ttt_batch_size: int = setting(64, "phased TTT: documents per batch (sorted by length)", low=1)
+    ttt_lora_lr: float = setting(1e-4, "phased TTT: LoRA AdamW learning rate (constant)", low=0)
+    ttt_beta1: float = setting(0.0, "phased TTT: LoRA AdamW beta1", low=0, below=1)
+    ttt_beta2: float = setting(0.99, "phased TTT: LoRA AdamW beta2", low=0, below=1)
+    ttt_weight_decay: float = setting(0.5, "phased TTT: LoRA AdamW weight decay", low=0)
+    ttt_grad_steps: int = setting(1, "phased TTT: LoRA optimizer steps per trained chunk", low=1)
+    ttt_warm_start_a: bool = setting(True, "phased TTT: keep the LoRA A matrices from batch to batch (B is reset)")
+    ttt_k_lora: bool = setting(True, "phased TTT: LoRA on the K projection")
+    ttt_o_lora: bool = setting(True, "phased TTT: LoRA on the attention output")
+    ttt_mlp_lora: bool = setting(True, "phased TTT: LoRA on the MLP")
+    phased_ttt_prefix_docs: int = setting(2500, "phased TTT: the last global phase trains on this many scored documents", low=0)
+    phased_ttt_num_phases: int = setting(3, "phased TTT: global SGD phases, at floor(PREFIX_DOCS k / NUM_PHASES) documents", low=0)
+    global_ttt_chunk_tokens: int = setting(32_768, "phased TTT: tokens per global SGD step", low=1)
+    global_ttt_epochs: int = setting(1, "phased TTT: epochs of each global phase", low=1)
+    global_ttt_batch_seqs: int = setting(32, "phased TTT: at most this many sequences per forward of a global SGD step (gradients accumulate)", low=1)
+    global_ttt_grad_clip: float = setting(1.0, "phased TTT: global SGD gradient-norm clip; 0 = off", low=0)
+    global_ttt_momentum: float = setting(0.9, "phased TTT: global SGD momentum", low=0, below=1)
+    global_ttt_lr: float = setting(1e-3, "phased TTT: global SGD peak learning rate (cosine to 0 over a phase)", low=0)
+
 
     # export (SPEC.md "Export")
     artifact_budget_bytes: int = setting(16_000_000, "artifact + code bytes allowed", low=1)
@@ -216,7 +242,8 @@ class Config:
         if self.eval_only and self.resume:
             problems.append(f"EVAL_ONLY={self.eval_only!r} and RESUME={self.resume!r} are both set; score an artifact "
                             f"or continue a run, not both")
-        for name, allowed in (("quant", QUANTISERS), ("compressor", COMPRESSORS), ("parallel_final_lane", FINAL_LANES)):
+        for name, allowed in (("quant", QUANTISERS), ("compressor", COMPRESSORS), ("parallel_final_lane", FINAL_LANES),
+                              ("ttt_method", TTT_METHODS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name.upper()}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
@@ -245,6 +272,7 @@ class Config:
 
 QUANTISERS = ("int6", "gptq")
 COMPRESSORS = ("zstd", "brotli", "pergroup")
+TTT_METHODS = ("sgd", "phased_lora")
 FINAL_LANES = ("mean", "attn", "mlp")
 
 
@@ -311,7 +339,7 @@ def _frontier() -> dict:
         beta2=0.99, adam_wd=0.02, embed_wd=0.085, grad_clip_norm=0.3,
         swa_enabled=False, late_qat_threshold=0.0, ema_decay=0.9965, warmdown_frac=0.85, min_lr=0.10,
         gptq_reserve_seconds=0.5,
-        quant="gptq", compressor="pergroup", lqer_enabled=True,
+        quant="gptq", compressor="pergroup", lqer_enabled=True, ttt_method="phased_lora",
     )
 
 
