@@ -1,1 +1,3 @@
-"""Data tools: download the official shards (download.py), turn text into shards (prepare.py)."""
+"""Data tools: download the published shards (download.py, through huggingface_hub), turn text into
+shards (prepare.py, with the CaseOps transform of caseops.py and its byte sidecars), smoke data
+(synthetic.py)."""

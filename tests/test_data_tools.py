@@ -1,16 +1,11 @@
-"""data/prepare.py (text -> shards, tokenizer training) and data/download.py (resumable fetch of the
-official shards), without network: downloads go to a local HTTP server in a thread that serves a
-temp folder with Range support and can drop connections or ignore Range on request."""
+"""data/prepare.py (text -> shards, tokenizer training) and data/download.py (checked, resumable
+fetch of the published shards through huggingface_hub), without network: a fake hf_hub_download
+serves files from memory and can fail transfers, lack files or be offline."""
 import errno
 import hashlib
-import http.server
-import io
 import json
 import os
 import random
-import socket
-import threading
-import urllib.error
 
 import numpy as np
 import pytest
@@ -288,75 +283,54 @@ def test_cli_end_to_end_and_error_exit(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("error: ") and 'no "text" field' in err
 
 
-# -- download: a local fake Hugging Face ------------------------------------------------------------
+# -- download: a fake huggingface_hub client ---------------------------------------------------------
 
 
 class FakeHub:
-    """Serves files {remote path: bytes} at /datasets/<repo>/resolve/main/<path>, like huggingface.co.
+    """Stands in for huggingface_hub.hf_hub_download over files {path in the repo: bytes}: writes
+    the file to local_dir/<subfolder>/<filename> (as the library does) and returns that path.
 
-    drop_after[path] = n: the next response for that path sends n bytes of its body, then closes.
-    ignore_range: answer Range requests with the whole file (status 200), as some servers do.
-    redirect: answer with a 302 to /cdn/<path> first, as huggingface.co does for large files.
+    failures[path] = [exception, ...]: the next calls for that path raise these first, after
+    leaving half the file in local_dir's partial-file place (as an interrupted transfer does).
     """
 
     def __init__(self, repo: str):
-        self.repo, self.files, self.requests = repo, {}, []
-        self.drop_after: dict[str, int] = {}
-        self.ignore_range = False
-        self.redirect = False
-        hub = self
+        self.repo, self.files, self.calls = repo, {}, []
+        self.failures: dict[str, list] = {}
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def __call__(self, repo_id, filename, *, subfolder=None, repo_type=None, revision=None, local_dir=None, endpoint=None):
+        from huggingface_hub import errors
 
-            def do_GET(self):
-                prefix = f"/datasets/{hub.repo}/resolve/main/"
-                if hub.redirect and self.path.startswith(prefix):
-                    self.send_response(302)  # as huggingface.co does for large (LFS) files
-                    self.send_header("Location", "/cdn/" + self.path[len(prefix):])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                prefix = "/cdn/" if hub.redirect else prefix
-                path = self.path[len(prefix):] if self.path.startswith(prefix) else None
-                hub.requests.append((path, self.headers.get("Range")))
-                if path not in hub.files:
-                    self.send_error(404)
-                    return
-                body, start = hub.files[path], 0
-                range_header = self.headers.get("Range")
-                if range_header and not hub.ignore_range:
-                    start = int(range_header.removeprefix("bytes=").rstrip("-"))
-                    if start >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                payload = body[start:]
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if path in hub.drop_after:
-                    self.wfile.write(payload[: hub.drop_after.pop(path)])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(payload)
+        path = f"{subfolder}/{filename}" if subfolder else filename
+        self.calls.append(dict(path=path, repo_id=repo_id, repo_type=repo_type, revision=revision, local_dir=local_dir))
+        assert repo_type == "dataset" and local_dir is not None
+        partial = os.path.join(local_dir, ".cache", path + ".incomplete")
+        if self.failures.get(path):
+            body = self.files.get(path, b"")
+            os.makedirs(os.path.dirname(partial), exist_ok=True)
+            with open(partial, "wb") as f:
+                f.write(body[: len(body) // 2])
+            raise self.failures[path].pop(0)
+        if repo_id != self.repo:
+            raise errors.RepositoryNotFoundError(f"404 {repo_id}", response=FakeResponse(404))
+        if path not in self.files:
+            raise errors.RemoteEntryNotFoundError(f"404 {path}", response=FakeResponse(404))
+        target = os.path.join(local_dir, *path.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(self.files[path])
+        if os.path.exists(partial):
+            os.remove(partial)
+        return target
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    def shard_calls(self) -> list[str]:
+        return [c["path"] for c in self.calls if c["path"].endswith(".bin")]
 
-    def url(self, path: str) -> str:
-        return download.resolve_url(self.endpoint, self.repo, "main", path)
 
-    def shard_requests(self) -> list:
-        return [r for r in self.requests if r[0] and r[0].endswith(".bin")]
+class FakeResponse:
+    def __init__(self, status_code: int):
+        self.status_code, self.headers, self.url = status_code, {}, "https://huggingface.co/fake"
+        self.request = None
 
 
 def shard_bytes(tmp_path, tokens) -> bytes:
@@ -365,10 +339,14 @@ def shard_bytes(tmp_path, tokens) -> bytes:
     return path.read_bytes()
 
 
+REPO = "willdepueoai/parameter-golf"
+
+
 @pytest.fixture
 def hub(tmp_path, tiny_tokenizer):
     """A fake remote with the official layout: manifest, 1 val + 3 train shards, tokenizer files."""
-    hub = FakeHub("someone/parameter-golf")
+    pytest.importorskip("huggingface_hub", reason="the download tests raise huggingface_hub's own errors (the test extra installs it)")
+    hub = FakeHub(REPO)
     rng = np.random.default_rng(0)
     manifest = {
         "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 3, "files_val": 1}}],
@@ -380,13 +358,11 @@ def hub(tmp_path, tiny_tokenizer):
     with open(tiny_tokenizer, "rb") as f:
         hub.files["datasets/tokenizers/fineweb_1024_bpe.model"] = f.read()
     hub.files["datasets/tokenizers/fineweb_1024_bpe.vocab"] = b"<pad>\t0\n"
-    yield hub
-    hub.server.shutdown()
-    hub.server.server_close()
+    return hub
 
 
 def fetch(hub, out, train_shards=2, **kwargs):
-    return download.download_dataset(str(out), train_shards, repo=hub.repo, endpoint=hub.endpoint, log=lambda _: None, **kwargs)
+    return download.download_dataset(str(out), train_shards, hub_download=hub, log=lambda _: None, **kwargs)
 
 
 def test_download_full_then_skip(hub, tmp_path):
@@ -399,62 +375,39 @@ def test_download_full_then_skip(hub, tmp_path):
     assert set(results.values()) == {"downloaded"}
     for p in expected:
         assert (out / p).read_bytes() == hub.files[f"datasets/{p}"]
+    assert {(c["repo_id"], c["revision"]) for c in hub.calls} == {(REPO, "main")}
     assert not (out / "datasets/fineweb10B_sp1024/fineweb_train_000002.bin").exists()  # only the first 2 train shards
-    assert not list(out.rglob("*.part"))
+    assert not (out / download.STAGING).exists()  # the staging folder goes once every file is in place
     # the trainer's default paths, relative to data/
     assert (out / "datasets" / "fineweb10B_sp1024").is_dir() and (out / "tokenizers" / "fineweb_1024_bpe.model").is_file()
 
-    hub.requests.clear()
+    hub.calls.clear()
     again = fetch(hub, out, train_shards=2)
-    assert set(again.values()) == {"skipped"} and hub.requests == []
+    assert set(again.values()) == {"skipped"} and hub.calls == []
     more = fetch(hub, out, train_shards=3)  # asking for more fetches only the new shard
     assert [k for k, v in more.items() if v != "skipped"] == [str(out / "datasets/fineweb10B_sp1024/fineweb_train_000002.bin")]
 
 
-@pytest.mark.parametrize("redirect", [False, True])
-def test_download_resumes_partial_file_with_range(hub, tmp_path, redirect):
-    hub.redirect = redirect  # the Range header must survive the redirect
-    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
-    dest = tmp_path / "fineweb_train_000000.bin"
-    body = hub.files[remote]
-    (tmp_path / "fineweb_train_000000.bin.part").write_bytes(body[:3333])
-    assert download.download_file(hub.url(remote), str(dest), log=lambda _: None) == "resumed"
-    assert hub.requests == [(remote, "bytes=3333-")]
-    assert dest.read_bytes() == body and not (tmp_path / "fineweb_train_000000.bin.part").exists()
-
-
-def test_download_dropped_connection_resumes(hub, tmp_path):
+def test_download_interrupted_transfer_resumes_in_the_same_staging_folder(hub, tmp_path):
+    """A dropped transfer is retried with the same local_dir, where the library's partial file
+    lets it go on; after the retries run out the partial file stays for a later run."""
     remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
-    body, dest, part = hub.files[remote], tmp_path / "s.bin", tmp_path / "s.bin.part"
-    hub.drop_after[remote] = 2500
-    with pytest.raises(download.DownloadError, match="run the command again to resume") as err:
-        download.download_file(hub.url(remote), str(dest), retries=0, log=lambda _: None)
-    assert one_line(str(err.value))
-    assert part.read_bytes() == body[:2500] and not dest.exists()
-    assert download.download_file(hub.url(remote), str(dest), log=lambda _: None) == "resumed"  # a later run
-    assert dest.read_bytes() == body and hub.requests[-1] == (remote, "bytes=2500-")
-
-    hub.drop_after[remote] = 1000  # and within one call, with retries
-    dest2 = tmp_path / "t.bin"
+    dest = tmp_path / "s.bin"
+    hub.failures[remote] = [ConnectionResetError("reset by peer"), TimeoutError("read timed out")]
     logs = []
-    assert download.download_file(hub.url(remote), str(dest2), retries=2, log=logs.append) == "resumed"
-    assert dest2.read_bytes() == body and hub.requests[-1] == (remote, "bytes=1000-") and "resuming" in logs[0]
+    assert download.fetch_file(REPO, remote, str(dest), retries=2, hub_download=hub, log=logs.append) == "downloaded"
+    assert dest.read_bytes() == hub.files[remote]
+    assert len(hub.calls) == 3 and len({c["local_dir"] for c in hub.calls}) == 1
+    assert "trying again, from where it stopped" in logs[0]
 
-
-def test_download_server_ignoring_range_restarts(hub, tmp_path):
-    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
-    body = hub.files[remote]
-    (tmp_path / "v.bin.part").write_bytes(body[:100])
-    hub.ignore_range = True
-    download.download_file(hub.url(remote), str(tmp_path / "v.bin"), log=lambda _: None)
-    assert (tmp_path / "v.bin").read_bytes() == body
-
-
-def test_download_part_already_whole(hub, tmp_path):
-    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"
-    (tmp_path / "w.bin.part").write_bytes(hub.files[remote])  # complete, but never renamed (killed just before)
-    assert download.download_file(hub.url(remote), str(tmp_path / "w.bin"), log=lambda _: None) == "resumed"
-    assert (tmp_path / "w.bin").read_bytes() == hub.files[remote]
+    hub.failures[remote] = [ConnectionResetError("reset by peer")] * 2
+    with pytest.raises(download.DownloadError, match=r"t\.bin: the transfer failed 2 times \(ConnectionResetError: reset by peer\); run the command again to resume") as err:
+        download.fetch_file(REPO, remote, str(tmp_path / "t.bin"), retries=1, hub_download=hub, log=lambda _: None)
+    assert one_line(str(err.value))
+    partial = tmp_path / download.STAGING / ".cache" / (remote + ".incomplete")
+    assert partial.exists()  # kept for the next run, which resumes it
+    assert download.fetch_file(REPO, remote, str(tmp_path / "t.bin"), hub_download=hub, log=lambda _: None) == "downloaded"
+    assert hub.calls[-1]["local_dir"] == str(tmp_path / download.STAGING)
 
 
 def test_download_detects_corruption(hub, tmp_path):
@@ -462,26 +415,26 @@ def test_download_detects_corruption(hub, tmp_path):
     good = hub.files[remote]
     hub.files[remote] = good[:-10]  # truncated upstream: the header's token count no longer matches
     dest = tmp_path / "c.bin"
-    with pytest.raises(download.DownloadError, match="arrived corrupted") as err:
-        download.download_file(hub.url(remote), str(dest), log=lambda _: None)
+    with pytest.raises(download.DownloadError, match="c.bin arrived corrupted") as err:
+        download.fetch_file(REPO, remote, str(dest), hub_download=hub, log=lambda _: None)
     assert one_line(str(err.value))
-    assert not dest.exists() and not (tmp_path / "c.bin.part").exists()
+    assert not dest.exists() and not list((tmp_path / download.STAGING).rglob("*.bin"))
 
     hub.files[remote] = good  # right size and header, wrong sha256
     with pytest.raises(download.DownloadError, match="sha256"):
-        download.download_file(hub.url(remote), str(dest), expected_sha256="0" * 64, log=lambda _: None)
+        download.fetch_file(REPO, remote, str(dest), expected_sha256="0" * 64, hub_download=hub, log=lambda _: None)
     assert not dest.exists()
-    assert download.download_file(hub.url(remote), str(dest), expected_sha256=hashlib.sha256(good).hexdigest(), log=lambda _: None) == "downloaded"
+    assert download.fetch_file(REPO, remote, str(dest), expected_sha256=hashlib.sha256(good).hexdigest(), hub_download=hub, log=lambda _: None) == "downloaded"
 
     dest.write_bytes(good[:2000])  # an existing file that went bad on disk is fetched again
     logs = []
-    assert download.download_file(hub.url(remote), str(dest), log=logs.append) == "downloaded"
+    assert download.fetch_file(REPO, remote, str(dest), hub_download=hub, log=logs.append) == "downloaded"
     assert dest.read_bytes() == good and "fails its check" in logs[0]
 
     junk_model = "datasets/tokenizers/fineweb_1024_bpe.model"
     hub.files[junk_model] = b"<html>not a model</html>"
     with pytest.raises(download.DownloadError, match="not a SentencePiece model"):
-        download.download_file(hub.url(junk_model), str(tmp_path / "m.model"), log=lambda _: None)
+        download.fetch_file(REPO, junk_model, str(tmp_path / "m.model"), hub_download=hub, log=lambda _: None)
 
 
 def test_download_writes_tokenizer_manifest_beside_the_shards(hub, tmp_path, tiny_tokenizer):
@@ -498,35 +451,13 @@ def test_download_writes_tokenizer_manifest_beside_the_shards(hub, tmp_path, tin
     assert not [n for n in os.listdir(shards) if n.startswith(".")]  # no temp file left
 
 
-def test_download_disk_full_is_one_line_and_keeps_the_part(hub, tmp_path, monkeypatch):
+def test_download_disk_full_is_one_line(hub, tmp_path):
     remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
-    dest, part = tmp_path / "s.bin", tmp_path / "s.bin.part"
-
-    class FillsUp(io.FileIO):
-        """The disk fills up after 3000 bytes."""
-
-        def write(self, data):
-            if self.tell() + len(data) > 3000:
-                room = 3000 - self.tell()
-                super().write(data[:room])
-                disk_full()
-            return super().write(data)
-
-    monkeypatch.setattr(download, "open", lambda path, mode="r", *a, **k: FillsUp(path, mode.replace("b", "")), raising=False)
-    with pytest.raises(download.DownloadError, match=rf"^could not write {part}: No space left on device; free disk space") as err:
-        download.download_file(hub.url(remote), str(dest), retries=3, log=lambda _: None)
+    hub.failures[remote] = [OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.incomplete"))]
+    with pytest.raises(download.DownloadError, match=r"^could not write .*x\.incomplete: No space left on device; free disk space") as err:
+        download.fetch_file(REPO, remote, str(tmp_path / "s.bin"), retries=3, hub_download=hub, log=lambda _: None)
     assert one_line(str(err.value))
-    assert len(hub.shard_requests()) == 1  # not taken for a dropped connection and retried
-    assert part.read_bytes() == hub.files[remote][:3000] and not dest.exists()  # the .part stays, to resume
-    monkeypatch.undo()
-    assert download.download_file(hub.url(remote), str(dest), log=lambda _: None) == "resumed"
-    assert dest.read_bytes() == hub.files[remote]
-
-    blocked = tmp_path / "b.bin"
-    (tmp_path / "b.bin.part").mkdir()  # the .part cannot even be opened
-    with pytest.raises(download.DownloadError, match=r"could not write .*b\.bin\.part: Is a directory") as err:
-        download.download_file(hub.url(remote), str(blocked), log=lambda _: None)
-    assert one_line(str(err.value))
+    assert len(hub.shard_calls()) == 1  # not taken for a dropped connection and retried
 
 
 def test_download_uses_manifest_sha256(hub, tmp_path):
@@ -543,23 +474,67 @@ def test_download_plan_errors(hub, tmp_path):
     with pytest.raises(download.DownloadError, match=r"--train-shards 4 is outside \[0, 3\]"):
         fetch(hub, tmp_path / "data", train_shards=4)
     with pytest.raises(download.DownloadError, match="no dataset 'fineweb10B_sp4096'.*fineweb10B_sp1024"):
-        fetch(hub, tmp_path / "data", dataset="fineweb10B_sp4096")
-    with pytest.raises(download.DownloadError, match="HTTP 404"):
-        download.download_file(hub.url("datasets/nothing.bin"), str(tmp_path / "n.bin"), log=lambda _: None)
+        fetch(hub, tmp_path / "data", variant="sp4096")
+    with pytest.raises(download.DownloadError, match=r"^datasets/nothing\.bin does not exist in willdepueoai/parameter-golf; check --remote-root"):
+        download.fetch_file(REPO, "datasets/nothing.bin", str(tmp_path / "n.bin"), hub_download=hub, log=lambda _: None)
+
+
+def test_download_variants(hub, tmp_path, monkeypatch):
+    """--variant picks the repo, the dataset and the fallback tokenizer files; --repo and
+    MATCHED_FINEWEB_REPO_ID override the repo."""
+    assert download.VARIANTS["sp1024"] == ("willdepueoai/parameter-golf", "fineweb10B_sp1024",
+                                           ("tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"))
+    assert download.VARIANTS["sp8192"].repo == "kevclark/parameter-golf" and download.VARIANTS["sp8192"].dataset == "fineweb10B_sp8192"
+    with pytest.raises(download.DownloadError, match=r"the dataset repo kevclark/parameter-golf does not exist .*check --repo or --variant"):
+        fetch(hub, tmp_path / "a", variant="sp8192")
+    hub.repo = "kevclark/parameter-golf"
+    manifest = {"datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192", "stats": {"files_train": 1, "files_val": 1}}]}
+    hub.files["datasets/manifest.json"] = json.dumps(manifest).encode()  # no tokenizers entry: the variant's file names
+    hub.files["datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin"] = shard_bytes(tmp_path, [1, 2, 3])
+    hub.files["datasets/tokenizers/fineweb_8192_bpe.model"] = hub.files["datasets/tokenizers/fineweb_1024_bpe.model"]
+    hub.files["datasets/tokenizers/fineweb_8192_bpe.vocab"] = b"x"
+    results = fetch(hub, tmp_path / "b", train_shards=0, variant="sp8192")
+    assert str(tmp_path / "b" / "tokenizers" / "fineweb_8192_bpe.model") in results
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "someone/mirror")
+    with pytest.raises(download.DownloadError, match="someone/mirror does not exist"):
+        fetch(hub, tmp_path / "c", train_shards=0, variant="sp8192")
+    assert set(fetch(hub, tmp_path / "b", train_shards=0, variant="sp8192", repo="kevclark/parameter-golf").values()) == {"skipped"}
+
+
+def test_download_with_docs_checks_their_sha256(hub, tmp_path):
+    docs = b'{"text": "A document."}\n'
+    hub.files["datasets/docs_selected.jsonl"] = docs
+    hub.files["datasets/docs_selected.source_manifest.json"] = json.dumps({"docs_sha256": "0" * 64}).encode()
+    with pytest.raises(download.DownloadError, match="docs_selected.jsonl arrived corrupted.*sha256"):
+        fetch(hub, tmp_path / "data", train_shards=0, with_docs=True)
+    hub.files["datasets/docs_selected.source_manifest.json"] = json.dumps({"docs_sha256": hashlib.sha256(docs).hexdigest()}).encode()
+    (tmp_path / "data" / "docs_selected.source_manifest.json").unlink()
+    fetch(hub, tmp_path / "data", train_shards=0, with_docs=True)
+    assert (tmp_path / "data" / "docs_selected.jsonl").read_bytes() == docs
 
 
 def test_download_without_network_one_clear_line(tmp_path, capsys):
-    with socket.socket() as s:  # a port with nothing listening: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = download.main(["--out", str(tmp_path), "--train-shards", "1", "--endpoint", f"http://127.0.0.1:{port}"])
+    errors = pytest.importorskip("huggingface_hub.errors")
+
+    def offline(repo_id, filename, **kwargs):  # what hf_hub_download raises on a machine without internet
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as cause:
+            raise errors.LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...") from cause
+
+    code = download.main(["--out", str(tmp_path), "--train-shards", "1"], hub_download=offline)
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
-    assert err.startswith(f"error: cannot reach 127.0.0.1:{port}: ") and "download on a machine with internet and copy data/ over" in err
+    assert err == "error: cannot reach huggingface.co: [Errno -2] Name or service not known; download on a machine with internet and copy data/ over\n"
+    code = download.main(["--out", str(tmp_path), "--endpoint", "https://mirror.example:8080"], hub_download=offline)
+    assert code == 1 and capsys.readouterr().err.startswith("error: cannot reach mirror.example:8080: ")
 
-    def no_dns(request, timeout):  # what a machine without internet sees for huggingface.co
-        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
-    with pytest.raises(download.NetworkError, match=r"^cannot reach huggingface\.co: .*Name or service not known; download on a machine with internet and copy data/ over$"):
-        download.download_dataset(str(tmp_path), 1, endpoint="https://huggingface.co", opener=no_dns, log=lambda _: None)
-    assert not list(tmp_path.rglob("*.part"))
+def test_download_without_huggingface_hub_one_clear_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # an import of it now fails
+    code = download.main(["--out", str(tmp_path), "--train-shards", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "huggingface_hub, which is not installed; pip install golf-triton[download]" in err
