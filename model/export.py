@@ -30,11 +30,13 @@ import io
 import json
 import math
 import os
+import time
 
 import torch
 import zstandard
 
 import kernels
+from model import compressors, gptq, lqer, pergroup
 from model.atomic import atomic_open
 from model.config import Config  # its class attributes are the field defaults: zstd level, byte budget
 
@@ -51,9 +53,11 @@ FP16_MAX = 65504.0
 # torch.quantile refuses inputs of more than 2**24 elements; larger inputs go through kthvalue.
 QUANTILE_MAX_ELEMENTS = 2**24
 
-CLASSES = ("int6", "int8", "fp16", "fp32", "raw")
+CLASSES = ("int6", "int8", "fp16", "fp32", "raw", "gptq")  # gptq: the frontier's (model/gptq.py)
 
 FORMAT = "golf-artifact-v1"
+FORMAT_FRONTIER = "golf-artifact-frontier-v1"  # classes gptq (with LQER fields), int8 (the gate), fp16, raw
+FORMATS = (FORMAT, FORMAT_FRONTIER)
 MAGIC = b"GOLFART1"
 WRITE_CHUNK_BYTES = 1 << 20
 
@@ -211,8 +215,10 @@ def dequantize_state_dict(payload: dict) -> dict:
     sd = {}
     for name, entry in payload["tensors"].items():
         dtype, shape, cls = _dtype_from_name(entry["dtype"]), tuple(entry["shape"]), entry["class"]
-        if cls in ("int6", "int8"):
+        if cls in ("int6", "int8", "gptq"):
             values = entry["q"].float() * entry["scale"].float()[:, None]
+            if "lqer_a" in entry:
+                values = values + lqer.correction(entry)
         elif cls in ("fp16", "fp32", "raw"):
             values = entry["data"]
         else:
@@ -221,7 +227,140 @@ def dequantize_state_dict(payload: dict) -> dict:
     return sd
 
 
-def format_report(report: dict, compressed_bytes: int | None = None) -> list[str]:
+# --------------------------------------------------------------------------- QUANT=gptq (FRONTIER.md section 4)
+
+GATE_MIN_ELEMENTS, GATE_MAX_ELEMENTS = 32, 8192  # the attention gate's int8 routing applies within these sizes
+GPTQ_BITS = 6
+
+
+def gptq_names(sd: dict, *, fp32_names=()) -> list[str]:
+    """The tensors QUANT=gptq quantises (floating point, > 65,536 elements, not declared fp32):
+    the names model.gptq.collect_hessians needs Hessians for."""
+    return [name for name, t in sd.items()
+            if t.is_floating_point() and t.numel() > SMALL_TENSOR_MAX_ELEMENTS and name not in set(fp32_names)]
+
+
+def gptq_setting(name: str, int6_names, cfg: Config) -> tuple[int, float]:
+    """(bits, clip sigma) of a GPTQ tensor by its role: the tied embedding EMBED_BITS and
+    EMBED_CLIP_SIGMAS; the declared int6 matrices 6 bits and MLP_/ATTN_CLIP_SIGMAS."""
+    if name == gptq.EMBED_NAME:
+        return cfg.embed_bits, cfg.embed_clip_sigmas
+    if name in int6_names and ".mlp." in name:
+        return GPTQ_BITS, cfg.mlp_clip_sigmas
+    if name in int6_names and ".attn." in name:
+        return GPTQ_BITS, cfg.attn_clip_sigmas
+    raise ValueError(f"export: QUANT=gptq has no role for {name} (neither tok_emb.weight nor a declared attention or "
+                     f"MLP matrix); declare it or export with QUANT=int6")
+
+
+def quantize_int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's int8 per row: s = fp16(max|row| / 127), q = clamp(round(w / s), -127, 127) (0 where s is 0)."""
+    w = _rows(t)
+    scale = (w.abs().amax(dim=1) / INT8_MAX).to(torch.float16)
+    s = scale.float()[:, None]
+    q = torch.where(s > 0, torch.clamp(torch.round(w / torch.where(s > 0, s, torch.ones_like(s))), -INT8_MAX, INT8_MAX),
+                    torch.zeros_like(w))
+    return q.to(torch.int8), scale
+
+
+def quantize_state_dict_gptq(sd: dict, *, fp32_names, int6_names, hessians: dict, gate_names=(),
+                             cfg: Config | None = None, device=None) -> tuple[dict, dict]:
+    """FRONTIER's routing -> (payload, report), the report as quantize_state_dict's plus "lqer"
+    (the corrected names, largest error first) and "seconds" (gptq, lqer).
+
+    - floating-point tensors of > 65,536 elements (not declared fp32): GPTQ (class gptq), batched
+      over the tensors that share a shape and setting, on `device` (default: the GPU when there is one);
+    - the declared gate weights (2-D, 32..8192 elements, GATED_ATTN_QUANT_GATE): int8 per row;
+    - every other floating-point tensor: fp16 (fp32 where fp16 overflows), restored to its dtype at load;
+    - LQER (LQER_ENABLED) on the LQER_TOP_K GPTQ tensors with the largest ||W - q s||_F.
+    """
+    cfg = cfg or Config()
+    _check_declared(sd, fp32_names, int6_names)
+    missing_gates = sorted(set(gate_names) - set(sd))
+    if missing_gates:
+        raise ValueError(f"export: gate_names declares {missing_gates[:3]} that the state dict does not hold")
+    fp32_names, int6_names, gate_names = set(fp32_names), set(int6_names), set(gate_names)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    targets = gptq_names(sd, fp32_names=fp32_names)
+    for name in targets:
+        if name not in (hessians or {}):
+            raise ValueError(f"export: QUANT=gptq needs a Hessian for {name}; collect them with "
+                             f"model.gptq.collect_hessians(model, batches, export.gptq_names(state_dict))")
+        cols = sd[name].shape[-1]
+        if tuple(hessians[name].shape) != (cols, cols):
+            raise ValueError(f"export: the Hessian of {name} is {tuple(hessians[name].shape)}, not [{cols}, {cols}]")
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"export: state-dict entry {name!r} is a {type(t).__name__}, not a tensor; pass model.state_dict()")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"export: {name} holds NaN or inf values, so the weights have diverged; "
+                             "export an earlier checkpoint or fix training")
+
+    t0 = time.perf_counter()
+    quantised = {}  # name -> (q, scale)
+    batches = {}
+    for name in targets:
+        bits, sigma = gptq_setting(name, int6_names, cfg)
+        batches.setdefault((tuple(sd[name].shape), bits, sigma), []).append(name)
+    with torch.no_grad():
+        for (_, bits, sigma), names in batches.items():
+            W = torch.stack([sd[n].detach().to(device, torch.float32) for n in names])
+            H = torch.stack([hessians[n].detach().to(device, torch.float32) for n in names])
+            q, scale = gptq.gptq_quantize(W, H, bits, sigma)
+            for i, n in enumerate(names):
+                quantised[n] = (q[i].cpu(), scale[i].cpu())
+    gptq_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    corrections = {}
+    if cfg.lqer_enabled and quantised:
+        def error(n):
+            q, scale = quantised[n]
+            return sd[n].detach().float().cpu() - q.float() * scale.float()[:, None]
+
+        norms = {n: float(torch.linalg.matrix_norm(error(n))) for n in quantised}
+        for n in lqer.largest_errors(norms, cfg.lqer_top_k):
+            corrections[n] = lqer.factorize(error(n), cfg.lqer_rank, asym=cfg.lqer_asym_enabled,
+                                            group=cfg.lqer_asym_group, factor_bits=cfg.lqer_factor_bits)
+    lqer_seconds = time.perf_counter() - t0
+
+    entries, report = {}, _empty_report()
+    for name, t in sd.items():
+        t = t.detach()
+        entry = dict(dtype=_dtype_name(t.dtype), shape=list(t.shape))
+        if name in quantised:
+            cls = "gptq"
+            q, scale = quantised[name]
+            entry.update(q=q, scale=scale, **corrections.get(name, {}))
+        elif not t.is_floating_point():
+            cls = "raw"
+            entry.update(data=t.cpu().contiguous())
+        elif (name in gate_names and cfg.gated_attn_quant_gate and t.dim() == 2
+              and GATE_MIN_ELEMENTS <= t.numel() <= GATE_MAX_ELEMENTS):
+            cls = "int8"
+            q, scale = quantize_int8_rows(t)
+            entry.update(q=q.cpu(), scale=scale.cpu())
+        elif name in fp32_names or bool((t.abs() > FP16_MAX).any()):
+            cls = "fp32"  # large declared control tensors, and values fp16 cannot hold
+            entry.update(data=t.float().cpu().contiguous())
+        else:
+            cls = "fp16"
+            entry.update(data=t.to(torch.float16).cpu().contiguous())
+        entry["class"] = cls
+        entries[name] = entry
+        stored = sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+        for key in (cls, "total"):
+            row = report[key]
+            row["tensors"] += 1
+            row["elements"] += t.numel()
+            row["bytes_before"] += t.numel() * t.element_size()
+            row["bytes_after"] += stored
+    report["lqer"] = list(corrections)
+    report["seconds"] = dict(gptq=gptq_seconds, lqer=lqer_seconds)
+    return {"format": FORMAT_FRONTIER, "tensors": entries}, report
+
+
+def format_report(report: dict, compressed_bytes: int | None = None, compressor: str = "zstd") -> list[str]:
     """Log lines: one per non-empty class, then the total (and the compressed size when given)."""
     lines = []
     for cls in (*CLASSES, "total"):
@@ -232,13 +371,13 @@ def format_report(report: dict, compressed_bytes: int | None = None) -> list[str
                 f"{row['bytes_before']:>13,} -> {row['bytes_after']:>13,} bytes"
             )
     if compressed_bytes is not None:
-        lines.append(f"export zstd: {report['total']['bytes_after']:,} -> {compressed_bytes:,} bytes")
+        lines.append(f"export {compressor}: {report['total']['bytes_after']:,} -> {compressed_bytes:,} bytes")
     return lines
 
 
 # --------------------------------------------------------------------------- payload <-> bytes
 
-_FIELD_ORDER = ("q", "scale", "data")
+_FIELD_ORDER = ("q", "scale", "data", *lqer.FIELDS)
 
 
 def serialize(payload: dict) -> bytes:
@@ -251,6 +390,8 @@ def serialize(payload: dict) -> bytes:
     fields.sort(key=lambda f: f[:2])  # stable: state-dict order within a group
 
     header = {"format": payload["format"], "tensors": []}
+    if "meta" in payload:  # the per-group container's layout (model/pergroup.py)
+        header["meta"] = payload["meta"]
     by_name = {}
     for name, entry in payload["tensors"].items():
         record = dict(name=name, cls=entry["class"], dtype=entry["dtype"], shape=entry["shape"], fields={})
@@ -276,8 +417,8 @@ def deserialize(raw: bytes) -> dict:
         header = json.loads(raw[start : start + header_len].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"its header is not valid JSON ({error})") from None
-    if header.get("format") != FORMAT:
-        raise ValueError(f"its format is {header.get('format')!r}, this code reads {FORMAT!r}")
+    if header.get("format") not in FORMATS:
+        raise ValueError(f"its format is {header.get('format')!r}, this code reads {' or '.join(map(repr, FORMATS))}")
     blob_area = memoryview(raw)[start + header_len :]
     entries = {}
     for record in header["tensors"]:
@@ -291,7 +432,10 @@ def deserialize(raw: bytes) -> dict:
             flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
             entry[field] = flat.view(dtype).reshape(spec["shape"])
         entries[record["name"]] = entry
-    return {"format": header["format"], "tensors": entries}
+    payload = {"format": header["format"], "tensors": entries}
+    if "meta" in header:
+        payload["meta"] = header["meta"]
+    return payload
 
 
 # --------------------------------------------------------------------------- compression and files
@@ -317,45 +461,97 @@ def _compress_into(raw: bytes, out, level: int) -> None:
             writer.write(view[start : start + WRITE_CHUNK_BYTES])
 
 
-def artifact_to_bytes(sd: dict, *, fp32_names, int6_names, level: int = Config.zstd_level) -> tuple[bytes, dict]:
+def _quantize(sd: dict, *, fp32_names, int6_names, quant: str, hessians, gate_names, cfg) -> tuple[dict, dict]:
+    if quant == "int6":
+        return quantize_state_dict(sd, fp32_names=fp32_names, int6_names=int6_names)
+    if quant == "gptq":
+        return quantize_state_dict_gptq(sd, fp32_names=fp32_names, int6_names=int6_names, hessians=hessians,
+                                        gate_names=gate_names, cfg=cfg)
+    raise ValueError(f"export: QUANT={quant!r} is not one of int6, gptq")
+
+
+def _encode_into(payload: dict, out, *, compressor: str, level: int, group_coder: str) -> None:
+    """Write the compressed payload into the binary file object out: a zstd frame (streamed), a
+    brotli stream (model/compressors.py) or the per-group container (model/pergroup.py)."""
+    if compressor == "zstd":
+        _compress_into(serialize(payload), out, level)
+        return
+    if compressor == "brotli":
+        blob = compressors.encode(serialize(payload), "brotli")
+    elif compressor == "pergroup":
+        blob = pergroup.pack(payload, group_coder, zstd_level=level)
+    else:
+        raise ValueError(f"export: COMPRESSOR={compressor!r} is not one of zstd, brotli, pergroup")
+    view = memoryview(blob)
+    for start in range(0, len(blob), WRITE_CHUNK_BYTES):
+        out.write(view[start : start + WRITE_CHUNK_BYTES])
+
+
+def artifact_to_bytes(sd: dict, *, fp32_names, int6_names, level: int = Config.zstd_level, quant: str = "int6",
+                      compressor: str = "zstd", hessians: dict | None = None, gate_names=(), cfg: Config | None = None,
+                      group_coder: str = "brotli") -> tuple[bytes, dict]:
     """The compressed artifact of a state dict, in memory -> (bytes, report). Kept beside
     write_artifact for sizing an artifact without a file: the round-trip tests use it."""
     _check_level(level)
-    payload, report = quantize_state_dict(sd, fp32_names=fp32_names, int6_names=int6_names)
+    payload, report = _quantize(sd, fp32_names=fp32_names, int6_names=int6_names, quant=quant, hessians=hessians,
+                                gate_names=gate_names, cfg=cfg)
     out = io.BytesIO()
-    _compress_into(serialize(payload), out, level)
+    _encode_into(payload, out, compressor=compressor, level=level, group_coder=group_coder)
     return out.getvalue(), report
 
 
 def write_artifact(
-    sd: dict, path: str, *, fp32_names, int6_names, level: int = Config.zstd_level, report: dict | None = None
+    sd: dict, path: str, *, fp32_names, int6_names, level: int = Config.zstd_level, report: dict | None = None,
+    quant: str = "int6", compressor: str = "zstd", hessians: dict | None = None, gate_names=(),
+    cfg: Config | None = None, group_coder: str = "brotli", code_bytes: int | None = None,
+    budget: int = Config.artifact_budget_bytes,
 ) -> int:
-    """Quantise, serialise and zstd-compress sd into path atomically -> the file's size in bytes.
+    """Quantise, serialise and compress sd into path atomically -> the file's size in bytes.
 
-    The frame is streamed through model.atomic.atomic_open, so a failure at any point (including
-    Ctrl-C) leaves path as it was and no temp file behind; an OSError (a full disk) comes out as
-    one WriteFailed line naming path. Pass a dict as `report` to receive the per-class report of
-    quantize_state_dict.
+    quant: "int6" (SPEC's per-row rounding, the seed's) or "gptq" (FRONTIER's: pass `hessians`
+    from model.gptq.collect_hessians, `gate_names` the int8-per-row gate weights the model
+    declares, and `cfg` for the clip sigmas, EMBED_BITS and the LQER settings).
+    compressor: "zstd" (at `level`), "brotli" or "pergroup" (its groups coded by `group_coder`:
+    brotli, zstd, or lrzip when that program is on PATH).
+    code_bytes: the counted code's size; when given, an artifact whose size plus code_bytes exceeds
+    `budget` is not written (ValueError, one line: by how much, and what to try).
+
+    The bytes go through model.atomic.atomic_open, so a failure at any point (including Ctrl-C
+    and the budget check) leaves path as it was and no temp file behind; an OSError (a full disk)
+    comes out as one WriteFailed line naming path. Pass a dict as `report` to receive the
+    per-class report of the quantiser.
     """
     _check_level(level)
-    payload, class_report = quantize_state_dict(sd, fp32_names=fp32_names, int6_names=int6_names)
+    if compressor == "pergroup" and group_coder == "lrzip" and not compressors.lrzip_available():
+        raise ValueError("export: the lrzip group coder was asked for but lrzip is not on PATH; install it "
+                         "(apt-get install lrzip) or use group_coder='brotli'")
+    payload, class_report = _quantize(sd, fp32_names=fp32_names, int6_names=int6_names, quant=quant,
+                                      hessians=hessians, gate_names=gate_names, cfg=cfg)
     if report is not None:
         report.update(class_report)
-    raw = serialize(payload)
     with atomic_open(path, "wb") as f:
-        _compress_into(raw, f, level)
+        _encode_into(payload, f, compressor=compressor, level=level, group_coder=group_coder)
         size = f.tell()
+        if code_bytes is not None:  # raised inside: the temp file goes, path stays as it was
+            check_budget(size, code_bytes, budget, compressor=compressor)
     return size
 
 
 def artifact_from_bytes(blob: bytes) -> dict:
-    """Compressed artifact bytes -> state dict; ValueError naming the problem when they are not one."""
+    """Compressed artifact bytes (any container: zstd frame, brotli, PGRP) -> state dict;
+    ValueError naming the problem when they are not one."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob)
-    except zstandard.ZstdError as error:
-        raise ValueError(f"it is not a complete zstd frame with its size recorded ({error})") from None
-    try:
-        return dequantize_state_dict(deserialize(raw))
+        if blob.startswith(pergroup.MAGIC):
+            payload = pergroup.unpack(blob)
+        elif blob.startswith(compressors.BROTLI_MAGIC):
+            payload = deserialize(compressors.decode(blob))
+        else:  # the seed's zstd frame; anything else fails here with zstd's reason
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(blob)
+            except zstandard.ZstdError as error:
+                raise ValueError(f"it is not a complete zstd frame with its size recorded ({error})") from None
+            payload = deserialize(raw)
+        return dequantize_state_dict(payload)
     except (KeyError, TypeError, IndexError, RuntimeError) as error:  # a header that does not fit its data
         raise ValueError(f"its contents are inconsistent ({type(error).__name__}: {error})") from None
 
@@ -388,12 +584,24 @@ def code_bytes(paths) -> int:
     return total
 
 
-def check_budget(artifact_bytes: int, code_bytes: int, budget: int = Config.artifact_budget_bytes) -> int:
-    """artifact + code bytes, or ValueError (one line) when the sum exceeds the budget (decimal bytes)."""
+STRONGER_COMPRESSOR = {"zstd": "COMPRESSOR=pergroup (or brotli)", "brotli": "COMPRESSOR=pergroup"}
+
+
+def check_budget(artifact_bytes: int, code_bytes: int, budget: int = Config.artifact_budget_bytes,
+                 compressor: str | None = None) -> int:
+    """artifact + code bytes, or ValueError (one line) when the sum exceeds the budget (decimal bytes);
+    given the compressor used, the line names the one to try next."""
     total = artifact_bytes + code_bytes
     if total > budget:
+        if compressor in STRONGER_COMPRESSOR:
+            advice = f"export again with {STRONGER_COMPRESSOR[compressor]}, or shrink the model"
+        elif compressor is not None:
+            advice = (f"{compressor} is the strongest compressor here; shrink the model (fewer or narrower layers, "
+                      f"smaller tables, EMBED_BITS) or the code and export again")
+        else:
+            advice = "shrink the model (fewer or narrower layers, smaller tables) or the code and export again"
         raise ValueError(
             f"artifact {artifact_bytes:,} + code {code_bytes:,} = {total:,} bytes exceeds the {budget:,}-byte budget "
-            f"by {total - budget:,}; shrink the model (fewer or narrower layers, smaller tables) or the code and export again"
+            f"by {total - budget:,}; {advice}"
         )
     return total
