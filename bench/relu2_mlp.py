@@ -1,11 +1,13 @@
 """The block's relu^2 MLP: fused Triton op vs eager reference vs torch.compile(reference).
 
-    python -m bench.relu2_mlp [--smoke] [--preset NAME] [--name value ...]
+    python -m bench.relu2_mlp [--smoke] [--preset NAME] [--negative-slope S] [--name value ...]
 
 One training micro-batch per GPU through one MLP (`shape`, from the config): x [N, d] with N the
 micro-batch's tokens, w_up [F, d] and w_down [d, F] with F = mlp_mult x d (SPEC: N = 48 * 2048,
-d = 512, F = 1536), all bf16 (the model hands the op weights already
-cast to x's dtype). Times forward alone (no grad) and forward + backward (random upstream
+d = 512, F = 1536; FRONTIER.md, `--preset frontier`: N = 48 * 2048, F = 2048), all bf16 (the model
+hands the op weights already cast to x's dtype). The activation is leaky_relu(h, S)^2 with S the
+config's slope (SPEC 0.0, relu^2; FRONTIER.md 0.5), or --negative-slope S, this script's own flag.
+Times forward alone (no grad) and forward + backward (random upstream
 gradient, gradients of x, w_up and w_down), and the peak memory each allocates beyond its inputs.
 
 FLOPs: forward 2 GEMMs of 2NdF each = 4NdF; the backward 4 GEMMs (dh, dW_down, dx, dW_up) = 8NdF,
@@ -13,9 +15,14 @@ so forward + backward is 12NdF, three times the forward. Every variant executes 
 what differs is the [N, F] pointwise traffic around them (N * F * 2 bytes, 302 MB per tensor in SPEC),
 which the Triton op folds into the GEMMs' prologues and epilogues.
 """
+import functools
+import sys
+
 import torch
 
 from bench.common import Bench, micro_batch, table, variant_rows
+
+SLOPE_FLAG = "--negative-slope"
 
 
 def shape(cfg) -> dict:
@@ -35,6 +42,25 @@ def hidden_bytes(n: int, hidden: int, element_size: int = 2) -> int:
     return n * hidden * element_size
 
 
+def config_slope(cfg) -> float:
+    """The config's MLP slope: FRONTIER.md's field (`mlp_leaky_slope`, 0.5 under --preset frontier),
+    0.0 (relu^2) for a config without it."""
+    return float(getattr(cfg, "mlp_leaky_slope", 0.0))
+
+
+def split_slope_flag(argv) -> tuple[float | None, list]:
+    """(the slope --negative-slope S gives, or None; the other arguments, for bench.common)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if SLOPE_FLAG not in argv:
+        return None, argv
+    i = argv.index(SLOPE_FLAG)
+    try:
+        slope = float(argv[i + 1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"python -m bench.relu2_mlp: {SLOPE_FLAG} takes a number (0.5 for FRONTIER.md's MLP)") from None
+    return slope, argv[:i] + argv[i + 2:]
+
+
 def make_inputs(n: int, d: int, hidden: int, device: str):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, d, generator=gen, device=device).bfloat16()
@@ -45,16 +71,19 @@ def make_inputs(n: int, d: int, hidden: int, device: str):
 
 
 def main(argv=None) -> None:
+    slope, argv = split_slope_flag(argv)
     bench = Bench("bench.relu2_mlp", argv)
     N, D, HIDDEN = shape(bench.cfg).values()
+    slope = config_slope(bench.cfg) if slope is None else slope
     from kernels import reference
     from kernels.ops import relu2_mlp
 
     x, w_up, w_down, dy = make_inputs(N, D, HIDDEN, bench.device)
+    reference_mlp = functools.partial(reference.relu2_mlp, negative_slope=slope)
     variants = {
-        "triton": relu2_mlp.relu2_mlp,
-        "eager reference": reference.relu2_mlp,
-        "compiled reference": bench.compiled(reference.relu2_mlp),
+        "triton": functools.partial(relu2_mlp.relu2_mlp, negative_slope=slope),
+        "eager reference": reference_mlp,
+        "compiled reference": bench.compiled(reference_mlp),
     }
     leaves = [t.detach().requires_grad_() for t in (x, w_up, w_down)]
 
@@ -73,11 +102,12 @@ def main(argv=None) -> None:
     for pass_name, make_run, backward in (("forward", forward, False), ("forward+backward", forward_backward, True)):
         rows += variant_rows(pass_name, bench.time_variants(variants, make_run), flops=flops(N, D, HIDDEN, backward))
 
-    print(bench.header(f"relu^2 MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
+    activation = "relu^2" if slope == 0.0 else f"LeakyReLU({slope})^2"
+    print(bench.header(f"{activation} MLP, N={N}, d={D}, F={HIDDEN}, bf16"))
     print(
         f"FLOPs: forward 2 * 2NdF = {flops(N, D, HIDDEN, False):.3e}, forward+backward 3 * 4NdF = "
         f"{flops(N, D, HIDDEN, True):.3e}. One [N, F] bf16 activation is {hidden_bytes(N, HIDDEN) / 1e6:.0f} MB; "
-        f"the Triton op never stores a = relu(h)^2 or da.\n"
+        f"the Triton op never stores a = {activation} of h, or da.\n"
     )
     print(table(rows))
 

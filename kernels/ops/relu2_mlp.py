@@ -262,7 +262,9 @@ def _check_inputs(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, whe
 
 def _check_slope(negative_slope, where: str) -> None:
     # A Python number, because it becomes a compile-time constant of the kernels (one per slope).
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
+    # Compared, not math.isfinite: Dynamo traces a float as symbolic until the op's call fixes it.
+    finite = -math.inf < negative_slope < math.inf if isinstance(negative_slope, (int, float)) else False
+    if isinstance(negative_slope, bool) or not finite:
         raise ValueError(
             f"{where}: negative_slope must be a finite Python float fixed at build time (0.0 for relu^2), "
             f"got {negative_slope!r}; pass the config's number, not a tensor."
