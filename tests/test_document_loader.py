@@ -9,7 +9,7 @@ import torch
 
 from kernels.reference import check_cu_seqlens
 from model.config import SHARED_SAMPLE
-from model.data import write_shard
+from model.data import read_shard, shard_paths, write_shard
 from model.document_loader import BOS_ID, DocumentLoader, document_cu_seqlens
 
 B = BOS_ID
@@ -182,8 +182,6 @@ def test_shards_that_cannot_supply_a_step_are_one_line(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(SAMPLE), reason=f"the sample shards are not at {SAMPLE}")
 def test_real_shards_boundaries_and_the_switch_to_the_next_shard():
-    from model.data import read_shard, shard_paths
-
     seq_len, per_rank, world = 2048, 65_536, 2
     first, second = (read_shard(p) for p in shard_paths(SAMPLE, "train")[:2])
     loader = DocumentLoader(SAMPLE, 0, world, vocab_size=1024)
