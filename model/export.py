@@ -370,6 +370,9 @@ def format_report(report: dict, compressed_bytes: int | None = None, compressor:
                 f"export {cls:>5}: {row['tensors']:4d} tensors {row['elements']:>12,} elements "
                 f"{row['bytes_before']:>13,} -> {row['bytes_after']:>13,} bytes"
             )
+    if "seconds" in report:  # QUANT=gptq
+        corrected = ", ".join(report["lqer"]) or "none"
+        lines.append(f"export gptq: {report['seconds']['gptq']:.1f}s; lqer on {corrected} in {report['seconds']['lqer']:.1f}s")
     if compressed_bytes is not None:
         lines.append(f"export {compressor}: {report['total']['bytes_after']:,} -> {compressed_bytes:,} bytes")
     return lines

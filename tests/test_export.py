@@ -538,3 +538,20 @@ def test_code_bytes(tmp_path):
     with pytest.raises(ValueError, match="is a folder"):
         export.code_bytes([str(tmp_path)])
     assert export.code_bytes([export.__file__]) == os.path.getsize(export.__file__)
+
+
+def test_over_the_budget_the_export_stops_and_leaves_nothing(tmp_path):
+    sd, kw = two_tensors()
+    path = tmp_path / "model.ptz"
+    size = len(export.artifact_to_bytes(sd, **kw, level=FAST_LEVEL)[0])
+    with pytest.raises(ValueError) as info:
+        export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL, code_bytes=1_000, budget=size + 999)
+    message = str(info.value)
+    assert "\n" not in message and f"exceeds the {size + 999:,}-byte budget by 1;" in message
+    assert "COMPRESSOR=pergroup" in message  # the compressor to try next
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file
+    assert export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL, code_bytes=1_000, budget=size + 1_000) == size
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="pergroup is the strongest compressor here"):
+        export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL, compressor="pergroup", code_bytes=10**9)
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before  # the earlier artifact stays
