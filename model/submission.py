@@ -11,9 +11,11 @@ import sys
 import time
 import warnings
 
+from model import code_package
 from model.atomic import WriteFailed, atomic_open, atomic_write, describe_os_error
 
 RECORD_FILES = ("train.log", "final_model.int6.ptz", "config.json", "metrics.jsonl")  # copied from the run folder
+PACKAGE_NAME = "train_gpt.py"  # the self-extracting counted code (model/code_package.py)
 
 
 def read_metrics(run_folder: str) -> list[dict]:
@@ -79,10 +81,14 @@ def plot_losses(run_folder: str, out_path: str) -> str:
     return f"loss plot: {out_path}"
 
 
-def write_record(run_folder: str, code_files: list[str]) -> str:
+def write_record(run_folder: str, code_files: list[str], package: bool = False) -> str:
     """runs/<id>/record/: README.md, submission.json, train.log, the artifact and the loss plot.
     Built in record.tmp/ and renamed, so a half-written record never exists: on an OSError the
-    temp folder is removed and one WriteFailed line names the file."""
+    temp folder is removed and one WriteFailed line names the file.
+
+    package: the record also holds train_gpt.py, code_files (train.py first; the others under its
+    folder) packed into one self-extracting file by model.code_package, and the run's counted
+    code bytes must be that file's size (ValueError otherwise: the count would not be honest)."""
     final = final_result(run_folder)
     headline(final)  # no score: raise before any folder exists
     missing = [name for name in RECORD_FILES if not os.path.isfile(os.path.join(run_folder, name))]
@@ -95,7 +101,7 @@ def write_record(run_folder: str, code_files: list[str]) -> str:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        _fill_record(tmp, run_folder, final, config, code_files)
+        _fill_record(tmp, run_folder, final, config, code_files, package)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except OSError as e:
@@ -107,8 +113,13 @@ def write_record(run_folder: str, code_files: list[str]) -> str:
     return out
 
 
-def _fill_record(tmp: str, run_folder: str, final: dict, config: dict, code_files: list[str]) -> None:
+def _fill_record(tmp: str, run_folder: str, final: dict, config: dict, code_files: list[str], package: bool) -> None:
     bpb, loss, what = headline(final)
+    if package:
+        size = code_package.write(os.path.join(tmp, PACKAGE_NAME), code_files, root=os.path.dirname(code_files[0]))
+        if size != final["code_bytes"]:
+            raise ValueError(f"the run counted {final['code_bytes']:,} code bytes but the packaged {PACKAGE_NAME} holds "
+                             f"{size:,}; count len(model.code_package.build(files, root)) for the same files")
     for name in RECORD_FILES:
         with open(os.path.join(run_folder, name), "rb") as src, atomic_open(os.path.join(tmp, name), "wb", fsync=False) as dst:
             shutil.copyfileobj(src, dst)
@@ -130,7 +141,18 @@ def _fill_record(tmp: str, run_folder: str, final: dict, config: dict, code_file
             rows.append((label, f"{value:.4f}" if isinstance(value, float) and key.endswith("bpb") else f"{value:,.0f}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     code_list = "\n".join(f"- `{os.path.relpath(p, os.path.dirname(code_files[0]))}`" for p in code_files)
-    readme = f"""# Record: {config['num_layers']}L XSA{config['xsa_last_n']} BigramHash VE Tight-SWA late-QAT int6+zstd, legal TTT
+    if package:
+        code_text = (f"Code bytes are the size of `{PACKAGE_NAME}`, these files minified and packed into one self-extracting "
+                     f"file (`python {PACKAGE_NAME} --help`; it runs train.py from the packed sources):\n{code_list}")
+    else:
+        code_text = f"Code bytes count every source file the run needs:\n{code_list}"
+    features = [f"{config['num_layers']}L", f"XSA{config['xsa_last_n']}"]
+    for key, default, label in (("bigram_enabled", True, "BigramHash"), ("ve_enabled", True, "VE"),
+                                ("swa_enabled", True, "Tight-SWA"), ("late_qat_threshold", 0.1, "late-QAT")):
+        if config.get(key, default):
+            features.append(label)
+    features.append(f"{config.get('quant', 'int6')}+{config.get('compressor', 'zstd')}")
+    readme = f"""# Record: {' '.join(features)}, legal TTT
 
 Trained with `train.py` of this repository (seed {final['seed']}); every score below comes from the
 artifact after it was written, decompressed, dequantised and loaded into a fresh model.
@@ -139,8 +161,7 @@ artifact after it was written, decompressed, dequantised and loaded into a fresh
 |---|---|
 {table}
 
-Code bytes count every source file the run needs:
-{code_list}
+{code_text}
 
 {plot_note}. The resolved configuration is `config.json`; the full log `train.log`; one JSON line per
 logged step and evaluation `metrics.jsonl`.

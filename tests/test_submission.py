@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import subprocess
 import sys
 import types
 
@@ -254,3 +255,28 @@ def test_record_of_a_run_without_artifact(tmp_path):
         submission.write_record(run, [os.path.abspath(submission.__file__)])
     assert one_line(str(err.value))
     assert not os.path.exists(os.path.join(run, "record.tmp"))
+
+
+def test_packaged_record_holds_the_counted_code_file(tmp_path):
+    from model import code_package
+
+    src = tmp_path / "src"
+    (src / "model").mkdir(parents=True)
+    (src / "train.py").write_text('"""entry"""\nfrom model import util\nprint(util.GREETING)\n')
+    (src / "model" / "__init__.py").write_text("")
+    (src / "model" / "util.py").write_text('GREETING = "packed hello"\n')
+    files = [str(src / "train.py"), str(src / "model" / "__init__.py"), str(src / "model" / "util.py")]
+    run = fake_run(tmp_path / "run", 7, 1.1)  # counted 200 code bytes: not the package's size
+    with pytest.raises(ValueError, match="counted 200 code bytes but the packaged train_gpt.py holds"):
+        submission.write_record(run, files, package=True)
+    assert not os.path.exists(os.path.join(run, "record")) and not os.path.exists(os.path.join(run, "record.tmp"))
+    size = len(code_package.build(files, str(src)))
+    log = RunLog(run, is_main=True)
+    log.metric(kind="final", val_loss=2.0, val_bpb=1.2, ttt_val_loss=1.9, ttt_val_bpb=1.1, artifact_bytes=1000,
+               code_bytes=size, total_bytes=1000 + size, seed=7)
+    out = submission.write_record(run, files, package=True)
+    packed = os.path.join(out, submission.PACKAGE_NAME)
+    assert os.path.getsize(packed) == size == json.load(open(os.path.join(out, "submission.json")))["bytes_code"]
+    assert "Code bytes are the size of `train_gpt.py`" in open(os.path.join(out, "README.md")).read()
+    result = subprocess.run([sys.executable, "-I", packed], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "packed hello\n", result.stderr
