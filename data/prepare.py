@@ -290,8 +290,15 @@ def encode_document(sp, text: str, caseops_transform: bool, with_bytes: bool) ->
 _worker_state: dict = {}
 
 
-def _start_worker(tokenizer_path: str, caseops_transform: bool) -> None:
-    _worker_state.update(sp=open_sentencepiece(tokenizer_path), caseops=caseops_transform)
+def _start_worker(tokenizer_path: str, caseops_transform: bool, threads: int) -> None:
+    _worker_state.update(sp=open_sentencepiece(tokenizer_path), caseops=caseops_transform, threads=threads)
+
+
+def _encode_batch(sp, texts: list[str], threads: int) -> list[list[int]]:
+    try:
+        return sp.encode(texts, out_type=int, num_threads=threads)
+    except TypeError:  # older sentencepiece without num_threads
+        return sp.encode(texts, out_type=int)
 
 
 def _encode_chunk(task: tuple[list[str], bool]) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -301,7 +308,7 @@ def _encode_chunk(task: tuple[list[str], bool]) -> list[tuple[np.ndarray, np.nda
         return [encode_document(sp, text, caseops_transform, with_bytes) for text in texts]
     encoded = [caseops.encode(text) for text in texts] if caseops_transform else texts
     bos = sp.bos_id()
-    return [(np.asarray([bos, *ids], dtype=np.uint16), None) for ids in sp.encode(encoded, out_type=int)]
+    return [(np.asarray([bos, *ids], dtype=np.uint16), None) for ids in _encode_batch(sp, encoded, _worker_state["threads"])]
 
 
 def _chunks(documents: Iterable[str], val_docs: int, with_val_bytes: bool) -> Iterator[tuple[list[str], bool]]:
@@ -321,12 +328,12 @@ def _chunks(documents: Iterable[str], val_docs: int, with_val_bytes: bool) -> It
 def _encoded_documents(chunks: Iterator, tokenizer_path: str, caseops_transform: bool, workers: int) -> Iterator:
     """encode_document's results in document order: in this process (workers == 1) or in a pool
     with at most 2 * workers chunks in flight (memory stays bounded for any corpus)."""
-    if workers == 1:
-        _start_worker(tokenizer_path, caseops_transform)
+    if workers == 1:  # SentencePiece's batch encoding may still use every core
+        _start_worker(tokenizer_path, caseops_transform, os.cpu_count() or 1)
         for task in chunks:
             yield from _encode_chunk(task)
         return
-    with multiprocessing.get_context().Pool(workers, _start_worker, (tokenizer_path, caseops_transform)) as pool:
+    with multiprocessing.get_context().Pool(workers, _start_worker, (tokenizer_path, caseops_transform, 1)) as pool:
         in_flight: collections.deque = collections.deque()
         for task in chunks:
             in_flight.append(pool.apply_async(_encode_chunk, (task,)))
