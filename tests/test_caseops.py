@@ -251,6 +251,21 @@ def test_prepare_caseops_worker_pool_gives_the_same_files(caseops_shards, small_
     assert logs and logs[-1].startswith("encoded 12 documents") and "documents/s" in logs[-1]
 
 
+def test_prepare_overwrite_removes_stale_sidecars(small_caseops_tokenizer, sample_docs, tmp_path):
+    """Re-exporting over CaseOps shards: no sidecar of the old export survives to be paired with
+    the new shards (a plain export leaves none at all)."""
+    out = str(tmp_path)
+    first = prepare.prepare(sample_docs[:6], out, small_caseops_tokenizer, val_docs=6, shard_tokens=4000, caseops_transform=True)
+    assert len(first["files_val_bytes"]) > 2
+    second = prepare.prepare(sample_docs[:1], out, small_caseops_tokenizer, val_docs=1, shard_tokens=4000, caseops_transform=True,
+                             overwrite=True)
+    assert sorted(n for n in os.listdir(out) if "_bytes_" in n) == second["files_val_bytes"]
+    num_tokens = second["tokens_val"]
+    assert int(load_validation_bytes(out, num_tokens).sum()) == len(sample_docs[0].strip().encode("utf-8"))
+    prepare.prepare(sample_docs[:1], out, small_caseops_tokenizer, val_docs=1, overwrite=True)
+    assert load_validation_bytes(out, num_tokens) is None
+
+
 def test_prepare_caseops_refuses_a_tokenizer_without_operators(tmp_path):
     from tests.test_data_tools import synthetic_documents
 
