@@ -11,7 +11,7 @@ import torch
 from bench import bigram, fakequant, newton_schulz, relu2_mlp, softcap_ce, xsa_attention
 from bench.common import Bench, bench_config, build_model
 
-KERNEL_BENCHES = ["fakequant", "bigram", "softcap_ce", "relu2_mlp", "xsa_attention", "newton_schulz"]
+KERNEL_BENCHES = ["fakequant", "bigram", "softcap_ce", "relu2_mlp", "xsa_attention", "newton_schulz", "export"]
 
 
 def table_rows(text: str) -> list[list[str]]:
