@@ -130,6 +130,13 @@ def softcap_cross_entropy(x, weight, targets, softcap: float = 30.0):
     return _impl("softcap_cross_entropy")(x, weight, targets, softcap)
 
 
+def softcap_cross_entropy_lora(x, weight, targets, lora_a, lora_b, scale: float, softcap: float = 30.0):
+    """Per-token fp32 NLL of the soft-capped tied head with a per-document LoRA on the logits (the phased
+    TTT's lm_head adapter): x [B,T,d], weight [V,d], targets [B,T], lora_a [B,r,d], lora_b [B,V,r] -> [B,T];
+    logits = softcap tanh((x weight^T + scale (x lora_a^T) lora_b^T) / softcap)."""
+    return _impl("softcap_cross_entropy_lora")(x, weight, targets, lora_a, lora_b, scale, softcap)
+
+
 def relu2_mlp(x, w_up, w_down, negative_slope: float = 0.0):
     """The block's MLP leaky_relu(x @ w_up^T, negative_slope)^2 @ w_down^T: x [..., d], w_up [F, d],
     w_down [d, F] -> [..., d]; slope 0.0 is SPEC's relu^2, 0.5 FRONTIER.md's (a float fixed at build time)."""

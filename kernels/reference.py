@@ -247,6 +247,25 @@ def softcap_cross_entropy(
     return F.cross_entropy(logits, targets.long(), reduction="none", ignore_index=IGNORE_INDEX)
 
 
+def softcap_cross_entropy_lora(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scale: float, softcap: float = 30.0,
+) -> torch.Tensor:
+    """Per-token NLL (fp32) of the soft-capped tied head plus a per-document LoRA on the logits
+    (FRONTIER.md section 5, the phased TTT's lm_head adapter): x [B, T, d], weight [V, d],
+    targets [B, T], lora_a [B, r, d], lora_b [B, V, r] -> [B, T].
+
+    u = (x @ lora_a_b^T) * scale [B, T, r] in x's dtype; logits = softcap * tanh((x @ weight^T + u @ lora_b_b^T)
+    / softcap), the products and their sum in x's dtype; cross-entropy in fp32 (fp64 for fp64 inputs).
+    """
+    u = (torch.bmm(x, lora_a.to(x.dtype).transpose(1, 2)) * scale).to(x.dtype)  # [B, T, r]
+    raw = x @ weight.to(x.dtype).T + torch.bmm(u, lora_b.to(x.dtype).transpose(1, 2))  # [B, T, V]
+    logits = raw.to(torch.promote_types(x.dtype, torch.float32))
+    logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).long(), reduction="none",
+                           ignore_index=IGNORE_INDEX).view(targets.shape)
+
+
 # --------------------------------------------------------------------------- MLP
 
 

@@ -1,0 +1,126 @@
+"""Per-document LoRA adapters for the phased TTT (FRONTIER.md section 5, "Per-document LoRA").
+
+A batch of n documents runs through the model together; every document b has its own adapters,
+one slot per block APPLICATION of the trunk (17 when looped: a repeated block gets a slot per
+repeat), on
+
+    q    Q projection   d -> d       input u (the normed attention input), added before the q RMSNorm
+    k    K projection   d -> kv_dim  (TTT_K_LORA)
+    v    V projection   d -> kv_dim
+    o    attention out  d -> d       input u (not the attention output), added to W_o's output before
+                                     the attention scale (TTT_O_LORA)
+    mlp  MLP            d -> d       input the normed MLP input, added to the MLP output before the
+                                     MLP scale (TTT_MLP_LORA)
+
+and one on the head (d -> vocab, input the final-normed h, added to the logits before the softcap;
+kernels.softcap_cross_entropy_lora applies it without the batch's logits).
+
+    delta_b(x) = (x A_b^T) B_b^T (alpha / r),   A_b [r, in] ~ U(+-1/sqrt(in)),  B_b [out, r] = 0
+
+so a fresh adapter changes nothing. The products are batched matmuls over the documents
+(torch.bmm: each document its own A and B); the parameters are fp32, cast to the input's dtype.
+
+The model's hook: `model.hidden(ids, lora=adapters)` hands application n `adapters.at(n)`, an
+ApplicationLora whose q/k/v/o/mlp(x) return the delta [n, T, out] or None (adapter off). The
+documents are the rows of ids; with `adapters.rows = slice(first, n)` only documents first.. run
+(the batch's shorter documents have dropped out; rows are sorted by length, so the survivors
+are always a suffix).
+"""
+import math
+
+import torch
+from torch import nn
+
+KINDS = ("q", "k", "v", "o", "mlp")
+
+
+def lora_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(in, out) of each enabled per-application adapter."""
+    d = cfg.model_dim
+    shapes = {"q": (d, d), "k": (d, cfg.kv_dim), "v": (d, cfg.kv_dim), "o": (d, d), "mlp": (d, d)}
+    enabled = {"k": cfg.ttt_k_lora, "o": cfg.ttt_o_lora, "mlp": cfg.ttt_mlp_lora}
+    return {kind: shape for kind, shape in shapes.items() if enabled.get(kind, True)}
+
+
+class BatchedLora(nn.Module):
+    """The adapters of `docs` documents on `applications` block applications and the head.
+
+    Parameters (fp32): `{kind}_a` [applications, docs, r, in], `{kind}_b` [applications, docs, out, r],
+    `head_a` [docs, r, d], `head_b` [docs, vocab, r].
+    """
+
+    def __init__(self, cfg, applications: int, docs: int, device=None):
+        super().__init__()
+        self.rank, self.scale = cfg.ttt_lora_rank, cfg.ttt_lora_alpha / cfg.ttt_lora_rank
+        self.applications, self.docs = applications, docs
+        self.shapes = lora_shapes(cfg)
+        r = self.rank
+        for kind, (fan_in, fan_out) in self.shapes.items():
+            self.register_parameter(f"{kind}_a", nn.Parameter(torch.zeros(applications, docs, r, fan_in, device=device)))
+            self.register_parameter(f"{kind}_b", nn.Parameter(torch.zeros(applications, docs, fan_out, r, device=device)))
+        self.head_a = nn.Parameter(torch.zeros(docs, r, cfg.model_dim, device=device))
+        self.head_b = nn.Parameter(torch.zeros(docs, cfg.vocab_size, r, device=device))
+        self.rows = slice(0, docs)
+
+    def a_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name.endswith("_a")]
+
+    def b_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name.endswith("_b")]
+
+    @torch.no_grad()
+    def reset_a(self, generator: torch.Generator) -> None:
+        """A ~ U(+-1/sqrt(in)) from `generator` (seeded by the caller: the same draws on any rank)."""
+        for a in self.a_parameters():
+            bound = 1.0 / math.sqrt(a.shape[-1])
+            a.copy_(torch.rand(a.shape, generator=generator, device=a.device) * (2 * bound) - bound)
+
+    @torch.no_grad()
+    def reset_b(self) -> None:
+        for b in self.b_parameters():
+            b.zero_()
+
+    def at(self, application: int) -> "ApplicationLora":
+        if not 0 <= application < self.applications:
+            raise IndexError(f"BatchedLora has {self.applications} application slots, asked for {application}; "
+                             "build it with the looped model's number of block applications")
+        return ApplicationLora(self, application)
+
+    def delta(self, application: int, kind: str, x: torch.Tensor) -> torch.Tensor | None:
+        """(x A^T) B^T (alpha / r) for the running documents: x [n, T, in] -> [n, T, out]; None if off."""
+        if kind not in self.shapes:
+            return None
+        a = getattr(self, f"{kind}_a")[application, self.rows].to(x.dtype)  # [n, r, in]
+        b = getattr(self, f"{kind}_b")[application, self.rows].to(x.dtype)  # [n, out, r]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)) * self.scale, b.transpose(1, 2))
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [n, r, d], B [n, vocab, r]) of the head adapters of the running documents."""
+        return self.head_a[self.rows], self.head_b[self.rows]
+
+
+class ApplicationLora:
+    """The adapters of one block application, as the model's layers call them."""
+
+    def __init__(self, lora: BatchedLora, application: int):
+        self.lora, self.application = lora, application
+
+    def q(self, x):
+        return self.lora.delta(self.application, "q", x)
+
+    def k(self, x):
+        return self.lora.delta(self.application, "k", x)
+
+    def v(self, x):
+        return self.lora.delta(self.application, "v", x)
+
+    def o(self, x):
+        return self.lora.delta(self.application, "o", x)
+
+    def mlp(self, x):
+        return self.lora.delta(self.application, "mlp", x)
+
+
+def add_delta(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """y + delta, reshaped to y's shape; y unchanged when the adapter is off."""
+    return y if delta is None else y + delta.view_as(y)

@@ -1,0 +1,301 @@
+"""The phased LoRA TTT (model/phased_ttt.py, FRONTIER.md section 5): the plan (documents, chunks
+and their windows, batches, order, phase boundaries and sets), the legality of the loop (every
+target scored exactly once, bytes, no update before a score, no earlier score moved by a later
+token), B = 0 being the base model, and 1 rank against 2 gloo ranks.
+
+The model is a tiny frontier-like stand-in with the hook interface the phased TTT needs:
+`hidden(ids, cu_seqlens=None, lora=None)` handing application n `lora.at(n)` (Q, K, V before the
+q/k norm, O from u, the MLP from its normed input), a looped `plan()` (blocks 0,1,2,1,2: five
+applications over three blocks), `tok_emb` tied head, `forward(ids, targets, cu_seqlens)`.
+"""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from model.bpb import SidecarBytes, target_bytes
+from model.config import Config
+from model.lora import BatchedLora, add_delta
+from model.phased_ttt import (
+    BOS_ID,
+    chunk_window,
+    evaluate_phased_ttt,
+    lora_token_losses,
+    make_plan,
+    num_chunks,
+    phase_boundaries,
+    processing_order,
+    split_documents,
+    length_sorted_batches,
+)
+from tests.multiprocess import run_ranks
+
+VOCAB = 48
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with kernels.use_backend("reference"):
+        yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> Config:
+    values = dict(vocab_size=VOCAB, model_dim=16, num_heads=2, num_kv_heads=1, num_layers=3, seed=7,
+                  ttt_lora_rank=4, ttt_lora_alpha=8.0, ttt_chunk_size=4, ttt_eval_seq_len=12, ttt_batch_size=3,
+                  ttt_lora_lr=0.05, ttt_weight_decay=0.5, phased_ttt_prefix_docs=6, phased_ttt_num_phases=2,
+                  global_ttt_chunk_tokens=24, global_ttt_lr=0.05, global_ttt_batch_seqs=2)
+    values.update(overrides)
+    return Config(**values)
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, kv = cfg.model_dim, cfg.kv_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.c_q, self.c_k, self.c_v, self.proj = (nn.Linear(d, n, bias=False) for n in (d, kv, kv, d))
+        self.fc, self.down = nn.Linear(d, 2 * d, bias=False), nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x, cu_seqlens=None, lora=None):
+        B, T, _ = x.shape
+        u = rms_norm(x)
+        q = add_delta(self.c_q(u), lora and lora.q(u)).view(B, T, self.heads, self.head_dim)
+        k = add_delta(self.c_k(u), lora and lora.k(u)).view(B, T, self.kv_heads, self.head_dim)
+        v = add_delta(self.c_v(u), lora and lora.v(u)).view(B, T, self.kv_heads, self.head_dim)
+        extras = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        y = kernels.xsa_attention(rms_norm(q), rms_norm(k), v, xsa=True, **extras).reshape(B, T, -1)
+        x = x + add_delta(self.proj(y), lora and lora.o(u))
+        m = rms_norm(x)
+        return x + add_delta(self.down(F.leaky_relu(self.fc(m), 0.5).square()), lora and lora.mlp(m))
+
+
+class TinyLoopedLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList(TinyBlock(cfg) for _ in range(cfg.num_layers))
+        self.looping = True
+
+    def plan(self):
+        return [0, 1, 2, 1, 2] if self.looping else [0, 1, 2]
+
+    def hidden(self, ids, cu_seqlens=None, lora=None):
+        x = self.tok_emb(ids)
+        for n, block in enumerate(self.plan()):
+            x = self.blocks[block](x, cu_seqlens, lora.at(n) if lora is not None else None)
+        return rms_norm(x)
+
+    def token_losses(self, ids, targets, cu_seqlens=None):
+        h = self.hidden(ids, cu_seqlens)
+        nll = kernels.softcap_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.reshape(-1),
+                                            self.cfg.logit_softcap)
+        return nll.view(ids.shape)
+
+    def forward(self, ids, targets, cu_seqlens=None):
+        return self.token_losses(ids, targets, cu_seqlens).mean()
+
+
+def make_tokens(lengths, seed=0) -> torch.Tensor:
+    """A stream of documents [BOS] + (length - 1) tokens each, ids 2.. (no BOS inside)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.cat([torch.tensor([BOS_ID]), torch.randint(2, VOCAB, (n - 1,), generator=g)]) for n in lengths]
+    return torch.cat(docs).long()
+
+
+DOC_LENGTHS = [9, 30, 5, 17, 26, 3, 14, 21, 11, 7, 2, 19]  # the last document ends at the stream's end
+
+
+def fake_luts():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randint(0, 4, (VOCAB,), generator=g).short(), torch.rand(VOCAB, generator=g) < 0.5,
+            torch.arange(VOCAB) < 2)
+
+
+def run(cfg=None, tokens=None, luts=None, model=None, rank=0, world_size=1):
+    """evaluate_phased_ttt with a trace: returns (result, events [(kind, positions, values)])."""
+    cfg = cfg or tiny_config()
+    tokens = make_tokens(DOC_LENGTHS) if tokens is None else tokens
+    model = model or TinyLoopedLM(cfg)
+    events = []
+    result = evaluate_phased_ttt(model, tokens, cfg, fake_luts() if luts is None else luts, rank, world_size,
+                                 trace=lambda kind, pos, val: events.append((kind, np.asarray(pos), val)))
+    return result, events
+
+
+# ----------------------------------------------------------------------------- the plan
+def test_chunk_windows_follow_frontiers_example():
+    assert num_chunks(3000, 48) == 63
+    assert chunk_window(3000, 50, 48, 2048) == (2400, 2448, 400)
+    assert chunk_window(3000, 62, 48, 2048) == (2976, 3000, 952)  # the last, short chunk
+    assert chunk_window(100, 0, 48, 2048) == (0, 48, 0)
+
+
+def test_phase_boundaries_are_the_records():
+    assert phase_boundaries(2500, 3) == [833, 1666, 2500]
+    assert phase_boundaries(2000, 1) == [2000]
+
+
+def test_documents_include_their_following_bos():
+    tokens = torch.tensor([1, 5, 6, 1, 7, 1, 8, 9, 9])
+    docs = split_documents(tokens)
+    assert docs.start.tolist() == [0, 3, 5] and docs.length.tolist() == [4, 3, 4]
+    assert split_documents(torch.tensor([1, 5, 1])).length.tolist() == [3]  # a final lone BOS predicts nothing
+    with pytest.raises(ValueError, match="starts with a BOS"):
+        split_documents(torch.tensor([5, 1, 6]))
+
+
+def test_batches_sorted_by_length_longest_first_short_batch_last_in_the_list():
+    lengths = np.array([5, 9, 2, 9, 7, 3, 8])
+    batches = length_sorted_batches(lengths, 3)
+    assert [b.tolist() for b in batches] == [[2, 5, 0], [4, 6, 1], [3]]
+    assert processing_order(batches, lengths) == [2, 1, 0]
+
+
+def test_phase_sets_are_fixed_by_batch_order():
+    cfg = tiny_config(ttt_batch_size=3, phased_ttt_prefix_docs=7, phased_ttt_num_phases=3)  # boundaries 2, 4, 7
+    plan = make_plan(make_tokens(DOC_LENGTHS), cfg)
+    lengths = plan.docs.length
+    # 12 documents: batches of 3 by length, longest batch first
+    assert plan.order == [3, 2, 1, 0]
+    assert [p.after for p in plan.phases] == [0, 1, 2]
+    # phase k keeps the first boundary-k of the scored documents sorted by (batch index, position)
+    assert plan.phases[0].docs.tolist() == plan.batches[3][:2].tolist()
+    assert plan.phases[1].docs.tolist() == plan.batches[2].tolist() + plan.batches[3][:1].tolist()
+    assert plan.phases[2].docs.tolist() == (plan.batches[1].tolist() + plan.batches[2].tolist()
+                                            + plan.batches[3][:1].tolist())
+    assert all(np.all(np.diff(lengths[b]) >= 0) for b in plan.batches)
+
+
+# ----------------------------------------------------------------------------- legality
+def _scored(events):
+    return [(pos, val) for kind, pos, val in events if kind == "score"]
+
+
+def test_every_target_scored_once_bytes_match_and_no_update_before_its_score():
+    tokens = make_tokens(DOC_LENGTHS)
+    luts = fake_luts()
+    result, events = run(tokens=tokens, luts=luts)
+    positions = np.concatenate([pos for pos, _ in _scored(events)])
+    assert np.array_equal(np.sort(positions), np.arange(1, tokens.numel()))  # each target exactly once
+    expected_bytes = int(target_bytes(tokens[:-1], tokens[1:], luts).sum())
+    nll_sum = float(sum(val.double().sum() for _, val in _scored(events)))
+    assert result.val_loss == pytest.approx(nll_sum / (tokens.numel() - 1), rel=1e-12)
+    assert result.val_bpb == pytest.approx(nll_sum / np.log(2) / expected_bytes, rel=1e-12)
+    seen = set()
+    kinds = set()
+    for kind, pos, _ in events:
+        kinds.add(kind)
+        if kind == "score":
+            seen.update(pos.tolist())
+        else:  # an adapter update or a global phase: every position it reads was scored before
+            assert set(pos.tolist()) <= seen, f"{kind} uses unscored positions {sorted(set(pos.tolist()) - seen)[:5]}"
+    assert kinds == {"score", "train", "global"}
+
+
+def test_sidecar_bytes_are_summed_over_the_scored_documents():
+    tokens = make_tokens(DOC_LENGTHS)
+    token_bytes = torch.randint(0, 5, (tokens.numel(),), generator=torch.Generator().manual_seed(1)).int()
+    token_bytes[tokens == BOS_ID] = 0
+    result, events = run(tokens=tokens, luts=SidecarBytes(token_bytes))
+    nll_sum = float(sum(val.double().sum() for _, val in _scored(events)))
+    assert result.val_bpb == pytest.approx(nll_sum / np.log(2) / int(token_bytes.sum()), rel=1e-12)
+
+
+def test_changing_a_token_moves_no_earlier_score():
+    """A token changed at stream position p: every target scored in an earlier step keeps its NLL
+    bit for bit, and so does every target scored in p's own step before p or in another document."""
+    tokens = make_tokens(DOC_LENGTHS)
+    _, events = run(tokens=tokens)
+    steps = {}  # target position -> (step index, NLL)
+    for step, (pos, val) in enumerate(_scored(events)):
+        steps.update({int(q): (step, float(v)) for q, v in zip(pos, val)})
+    docs = split_documents(tokens)
+    doc_of = np.searchsorted(docs.start, np.arange(tokens.numel()), side="right") - 1
+    for p in (20, 47, 80):  # inside three documents of different batches
+        changed = tokens.clone()
+        changed[p] = 2 + (int(tokens[p]) - 1) % (VOCAB - 2)  # another non-BOS id
+        assert changed[p] != tokens[p] and changed[p] != BOS_ID
+        _, events2 = run(tokens=changed)
+        after = {int(q): float(v) for pos, val in _scored(events2) for q, v in zip(pos, val)}
+        step_p = steps[p][0]
+        earlier = [q for q, (s, _) in steps.items() if s < step_p or (s == step_p and (q < p or doc_of[q] != doc_of[p]))]
+        assert len(earlier) > 10
+        moved = [q for q in earlier if after[q] != steps[q][1]]
+        assert not moved, f"changing token {p} moved earlier scores at {moved[:5]}"
+        assert any(after[q] != v for q, (_, v) in steps.items() if q not in earlier)  # the change is visible later
+
+
+# ----------------------------------------------------------------------------- the base model
+def test_fresh_adapters_reproduce_the_base_model():
+    cfg = tiny_config()
+    model = TinyLoopedLM(cfg)
+    tokens = make_tokens(DOC_LENGTHS)[:40].view(2, 20)
+    lora = BatchedLora(cfg, len(model.plan()), 2)
+    lora.reset_a(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model.token_losses(tokens[:, :-1], tokens[:, 1:])
+        adapted = lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora)
+    torch.testing.assert_close(adapted, base, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        lora.head_b.normal_()  # a nonzero B changes the scores: the adapters are really in the path
+        assert not torch.allclose(lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora), base)
+
+
+def test_without_learning_the_score_is_the_base_models_per_document_score():
+    """lr 0 and no phases: each target's NLL is the base model's over its whole document (every
+    document fits one window), so the chunking, padding and dropping out change nothing."""
+    cfg = tiny_config(ttt_lora_lr=0.0, phased_ttt_num_phases=0, ttt_eval_seq_len=64)
+    tokens = make_tokens(DOC_LENGTHS)
+    model = TinyLoopedLM(cfg)
+    result, _ = run(cfg=cfg, tokens=tokens, model=model)
+    docs = split_documents(tokens)
+    with torch.no_grad():
+        total = sum(model.token_losses(tokens[s:s + n - 1][None], tokens[s + 1:s + n][None]).double().sum()
+                    for s, n in zip(docs.start, docs.length))
+    assert result.val_loss == pytest.approx(float(total) / (tokens.numel() - 1), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world_size, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        with kernels.use_backend("reference"):
+            result = evaluate_phased_ttt(TinyLoopedLM(tiny_config()), make_tokens(DOC_LENGTHS), tiny_config(),
+                                         fake_luts(), rank, world_size)
+        torch.save(tuple(result), f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_rank_and_two_gloo_ranks_give_the_same_totals(tmp_path):
+    out = str(tmp_path / "result")
+    run_ranks(_rank_worker, 2, (2, _free_port(), out))
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    single, _ = run()
+    for result in ranks:
+        assert result[0] == pytest.approx(single.val_loss, rel=1e-6)
+        assert result[1] == pytest.approx(single.val_bpb, rel=1e-6)
+    assert sum(r[4] for r in ranks) == single.lora_work  # the batches split between the ranks
