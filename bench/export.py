@@ -37,7 +37,7 @@ def quantised_payload(cfg, model) -> tuple[dict, dict, float]:
                for _ in range(cfg.gptq_calibration_batches)]
     names = export.gptq_names(sd, fp32_names=fp32)
     hessians, _ = gptq.collect_hessians(model, batches, names)
-    gate_names = model.int8_row_names() if hasattr(model, "int8_row_names") else ()
+    gate_names = model.int8_row_matrix_names() if hasattr(model, "int8_row_matrix_names") else ()
     payload, report = export.quantize_state_dict_gptq(
         {k: v.cpu() for k, v in model.state_dict().items()}, fp32_names=fp32, int6_names=int6, hessians=hessians,
         gate_names=gate_names, cfg=cfg)

@@ -271,7 +271,8 @@ def quantize_state_dict_gptq(sd: dict, *, fp32_names, int6_names, hessians: dict
     - floating-point tensors of > 65,536 elements (not declared fp32): GPTQ (class gptq), batched
       over the tensors that share a shape and setting, on `device` (default: the GPU when there is one);
     - the declared gate weights (2-D, 32..8192 elements, GATED_ATTN_QUANT_GATE): int8 per row;
-    - every other floating-point tensor: fp16 (fp32 where fp16 overflows), restored to its dtype at load;
+    - every other floating-point tensor of <= 65,536 elements: fp16 as FRONTIER says, declared control
+      tensors included (fp32 where fp16 would overflow), restored to its dtype at load;
     - LQER (LQER_ENABLED) on the LQER_TOP_K GPTQ tensors with the largest ||W - q s||_F.
     """
     cfg = cfg or Config()
@@ -340,8 +341,8 @@ def quantize_state_dict_gptq(sd: dict, *, fp32_names, int6_names, hessians: dict
             cls = "int8"
             q, scale = quantize_int8_rows(t)
             entry.update(q=q.cpu(), scale=scale.cpu())
-        elif name in fp32_names or bool((t.abs() > FP16_MAX).any()):
-            cls = "fp32"  # large declared control tensors, and values fp16 cannot hold
+        elif (name in fp32_names and t.numel() > SMALL_TENSOR_MAX_ELEMENTS) or bool((t.abs() > FP16_MAX).any()):
+            cls = "fp32"  # a large declared control tensor (never GPTQ), or values fp16 cannot hold
             entry.update(data=t.float().cpu().contiguous())
         else:
             cls = "fp16"

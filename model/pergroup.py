@@ -6,7 +6,7 @@ ascending order). In the hot groups (tok_emb, c_q, fc) each tensor's rows are re
 greedy L1 nearest-neighbour chain (start at row 0, then always the unused row nearest in L1 to
 the last one, ties to the lowest index), so similar rows sit together; the permutations are kept
 as uint16. Every 2-D tensor is written transposed (column-major), and each group's bytes are
-coded on their own (brotli or zstd; lrzip when asked for and on PATH).
+coded on their own, in parallel threads (brotli or zstd; lrzip when asked for and on PATH).
 
 Everything else (scales, fp16 tensors, ungrouped int8 such as LQER factors and gate codes, the
 header with every name, dtype and shape) is the remainder: model.export's own serialiser (no
@@ -131,10 +131,9 @@ def pack(payload: dict, coder: str = "brotli", *, zstd_level: int = 22, device=N
         rest["tensors"][name] = entry
     q_shapes = {name: list(payload["tensors"][name]["q"].shape) for name in grouped}
     rest["meta"]["pergroup"] = dict(groups=groups, permuted=permuted, q_shapes=q_shapes)
-    streams = [compressors.encode(raw, coder, zstd_level=zstd_level) if raw else b"" for raw in raw_groups]
-    streams.append(compressors.encode(serialize(rest), "brotli"))
-    perm_bytes = b"".join(permutations)
-    streams.append(compressors.encode(perm_bytes, "brotli") if perm_bytes else b"")
+    jobs = [(raw, coder) for raw in raw_groups] + [(serialize(rest), "brotli"), (b"".join(permutations), "brotli")]
+    with ThreadPoolExecutor(max_workers=NUM_STREAMS) as pool:  # the coders release the GIL: one core per stream
+        streams = list(pool.map(lambda job: compressors.encode(job[0], job[1], zstd_level=zstd_level) if job[0] else b"", jobs))
     header = MAGIC + struct.pack(f"<I{NUM_STREAMS}I", NUM_STREAMS, *(len(s) for s in streams))
     return header + b"".join(streams)
 

@@ -80,14 +80,20 @@ def frontier_state_dict(layers: int = 2, seed: int = 0) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def frontier_payload():
+def frontier_export():
     sd, hessians = frontier_state_dict()
     int6 = [n for n in sd if n.endswith(".weight") and n != "tok_emb.weight"]
     gates = [n for n in sd if n.endswith("attn_gate_w")]
-    payload, _ = export.quantize_state_dict_gptq(sd, fp32_names=(), int6_names=int6, hessians=hessians,
+    controls = [n for n in sd if n.endswith("q_gain")]
+    payload, _ = export.quantize_state_dict_gptq(sd, fp32_names=controls, int6_names=int6, hessians=hessians,
                                                  gate_names=gates, cfg=Config(lqer_enabled=True, lqer_top_k=2),
                                                  device="cpu")
-    return payload
+    return sd, payload
+
+
+@pytest.fixture(scope="module")
+def frontier_payload(frontier_export):
+    return frontier_export[1]
 
 
 def assert_same_payload(a: dict, b: dict) -> None:
@@ -103,10 +109,22 @@ def assert_same_payload(a: dict, b: dict) -> None:
                 assert value == other[key], (name, key)
 
 
-def test_the_payload_holds_every_class(frontier_payload):
-    classes = {entry["class"] for entry in frontier_payload["tensors"].values()}
-    assert classes == {"gptq", "int8", "fp16", "raw"}
-    assert sum("lqer_a" in e for e in frontier_payload["tensors"].values()) == 2
+def test_the_payload_holds_every_class(frontier_export):
+    sd, payload = frontier_export
+    entries = payload["tensors"]
+    classes = {name: entry["class"] for name, entry in entries.items()}
+    assert set(classes.values()) == {"gptq", "int8", "fp16", "raw"}
+    assert classes["tok_emb.weight"] == classes["blocks.1.mlp.proj.weight"] == "gptq"
+    assert classes["blocks.0.attn.q_gain"] == "fp16"  # small control tensors too (FRONTIER: every small float tensor)
+    assert sum("lqer_a" in e for e in entries.values()) == 2
+    restored = export.dequantize_state_dict(payload)
+    assert restored["blocks.0.attn.q_gain"].dtype == torch.float32 and restored["tok_emb.weight"].dtype == torch.bfloat16
+    gate = entries["blocks.0.attn.attn_gate_w"]  # int8 per row: s = fp16(max|row| / 127), error <= s / 2
+    assert classes["blocks.0.attn.attn_gate_w"] == "int8" and gate["q"].dtype == torch.int8
+    w, s = sd["blocks.0.attn.attn_gate_w"], gate["scale"].float()[:, None]
+    assert torch.equal(gate["scale"], (w.abs().amax(1) / 127).half())
+    assert ((w - gate["q"].float() * s).abs() <= s / 2 + 1e-7).all()
+    assert int(gate["q"].abs().max()) <= 127
 
 
 @pytest.mark.parametrize("compressor,coder", [("brotli", None), ("pergroup", "brotli"), ("pergroup", "zstd")])
