@@ -394,7 +394,8 @@ def run(cfg: Config, ctx: Dist) -> None:
 
 def dry_run(cfg: Config) -> None:
     print(cfg.to_json())
-    model = GPT(cfg)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        model = GPT(cfg)
     print(f"model_params:{sum(p.numel() for p in model.parameters())}")
 
 

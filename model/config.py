@@ -78,6 +78,10 @@ class Config:
     loop_end: int = setting(5, "last physical layer of the recurrent span (inclusive)", low=0, model=True)
     enable_looping_at: float = setting(0.35, "training fraction at which the recurrence turns on (once, for good)", low=0, high=1)
     doc_isolated_attention: bool = setting(False, "attention never crosses a BOS; documents cut every TRAIN_SEQ_LEN tokens (cu_seqlens)", model=True)
+    rope_direction: int = setting(1, "RoPE turns each pair (a, b) to (a cos - b sin, b cos + a sin) at 1 (ours, SPEC); "
+                                     "-1: (a cos + b sin, b cos - a sin), FRONTIER.md's convention", low=-1, high=1, model=True)
+    init_scheme: str = setting("spec", "initialisation: spec (SPEC.md 'init') or frontier (FRONTIER.md 'Init': its RNG "
+                                       "order, every initial value bf16-rounded)")
 
     # training (SPEC.md "Training recipe")
     iterations: int = setting(20000, "training steps at most", low=1)
@@ -246,12 +250,21 @@ class Config:
                               ("ttt_method", TTT_METHODS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name.upper()}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+        if self.init_scheme not in INIT_SCHEMES:
+            problems.append(f"INIT_SCHEME={self.init_scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
+        if self.rope_direction not in (1, -1):
+            problems.append(f"ROPE_DIRECTION={self.rope_direction} must be 1 (SPEC's rotation) or -1 (FRONTIER.md's)")
+        loops_ok = not self.num_loops or 0 <= self.loop_start <= self.loop_end < self.num_layers
+        if not loops_ok:
             problems.append(f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
                             f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
         if self.parallel_start_layer >= self.num_layers:
             problems.append(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be below NUM_LAYERS={self.num_layers} "
                             f"(0 turns the lanes off)")
+        elif loops_ok:
+            from model.trunk import plan_problems  # the trunk's plan is made from these fields
+
+            problems.extend(plan_problems(self))
         if (self.smear_gate_enabled or self.sparse_attn_gate_enabled) and self.gate_window > self.model_dim:
             problems.append(f"GATE_WINDOW={self.gate_window} must be at most MODEL_DIM={self.model_dim}")
         if self.eval_stride > self.eval_seq_len:
@@ -271,6 +284,7 @@ class Config:
 
 
 QUANTISERS = ("int6", "gptq")
+INIT_SCHEMES = ("spec", "frontier")
 COMPRESSORS = ("zstd", "brotli", "pergroup")
 TTT_METHODS = ("sgd", "phased_lora")
 FINAL_LANES = ("mean", "attn", "mlp")
@@ -329,7 +343,7 @@ def _frontier() -> dict:
     """FRONTIER.md: the 1.0611 record's values (its runs' command over its script's defaults)."""
     return dict(
         vocab_size=8192, mlp_mult=4, mlp_leaky_slope=0.5, xsa_last_n=11, qk_gain_init=5.0,
-        bigram_enabled=False, ve_enabled=False, rope_yarn=False,
+        bigram_enabled=False, ve_enabled=False, rope_yarn=False, rope_direction=-1, init_scheme="frontier",
         smear_gate_enabled=True, gate_window=12,
         sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, sparse_attn_gate_init_std=0.0,
         skip_gates_enabled=True, parallel_start_layer=8, parallel_final_lane="mean",
@@ -343,7 +357,23 @@ def _frontier() -> dict:
     )
 
 
-PRESETS = {"smoke": _smoke, "frontier": _frontier}
+def _frontier_smoke() -> dict:
+    """The frontier at smoke size for an end-to-end CPU run: `smoke`'s data and training/eval sizes,
+    4 blocks with every frontier feature: order 0,[1,2]x3,3 looped (0-1 / 2-3 unlooped), block 3
+    two-lane, 4 skip slots."""
+    smoke = _smoke()
+    sizes = ("data_path", "tokenizer_path", "compile", "iterations", "max_wallclock_seconds", "train_batch_tokens",
+             "train_seq_len", "grad_accum_total", "warmup_steps", "warmdown_iters", "train_log_every", "val_loss_every",
+             "val_batch_size", "max_val_tokens", "eval_seq_len", "eval_stride", "eval_batch_seqs", "ttt_chunk_tokens",
+             "ttt_epochs", "ttt_batch_seqs", "matrix_lr", "tied_embed_lr", "scalar_lr", "muon_momentum_warmup_steps")
+    return dict(
+        _frontier(), **{name: smoke[name] for name in sizes},
+        vocab_size=1024, num_layers=4, model_dim=192, num_heads=6, num_kv_heads=3, rope_dims=16, xsa_last_n=4,
+        num_loops=2, loop_start=1, loop_end=2, parallel_start_layer=3, gptq_calibration_batches=2,
+    )
+
+
+PRESETS = {"smoke": _smoke, "frontier": _frontier, "frontier-smoke": _frontier_smoke}
 
 
 # Sections of `train.py --help`, by the first field of each.

@@ -1,248 +1,110 @@
-"""The GPT of SPEC.md "Model", one module per row of its table.
+"""The GPT of SPEC.md "Model" (the default preset) and FRONTIER.md section 2 (`--preset frontier`).
 
-    embeddings in   x = tok_emb(ids) + BigramHash(ids); RMSNorm; SmearGate      -> x0
-    trunk           11 blocks; the first 5 (encoder) push their outputs, the last 6 (decoder)
-                    pop them as U-Net skips; each block mixes x with x0 (resid_mix) first
-    block           pre-norm (scaled by 1/sqrt(i+1)) attention, then pre-norm relu^2 MLP
-    attention       GQA, RMSNorm on q/k per head, partial RoPE, q gain, VE on its layers,
-                    XSA on the last blocks
-    head            final RMSNorm, tied embedding, soft cap, fp32 cross-entropy
+    part            SPEC.md                                    FRONTIER.md
+    embeddings in   e = tok_emb(ids) + BigramHash(ids);        e = tok_emb(ids);
+                    x0 = SmearGate(RMSNorm(e))                 x0 = RMSNorm(BosSmearGate(e, ids))
+    trunk           11 blocks, encoder 0-4 pushes U-Net        the plan of model/trunk.py: 0,1,2,[3,4,5]x3,6..10
+                    skips, decoder 5-10 pops them:             once the loop is on (`model.looping`);
+                    x + w_j skip                               lerp(w_j skip, x, sigmoid(g_j)); blocks 8-10 two lanes
+    block           Block: pre-norm (scaled 1/sqrt(i+1)) attention, then the MLP; resid_mix with x0 first
+                                                               TwoLaneBlock in the parallel decoder
+    attention       GQA, q/k RMSNorm, partial RoPE, q gain 1.5, ...gain 5.0, XSA on all 11, the sparse
+                    VE on 9-10, XSA on the last 4              output gate; documents isolated (cu_seqlens)
+    MLP             relu^2, 3x                                 leaky_relu(0.5)^2, 4x
+    head            final RMSNorm, tied embedding, soft cap 30, fp32 cross-entropy
+                                                               (of the lanes' mean in the parallel decoder)
 
+Every part is built from the config: a feature only one preset uses exists only when its setting
+is on, so the other preset's state dict, parameter count and numbers do not change. The wiring is
+data: model/trunk.py turns the config (and `looping`, a plain attribute that torch.compile guards
+on: one graph per value) into the list of block applications that `hidden()` walks.
 Every kernel goes through the public `kernels` API, so KERNELS=triton|reference applies.
 
-Precision: linear weights fp32 (cast to the input dtype in the forward), embedding tables
-bf16, scalar/control tensors fp32. The residual stream runs in the autocast dtype when autocast
-is on (bf16 on the GPU) and in fp32 otherwise; embedding outputs and control tensors are cast
-to it so that one dtype flows through the trunk.
+Precision: linear weights fp32 (cast to the input dtype in the forward), embedding tables bf16,
+scalar/control tensors fp32. The residual stream runs in the autocast dtype when autocast is on
+(bf16 on the GPU) and in fp32 otherwise; embedding outputs and control tensors are cast to it so
+that one dtype flows through the trunk. RMSNorm (model/layers.py): no weight, PyTorch's default
+eps (the fp32 machine epsilon, also for bf16 inputs), as in both records.
 
 Export: each module lists its control tensors (`control_tensors`: gains, mixes, scales, kept fp32
-in the artifact) and the matrices the artifact stores in int6 (`int6_matrices`); the model collects
-them by state-dict name (`control_tensor_names`, `int6_matrix_names`) for model/export.py, which
-does not guess from names. A module built only for one preset brings its declarations with it.
-
-RMSNorm: `F.rms_norm` without weight and with eps = 1e-6 everywhere (a fixed eps, so the norm
-behaves the same in fp32 and bf16; PyTorch's default would be the dtype's machine epsilon,
-0.0078 in bf16, which swamps the mean square of a 0.005-std embedding).
+in the artifact), the matrices the artifact stores in int6 (`int6_matrices`) and the small ones
+stored in int8 per row (`int8_row_matrices`: the sparse gate); the model collects them by
+state-dict name (`control_tensor_names`, `int6_matrix_names`, `int8_row_matrix_names`) for
+model/export.py, which does not guess from names. A module built only for one preset brings its
+declarations with it.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from model.blocks import MLP, Attention, Block, GatedAttention, TwoLaneBlock  # noqa: F401 (re-exported)
 from model.config import Config
+from model.embeddings import BigramHash, BosSmearGate, SmearGate, ValueEmbedding  # noqa: F401
+from model.layers import CastedLinear, apply_partial_rope, rms_norm, rope_cos_sin, stream_dtype  # noqa: F401
+from model.trunk import build_plan, num_skip_slots
 
-RMS_EPS = 1e-6
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dim, no weight; the output keeps x's dtype (autocast may not)."""
-    return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS).to(x.dtype)
-
-
-def stream_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the residual stream: autocast's dtype when autocast is on, else fp32."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return torch.float32
-
-
-class CastedLinear(nn.Linear):
-    """Linear without bias whose fp32 weight is cast to the input's dtype in the forward.
-
-    With `qat` on, the weight is int6 fake-quantised first (per row, exactly as the exporter
-    quantises the fp32 weight of an int6 matrix), with a straight-through gradient. Every linear
-    gets it, the bigram and VE projections too, although the artifact does not store those in
-    int6 (at the seed's sizes they are fp16).
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-        self.qat = False
-
-    def operand(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as the product sees it: in `dtype`, int6 fake-quantised when QAT is on."""
-        if self.qat:  # quantise the fp32 master weight, as the exporter will, straight into dtype
-            return kernels.int6_fakequant(self.weight, dtype)
-        return self.weight.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.operand(x.dtype))
-
-
-class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair -> table row -> projection to the model dim, scaled."""
-
-    control_tensors = ("scale",)
-
-    def __init__(self, buckets: int, dim: int, model_dim: int, scale_init: float):
-        super().__init__()
-        self.table = nn.Parameter(torch.zeros(buckets, dim, dtype=torch.bfloat16))
-        self.proj = CastedLinear(dim, model_dim)
-        self.scale = nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
-
-    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        rows = kernels.bigram_embed(ids, self.table).to(dtype)  # [B, T, bigram_dim]
-        return self.scale.to(dtype) * self.proj(rows)  # [B, T, model_dim]
-
-
-class SmearGate(nn.Module):
-    """x_t <- (1 - g) x_t + g x_{t-1} per channel, g = sigmoid(gate), x_{-1} = 0 (per sequence)."""
-
-    control_tensors = ("gate",)
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, dim]
-        g = torch.sigmoid(self.gate).to(x.dtype)
-        previous = F.pad(x[:, :-1], (0, 0, 1, 0))  # shift right by one position, zeros at t = 0
-        return (1 - g) * x + g * previous
-
-
-class ValueEmbedding(nn.Module):
-    """One shared token table projected to the KV width; added to v of a few blocks, each with its own scale."""
-
-    control_tensors = ("scale", "layer_scales")
-
-    def __init__(self, vocab: int, dim: int, kv_dim: int, num_layers_used: int, scale_init: float):
-        super().__init__()
-        self.table = nn.Parameter(torch.empty(vocab, dim, dtype=torch.bfloat16))
-        self.proj = CastedLinear(dim, kv_dim)
-        self.scale = nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
-        self.layer_scales = nn.Parameter(torch.ones(num_layers_used, dtype=torch.float32))
-
-    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        rows = F.embedding(ids, self.table).to(dtype)  # [B, T, ve_dim]
-        return self.scale.to(dtype) * self.proj(rows)  # [B, T, kv_dim], shared by the VE layers
-
-
-def rope_cos_sin(T: int, rope_dims: int, base: float, train_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, rope_dims // 2] (fp32) for positions 0..T-1.
-
-    Beyond train_len the base is rescaled NTK-style: base * (T / train_len)^(d / (d - 2)). With
-    d = 2 there is a single frequency (1, whatever the base), so there is nothing to rescale.
-    """
-    if T > train_len and rope_dims > 2:
-        base = base * (T / train_len) ** (rope_dims / (rope_dims - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
-    angles = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first 2 * cos.shape[-1] dims of each head; the rest pass through.
-
-    x [B, T, heads, D] (q with num_heads heads, k with num_kv_heads); cos, sin [T, rope_dims // 2].
-    Dim i of the rotated part pairs with dim i + rope_dims // 2.
-    """
-    half = cos.shape[-1]
-    if half == 0:
-        return x
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
-
-
-class Attention(nn.Module):
-    control_tensors = ("q_gain",)
-    int6_matrices = ("c_q.weight", "c_k.weight", "c_v.weight", "proj.weight")
-
-    def __init__(self, cfg: Config, xsa: bool):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.xsa = xsa  # XSA projection in this block (the last cfg.xsa_last_n blocks)
-        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
-        self.c_k = CastedLinear(cfg.model_dim, cfg.kv_dim)
-        self.c_v = CastedLinear(cfg.model_dim, cfg.kv_dim)
-        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim)
-        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
-
-    def forward(self, h: torch.Tensor, cos, sin, ve: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = h.shape
-        q = self.c_q(h).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(h).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(h)  # [B, T, kv_dim]
-        if ve is not None:
-            v = v + ve
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_partial_rope(rms_norm(q), cos, sin)
-        k = apply_partial_rope(rms_norm(k), cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = kernels.xsa_attention(q, k, v, xsa=self.xsa)  # [B, T, H, D]
-        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    int6_matrices = ("fc.weight", "proj.weight")
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
-        self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # proj(relu(fc(x))^2) as one op: the triton backend fuses the activation into the GEMMs
-        return kernels.relu2_mlp(x, self.fc.operand(x.dtype), self.proj.operand(x.dtype))
-
-
-class Block(nn.Module):
-    control_tensors = ("attn_scale", "mlp_scale", "resid_mix")
-
-    def __init__(self, cfg: Config, index: int):
-        super().__init__()
-        self.norm_scale = 1.0 / math.sqrt(index + 1) if cfg.ln_scale else 1.0
-        self.attn = Attention(cfg, xsa=index >= cfg.num_layers - cfg.xsa_last_n)
-        self.mlp = MLP(cfg)
-        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim, dtype=torch.float32))
-        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim, dtype=torch.float32))
-        # row 0 weighs the running stream x, row 1 the embedding stream x0
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-
-    def forward(self, x, x0, cos, sin, ve=None):
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cos, sin, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+PARALLEL_RESID_INIT = 1.1  # FRONTIER.md: r starts at 1.1 (1.1015625 once bf16-rounded)
 
 
 class GPT(nn.Module):
-    control_tensors = ("skip_weights",)
+    # the GPT-level tensors each preset may build; only the ones built are declared
+    control_tensors = ("skip_weights", "skip_gates", "parallel_resid_lambdas", "parallel_post_lambdas")
 
     def __init__(self, cfg: Config):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        L = cfg.num_layers
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim, dtype=torch.bfloat16)
-        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, cfg.bigram_scale_init)
-        self.smear = SmearGate(cfg.model_dim)
+        L, d = cfg.num_layers, cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d, dtype=torch.bfloat16)
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_scale_init) if cfg.bigram_enabled else None
+        self.smear = BosSmearGate(cfg.gate_window) if cfg.smear_gate_enabled else SmearGate(d)
         self.ve_layers = cfg.ve_layer_indices  # block index -> position in ve.layer_scales
         if self.ve_layers:
             self.ve = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, len(self.ve_layers), cfg.ve_scale_init)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
-        self.num_encoder_layers = cfg.num_encoder_layers
-        # decoder block j adds skip_weights[j] * (output of encoder block E-1-j) while any remain
-        num_skips = min(self.num_encoder_layers, L - self.num_encoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
+        two_lanes = cfg.parallel_start_layer or L  # physical blocks from here on are two-lane blocks
+        self.blocks = nn.ModuleList((TwoLaneBlock if i >= two_lanes else Block)(cfg, i) for i in range(L))
+
+        # U-Net skips: decoder application j mixes in skip_weights[j] * (the skip it pops)
+        slots = num_skip_slots(cfg)
+        self.skip_weights = nn.Parameter(torch.ones(slots, d, dtype=torch.float32))
+        self.skip_gates = nn.Parameter(torch.zeros(slots, d, dtype=torch.float32)) if cfg.skip_gates_enabled else None
+        if cfg.parallel_start_layer:  # rows of the two-lane blocks are used; [layer, lane] and [layer, source, lane]
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), PARALLEL_RESID_INIT, dtype=torch.float32))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2, dtype=torch.float32))
+        else:
+            self.parallel_resid_lambdas = self.parallel_post_lambdas = None
+        self.final_lane = cfg.parallel_final_lane
+
+        # The trunk's two plans; `looping` picks one. A plain attribute, read in hidden(), so that
+        # torch.compile guards on it and keeps one graph per value.
+        self.plans = {looping: build_plan(cfg, looping) for looping in (False, True)}
+        self.looping = False
+        self.rope_rescale_beyond = cfg.rope_train_len if cfg.rope_yarn else None
         self.reset_parameters()
 
-    # ------------------------------------------------------------------ init (SPEC.md "init")
+    # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Orthogonal (gain 1) for every linear; attention-out and MLP-down zero; the bigram and
-        VE projections orthogonal scaled by 1/sqrt(2 L); token table normal(std tied_embed_init_std),
-        bigram table zero, VE table normal(std ve_table_init_std); control tensors as built.
+        """SPEC.md's or FRONTIER.md's init (INIT_SCHEME); control tensors keep their built values."""
+        if self.cfg.init_scheme == "frontier":
+            self._init_frontier()
+        else:
+            self._init_spec()
+
+    def _init_spec(self) -> None:
+        """SPEC.md "init": orthogonal (gain 1) for every linear; attention-out and MLP-down zero; the
+        bigram and VE projections orthogonal scaled by 1/sqrt(2 L); token table normal(std
+        tied_embed_init_std), bigram table zero, VE table normal(std ve_table_init_std).
 
         SPEC orthogonalises linears with both sides >= 64; the only smaller ones occur in tiny
         test configs, and we orthogonalise those too so that one rule covers every size.
         """
         cfg = self.cfg
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        nn.init.zeros_(self.bigram.table)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.table)
         if self.ve_layers:
             nn.init.normal_(self.ve.table, std=cfg.ve_table_init_std)
         for module in self.modules():
@@ -252,9 +114,34 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
         projection_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
-        self.bigram.proj.weight.mul_(projection_scale)
+        if self.bigram is not None:
+            self.bigram.proj.weight.mul_(projection_scale)
         if self.ve_layers:
             self.ve.proj.weight.mul_(projection_scale)
+
+    def _init_frontier(self) -> None:
+        """FRONTIER.md "Init", in its RNG order: E ~ N(0, std^2); for each block W_q orthogonal,
+        W_o = 0, W_k and W_v orthogonal; then for each block W_up orthogonal, W_down = 0; the sparse
+        gate normal(SPARSE_ATTN_GATE_INIT_STD) if that is not 0 (zeros as built otherwise).
+
+        The record casts the model to bf16 and back after building it, so every initial value is
+        bf16-rounded, also where it is stored in fp32 (r starts at 1.1015625); the table is bf16.
+        """
+        cfg = self.cfg
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        for block in self.blocks:
+            nn.init.orthogonal_(block.attn.c_q.weight, gain=1.0)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.orthogonal_(block.attn.c_k.weight, gain=1.0)
+            nn.init.orthogonal_(block.attn.c_v.weight, gain=1.0)
+        for block in self.blocks:
+            nn.init.orthogonal_(block.mlp.fc.weight, gain=1.0)
+            nn.init.zeros_(block.mlp.proj.weight)
+        if cfg.sparse_attn_gate_init_std and cfg.sparse_attn_gate_enabled:
+            for block in self.blocks:
+                nn.init.normal_(block.attn.attn_gate_w, std=cfg.sparse_attn_gate_init_std)
+        for p in self.parameters():
+            p.copy_(p.to(torch.bfloat16))
 
     # ------------------------------------------------------------------ forward
     def _check_ids(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> None:
@@ -269,50 +156,82 @@ class GPT(nn.Module):
                 f"pass one target per input token"
             )
 
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [B, T, dim] in the stream dtype."""
+    def plan(self):
+        """The block applications of the trunk for the current loop state (model/trunk.py)."""
+        return self.plans[self.looping]
+
+    def embeddings_in(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x0 [B, T, dim]: SPEC smears the normed sum with the bigram rows, FRONTIER norms the smeared embedding."""
+        e = self.tok_emb(ids).to(dtype)
+        if self.bigram is not None:
+            e = e + self.bigram(ids, dtype)
+        if self.smear.before_norm:
+            return rms_norm(self.smear(e, ids))
+        return self.smear(rms_norm(e))
+
+    def merge_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
+        """SPEC: x + w skip; with skip gates, lerp(w skip, x, sigmoid(g)) = s x + (1 - s) w skip."""
+        weighted = self.skip_weights[slot].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + weighted
+        return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[slot]).to(x.dtype))
+
+    def hidden(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, dim] in the stream dtype. cu_seqlens: int32 offsets of
+        the documents in the flattened B*T tokens, handed to attention (RoPE positions stay the
+        index within the row)."""
         cfg = self.cfg
         dtype = stream_dtype(ids.device)
         T = ids.shape[1]
-
-        x = self.tok_emb(ids).to(dtype) + self.bigram(ids, dtype)
-        x = self.smear(rms_norm(x))
-        x0 = x
-
-        cos, sin = rope_cos_sin(T, cfg.rope_dims, cfg.rope_base, cfg.rope_train_len, ids.device)
+        x0 = self.embeddings_in(ids, dtype)
+        cos, sin = rope_cos_sin(T, cfg.rope_dims, cfg.rope_base, self.rope_rescale_beyond, ids.device, cfg.rope_direction)
         ve_shared = self.ve(ids, dtype) if self.ve_layers else None  # [B, T, kv_dim], computed once
 
-        skips = []
-        for i, block in enumerate(self.blocks):
+        skips = []  # the U-Net stack
+        lanes = [x0]  # the residual stream: one lane, two (L0, L1) from the first two-lane block on
+        for app in self.plan():
+            block = self.blocks[app.block]
             ve = None
-            if i in self.ve_layers:
-                ve = self.ve.layer_scales[self.ve_layers.index(i)].to(dtype) * ve_shared
-            if i >= self.num_encoder_layers:
-                j = i - self.num_encoder_layers
-                if skips:
-                    x = x + self.skip_weights[j].to(dtype) * skips.pop()
-            x = block(x, x0, cos, sin, ve)
-            if i < self.num_encoder_layers:
-                skips.append(x)
-        return rms_norm(x)
+            if app.block in self.ve_layers:
+                ve = self.ve.layer_scales[self.ve_layers.index(app.block)].to(dtype) * ve_shared
+            if app.two_lanes and len(lanes) == 1:
+                lanes = [lanes[0], lanes[0]]  # entering the parallel decoder: L0 = L1 = x
+            if app.skip_slot is not None:
+                lanes[0] = self.merge_skip(lanes[0], skips.pop(), app.skip_slot)  # lane 0 only
+            if app.two_lanes:
+                lanes = list(block(*lanes, x0, cos, sin, self.parallel_resid_lambdas[app.block],
+                                   self.parallel_post_lambdas[app.block], ve, cu_seqlens))
+            else:
+                lanes = [block(lanes[0], x0, cos, sin, ve, cu_seqlens)]
+            if app.push:
+                skips.append(lanes[0])
+        return rms_norm(self.output_lane(lanes))
 
-    def token_losses(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def output_lane(self, lanes: list[torch.Tensor]) -> torch.Tensor:
+        """What the trunk hands the final norm: the stream, or PARALLEL_FINAL_LANE of the two lanes."""
+        if len(lanes) == 1:
+            return lanes[0]
+        if self.final_lane == "mean":
+            return 0.5 * (lanes[0] + lanes[1])
+        return lanes[0] if self.final_lane == "attn" else lanes[1]
+
+    def token_losses(self, ids: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token NLL [B, T] in fp32 (the evaluator scores with it)."""
         self._check_ids(ids, targets)
-        x = self.hidden(ids)
+        x = self.hidden(ids, cu_seqlens)
         nll = kernels.softcap_cross_entropy(
             x.reshape(-1, x.shape[-1]), self.tok_emb.weight, targets.reshape(-1), self.cfg.logit_softcap
         )
         return nll.float().view(ids.shape)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token loss (fp32 scalar)."""
-        return self.token_losses(ids, targets).mean()
+        return self.token_losses(ids, targets, cu_seqlens).mean()
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Soft-capped logits [B, T, V] in fp32 (for tests and debugging; training never builds them)."""
         self._check_ids(ids)
-        x = self.hidden(ids)
+        x = self.hidden(ids, cu_seqlens)
         raw = (x @ self.tok_emb.weight.to(x.dtype).T).float()
         softcap = self.cfg.logit_softcap
         return softcap * torch.tanh(raw / softcap)
@@ -326,10 +245,11 @@ class GPT(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimizer: "matrix" (Muon: every linear weight, i.e. the block matrices
-        plus the bigram and VE projections), "embed" (AdamW: token, bigram and VE tables),
-        "scalar" (AdamW: every other, control, tensor). Each parameter appears exactly once."""
+        plus the bigram and VE projections where built), "embed" (AdamW: token, bigram and VE tables),
+        "scalar" (AdamW: every other tensor: gains, scales, mixes, skip weights and gates, the
+        lanes' r and P, the smear gate, the sparse gate). Each parameter appears exactly once."""
         matrix = [m.weight for m in self.modules() if isinstance(m, CastedLinear)]
-        embed = [self.tok_emb.weight, self.bigram.table] + ([self.ve.table] if self.ve_layers else [])
+        embed = [self.tok_emb.weight] + [m.table for m in (self.bigram, getattr(self, "ve", None)) if m is not None]
         taken = {id(p) for p in matrix + embed}
         scalar = [p for p in self.parameters() if id(p) not in taken]
         return {"matrix": matrix, "embed": embed, "scalar": scalar}
@@ -345,9 +265,22 @@ class GPT(nn.Module):
         MLP): the exporter stores them in int6 when they are large, like other small tensors otherwise."""
         return self._declared("int6_matrices")
 
+    def int8_row_matrix_names(self) -> set[str]:
+        """State-dict names of the small matrices declared in `int8_row_matrices` (the sparse
+        attention gate's W_g): FRONTIER.md's exporter stores them in int8 per row."""
+        return self._declared("int8_row_matrices")
+
     def _declared(self, declaration: str) -> set[str]:
+        """The declared names of every module that it actually holds (a tensor not built is not declared)."""
         names = set()
         for prefix, module in self.named_modules():
             for name in getattr(module, declaration, ()):
-                names.add(f"{prefix}.{name}" if prefix else name)
+                if _holds(module, name):
+                    names.add(f"{prefix}.{name}" if prefix else name)
         return names
+
+
+def _holds(module: nn.Module, dotted: str) -> bool:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+    return module is not None

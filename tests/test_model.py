@@ -28,7 +28,7 @@ TINY = Config(
     vocab_size=96, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, rope_train_len=8,
     xsa_last_n=2, bigram_vocab_size=37, bigram_dim=12, ve_dim=12, ve_layers="1,4",
 )
-RMS_EPS = 1e-6  # model/gpt.py's documented choice
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default (model/layers.py), also for bf16 inputs
 
 
 @pytest.fixture(autouse=True)
