@@ -13,6 +13,7 @@ import torch
 import triton
 
 import kernels
+from bench.xsa_attention import synthetic_offsets
 from kernels import reference
 from kernels._launch import autotune_pair
 from kernels.ops import xsa_attention as xa
@@ -29,19 +30,24 @@ def _inputs(B, T, H, Hkv, D, dtype, device, seed=0):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v, dy)]
 
 
-def _reference_grads(q, k, v, dy, xsa, dtype=None):
-    """Reference output and gradients, computed in `dtype` (default: the inputs' own)."""
+def _reference_grads(q, k, v, dy, xsa, dtype=None, cu_seqlens=None, gate=None):
+    """Reference output and gradients (q, k, v, then gate's when given), computed in `dtype` (default: the inputs' own)."""
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out = reference.xsa_attention(*leaves, xsa=xsa)
+    gate_leaf = None if gate is None else gate.detach().to(dtype or gate.dtype).requires_grad_()
+    out = reference.xsa_attention(*leaves, xsa, cu_seqlens, gate_leaf)
     out.backward(dy.to(out.dtype))
-    return [out.detach()] + [t.grad for t in leaves]
+    return [out.detach()] + [t.grad for t in leaves] + ([] if gate is None else [gate_leaf.grad])
 
 
-def _kernel_grads(q, k, v, dy, xsa):
+def _kernel_grads(q, k, v, dy, xsa, cu_seqlens=None, gate=None, deterministic=False):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = xsa_attention(*leaves, xsa=xsa)
+    gate_leaf = None if gate is None else gate.detach().clone().requires_grad_()
+    out = xsa_attention(*leaves, xsa, cu_seqlens, gate_leaf, deterministic)
     out.backward(dy)
-    return [out.detach()] + [t.grad for t in leaves]
+    return [out.detach()] + [t.grad for t in leaves] + ([] if gate is None else [gate_leaf.grad])
+
+
+GRAD_NAMES = ("y", "dq", "dk", "dv", "dgate")
 
 
 # Every listed T (1, ragged 17, one tile 64, ragged multi-tile 130), both GQA layouts, B in {1, 2},
@@ -63,8 +69,9 @@ CASES = [
 def test_forward_and_gradients_match_reference(B, T, H, Hkv, D, xsa, device):
     q, k, v, dy = _inputs(B, T, H, Hkv, D, torch.float64, device)
     expected = _reference_grads(q, k, v, dy, xsa)
-    got = _kernel_grads(*(t.float() for t in (q, k, v, dy)), xsa=xsa)
-    for name, actual, exact in zip(("y", "dq", "dk", "dv"), got, expected):
+    deterministic = CASES.index((B, T, H, Hkv, D, xsa)) % 2 == 1  # each backward mode on half the cases
+    got = _kernel_grads(*(t.float() for t in (q, k, v, dy)), xsa=xsa, deterministic=deterministic)
+    for name, actual, exact in zip(GRAD_NAMES, got, expected):
         assert actual.dtype == torch.float32, name
         assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -74,35 +81,52 @@ def test_forward_and_gradients_match_reference(B, T, H, Hkv, D, xsa, device):
 # rounds fp16 as torch does; for bf16 it widens the MMA operands (kernels/_numerics.py) and
 # truncates casts, which the bound still absorbs here.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("xsa", [False, True])
-def test_16bit_inputs(dtype, xsa, device):
+@pytest.mark.parametrize("xsa, frontier", [(False, False), (True, True)], ids=["plain", "xsa+segments+gate"])
+def test_16bit_inputs(dtype, xsa, frontier, device):
+    if frontier and dtype == torch.bfloat16 and xa.INTERPRET:
+        # Measured here: dK 2.2x PyTorch's bf16 error with short segments, where fp16 (rounded as
+        # torch rounds) passes; the interpreter truncates bf16 casts of P and dS, the GPU rounds them.
+        pytest.skip("the interpreter truncates bf16 casts; fp16 covers this path here, the GPU runs it in bf16")
     q, k, v, dy = _inputs(1, 130, 4, 2, 64, dtype, device, seed=10)
-    exact = _reference_grads(q, k, v, dy, xsa, dtype=torch.float64)
-    same_dtype = _reference_grads(q, k, v, dy, xsa)
-    got = _kernel_grads(q, k, v, dy, xsa)
-    for name, actual, ex, torch_16 in zip(("y", "dq", "dk", "dv"), got, exact, same_dtype):
-        assert actual.dtype == dtype, name
+    extra = {}
+    if frontier:
+        gate = torch.randn(1, 130, 4, generator=torch.Generator().manual_seed(10)).to(device)
+        extra = dict(cu_seqlens=torch.tensor([0, 17, 64, 65, 130, 130], dtype=torch.int32, device=device), gate=gate)
+    exact = _reference_grads(q, k, v, dy, xsa, dtype=torch.float64, **extra)
+    same_dtype = _reference_grads(q, k, v, dy, xsa, **extra)
+    got = _kernel_grads(q, k, v, dy, xsa, deterministic=not frontier, **extra)  # each backward mode once
+    for name, actual, ex, torch_16 in zip(GRAD_NAMES, got, exact, same_dtype):
+        assert actual.dtype == (torch.float32 if name == "dgate" else dtype), name
         assert_within_pytorch_error(actual, ex, torch_16)
 
 
 def test_saved_statistics_are_lse_and_projection_coefficient(device):
     q, k, v, _ = _inputs(2, 33, 4, 2, 32, torch.float32, device, seed=1)
-    y, c, lse = torch.ops.golf.xsa_attention_fwd(q, k, v, True)
-    y_ref, c_ref, lse_ref = xsa_attention_fwd_eager(q.double(), k.double(), v.double(), True)
-    for actual, exact in ((y, y_ref), (c, c_ref), (lse, lse_ref)):
-        assert_close(actual, exact.float(), dtype=torch.float32)
-    _, c_plain, _ = torch.ops.golf.xsa_attention_fwd(q, k, v, False)
+    gate = torch.randn(2, 33, 4, device=device)
+    cu_seqlens = torch.tensor([0, 10, 33, 40, 66, 66], dtype=torch.int32, device=device)
+    for extra in ((None, None), (cu_seqlens, gate)):
+        y, c, lse = torch.ops.golf.xsa_attention_fwd(q, k, v, True, *extra, False)
+        y_ref, c_ref, lse_ref = xsa_attention_fwd_eager(q.double(), k.double(), v.double(), True, *extra)
+        for actual, exact in ((y, y_ref), (c, c_ref), (lse, lse_ref)):
+            assert_close(actual, exact.float(), dtype=torch.float32)
+    _, c_plain, _ = torch.ops.golf.xsa_attention_fwd(q, k, v, False, None, None, False)
     assert torch.equal(c_plain, torch.zeros_like(c_plain))
 
 
 @pytest.mark.parametrize("xsa", [False, True])
-def test_eager_twin_backward_is_the_reference_gradient(xsa):
-    """The backward's formulas (du, d v_hat, dv_self, delta), stated in torch ops, equal autograd
+@pytest.mark.parametrize("segments_and_gate", [False, True])
+def test_eager_twin_backward_is_the_reference_gradient(xsa, segments_and_gate):
+    """The backward's formulas (du, delta, d gate, d v_hat, dv_self), stated in torch ops, equal autograd
     of the reference in fp64: checks the derivation independently of any Triton code."""
     q, k, v, dy = _inputs(2, 11, 6, 2, 8, torch.float64, "cpu", seed=2)
-    _, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dy, xsa)
-    y, c, lse = xsa_attention_fwd_eager(q, k, v, xsa)
-    for actual, exact in zip(xsa_attention_bwd_eager(dy, q, k, v, y, c, lse, xsa), (dq_ref, dk_ref, dv_ref)):
+    extra = dict(cu_seqlens=None, gate=None)
+    if segments_and_gate:
+        gate = torch.randn(2, 11, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 3
+        extra = dict(cu_seqlens=torch.tensor([0, 1, 4, 11, 15, 22, 22], dtype=torch.int32), gate=gate)
+    expected = _reference_grads(q, k, v, dy, xsa, **extra)
+    y, c, lse = xsa_attention_fwd_eager(q, k, v, xsa, **extra)
+    got = xsa_attention_bwd_eager(dy, q, k, v, y, c, lse, xsa, **extra)
+    for actual, exact in zip(got, expected[1:]):
         assert_close(actual, exact)
 
 
@@ -141,13 +165,21 @@ def test_strided_views_and_expanded_gradient(device):
         assert_close(actual.reshape(exact.shape), exact.float(), dtype=torch.float32)
 
 
-def test_backward_is_bitwise_deterministic(device):
-    # No atomics anywhere: dK/dV programs own their rows and sum over the query heads themselves.
-    q, k, v, dy = _inputs(1, 40, 8, 2, 16, torch.float32, device, seed=4)
-    first = _kernel_grads(q, k, v, dy, xsa=True)
-    second = _kernel_grads(q, k, v, dy, xsa=True)
+def test_deterministic_backward_repeats_its_bits_and_atomic_is_reported(device, record_property):
+    """deterministic=True (dK/dV, then dQ, no atomics) must repeat its bits; the one-pass backward
+    adds dQ with fp32 atomics, whose order (hence last bits) a GPU may vary: reported, held to fp32."""
+    q, k, v, dy = _inputs(1, 40, 4, 2, 16, torch.float32, device, seed=4)
+    gate = torch.randn(1, 40, 4, device=device)
+    cu_seqlens = torch.tensor([0, 7, 23, 40, 40], dtype=torch.int32, device=device)
+    first, second = (_kernel_grads(q, k, v, dy, True, cu_seqlens, gate, deterministic=True) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    fast = [_kernel_grads(q, k, v, dy, True, cu_seqlens, gate) for _ in range(2)]
+    same = all(torch.equal(a, b) for a, b in zip(*fast))
+    record_property("atomic_dq_bits_matched", same)
+    print(f"xsa_attention one-pass (atomic dQ) backward, two runs on {device}: bits {'matched' if same else 'differed'}")
+    for a, b in zip(fast[0], first):
+        assert_close(a, b, dtype=torch.float32)
 
 
 def test_public_api_routes_triton_backend_here():
@@ -180,12 +212,19 @@ def test_mixed_dtypes_raise_one_clear_error():
 
 def test_opcheck(device):
     q, k, v, dy = _inputs(1, 19, 4, 2, 16, torch.float32, device, seed=6)
+    gate = torch.randn(1, 19, 4, device=device)
+    cu_seqlens = torch.tensor([0, 3, 19, 19], dtype=torch.int32, device=device)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    for xsa in (False, True):
+    for xsa, segments, gated, deterministic in ((False, None, None, False), (True, cu_seqlens, gate, True)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        torch.library.opcheck(torch.ops.golf.xsa_attention_fwd, (*leaves, xsa), test_utils=checks)
-        y, c, lse = torch.ops.golf.xsa_attention_fwd(q, k, v, xsa)
-        torch.library.opcheck(torch.ops.golf.xsa_attention_bwd, (dy, q, k, v, y, c, lse, xsa), test_utils=checks)
+        g = None if gated is None else gated.clone().requires_grad_()
+        args = (*leaves, xsa, segments, g, deterministic)
+        torch.library.opcheck(torch.ops.golf.xsa_attention_fwd, args, test_utils=checks)
+        y, c, lse = torch.ops.golf.xsa_attention_fwd(q, k, v, xsa, segments, gated, deterministic)
+        torch.library.opcheck(
+            torch.ops.golf.xsa_attention_bwd, (dy, q, k, v, y, c, lse, xsa, segments, gated, deterministic),
+            test_utils=checks,
+        )
 
 
 def test_compiles_fullgraph_without_recompiling(device):
@@ -264,25 +303,35 @@ def _use_gpu_tiles(monkeypatch, kernel, tile):
     monkeypatch.setattr(xa, "_PREPROCESS_BLOCK_T", xa.PREPROCESS_GPU_BLOCK_T)
 
 
-# T = 150 is ragged for every block size (128, 64, 32, 16) and crosses at least two tiles of each.
+# T = 150 is ragged for every block size (128, 64, 32, 16) and crosses at least two tiles of each; its
+# segments (the frontier's path) have boundaries on tile edges (64, 128), inside tiles and of length 1.
 GPU_TILE_SHAPE = dict(B=1, T=150, H=4, Hkv=2, D=64)
+GPU_TILE_SEGMENTS = [0, 1, 37, 64, 100, 128, 129, 150, 150, 150]
+
+
+def _tile_case(device, seed):
+    q, k, v, dy = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=seed)
+    gate = torch.randn(1, 150, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+    return q, k, v, dy, torch.tensor(GPU_TILE_SEGMENTS, dtype=torch.int32, device=device), gate
 
 
 @pytest.mark.parametrize("tile", xa.FWD_GPU_TILES, ids=_tile_id)
 def test_forward_with_each_gpu_config(monkeypatch, device, tile):
     _use_gpu_tiles(monkeypatch, "fwd", tile)
-    q, k, v, _ = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=20)
+    q, k, v, _, cu_seqlens, gate = _tile_case(device, seed=20)
     if CONFIG_TEST_DTYPE != torch.float32:  # natively on a GPU: tests/kernels/gpu_tiles.CONFIG_TEST_DTYPE
         low = [t.to(CONFIG_TEST_DTYPE) for t in (q, k, v)]
-        y, _, _ = torch.ops.golf.xsa_attention_fwd(*low, True)
-        assert_within_pytorch_error(y, reference.xsa_attention(q, k, v, True), reference.xsa_attention(*low, True))
+        y, _, _ = torch.ops.golf.xsa_attention_fwd(*low, True, cu_seqlens, gate.float(), False)
+        exact = reference.xsa_attention(q, k, v, True, cu_seqlens, gate)
+        assert_within_pytorch_error(y, exact, reference.xsa_attention(*low, True, cu_seqlens, gate.float()))
         return
-    got = torch.ops.golf.xsa_attention_fwd(q.float(), k.float(), v.float(), True)
-    for name, actual, exact in zip(("y", "c", "lse"), got, xsa_attention_fwd_eager(q, k, v, True)):
+    got = torch.ops.golf.xsa_attention_fwd(q.float(), k.float(), v.float(), True, cu_seqlens, gate.float(), False)
+    for name, actual, exact in zip(("y", "c", "lse"), got, xsa_attention_fwd_eager(q, k, v, True, cu_seqlens, gate)):
         assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# Each backward run takes one dK/dV and one dQ config; the shorter list repeats so both are covered.
+# Each backward run takes one dK/dV config (the one-pass backward, atomic dQ) and, in deterministic
+# mode, one dQ config; the shorter list repeats so both are covered.
 assert len(xa.DQ_GPU_TILES) <= len(xa.DKDV_GPU_TILES), "pair the configs the other way round"
 BACKWARD_TILE_PAIRS = list(zip(xa.DKDV_GPU_TILES, itertools.cycle(xa.DQ_GPU_TILES)))
 
@@ -291,19 +340,23 @@ BACKWARD_TILE_PAIRS = list(zip(xa.DKDV_GPU_TILES, itertools.cycle(xa.DQ_GPU_TILE
 def test_backward_with_each_gpu_config(monkeypatch, device, dkdv_tile, dq_tile):
     _use_gpu_tiles(monkeypatch, "dkdv", dkdv_tile)
     _use_gpu_tiles(monkeypatch, "dq", dq_tile)
-    q, k, v, dy = _inputs(*GPU_TILE_SHAPE.values(), torch.float64, device, seed=21)
+    q, k, v, dy, cu_seqlens, gate = _tile_case(device, seed=21)
     if CONFIG_TEST_DTYPE != torch.float32:  # natively on a GPU: tests/kernels/gpu_tiles.CONFIG_TEST_DTYPE
         low = [t.to(CONFIG_TEST_DTYPE) for t in (q, k, v, dy)]
-        exact, same_dtype = _reference_grads(q, k, v, dy, True), _reference_grads(*low, True)
-        for actual, ex, torch_low in zip(_kernel_grads(*low, True), exact, same_dtype):
-            assert_within_pytorch_error(actual, ex, torch_low)
+        exact = _reference_grads(q, k, v, dy, True, None, cu_seqlens, gate)
+        same_dtype = _reference_grads(*low, True, None, cu_seqlens, gate.float())
+        for deterministic in (False, True):
+            got = _kernel_grads(*low, True, cu_seqlens, gate.float(), deterministic)
+            for actual, ex, torch_low in zip(got, exact, same_dtype):
+                assert_within_pytorch_error(actual, ex, torch_low)
         return
-    _, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dy, True)
-    q32, k32, v32, dy32 = (t.float() for t in (q, k, v, dy))
-    y, c, lse = xsa_attention_fwd_eager(q32, k32, v32, True)  # the forward's outputs, without its kernel
-    got = torch.ops.golf.xsa_attention_bwd(dy32, q32, k32, v32, y, c, lse, True)
-    for name, actual, exact in zip(("dq", "dk", "dv"), got, (dq_ref, dk_ref, dv_ref)):
-        assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+    expected = _reference_grads(q, k, v, dy, True, None, cu_seqlens, gate)[1:]
+    q32, k32, v32, dy32, gate32 = (t.float() for t in (q, k, v, dy, gate))
+    y, c, lse = xsa_attention_fwd_eager(q32, k32, v32, True, cu_seqlens, gate32)  # the forward's outputs, without its kernel
+    for deterministic in (False, True):
+        got = torch.ops.golf.xsa_attention_bwd(dy32, q32, k32, v32, y, c, lse, True, cu_seqlens, gate32, deterministic)
+        for name, actual, exact in zip(GRAD_NAMES[1:], got, expected):
+            assert_close(actual, exact.float(), dtype=torch.float32, msg=lambda m, name=name: f"{name} ({deterministic=}): {m}")
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -322,18 +375,49 @@ def test_bf16_training_shape_within_pytorch_error(xsa):
         assert_within_pytorch_error(actual, ex, same_dtype)
 
 
+def _per_segment_reference(q, k, v, dy, xsa, offsets, gate, dtype):
+    """The reference on each segment alone (T x T for the whole row would not fit), concatenated."""
+    parts = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if b > a:
+            parts.append(_reference_grads(*(t[:, a:b] for t in (q, k, v, dy)), xsa, dtype, None, gate[:, a:b]))
+    return [torch.cat(p, dim=1) for p in zip(*parts)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bf16_frontier_shape_within_pytorch_error(deterministic):
+    """FRONTIER.md's micro-batch: one 98,304-token row cut into documents, XSA and the gate, bf16."""
+    B, T, H, Hkv, D = 1, 98304, 8, 4, 64
+    q, k, v, dy = _inputs(B, T, H, Hkv, D, torch.bfloat16, "cuda", seed=11)
+    gate = torch.randn(B, T, H, generator=torch.Generator().manual_seed(11)).cuda()
+    offsets = synthetic_offsets(T, cut=2048, seed=11)  # bench.xsa_attention's stated document lengths
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    exact = _per_segment_reference(q, k, v, dy, True, offsets, gate, torch.float32)
+    pytorch_bf16 = _per_segment_reference(q, k, v, dy, True, offsets, gate, None)
+    got = _kernel_grads(q, k, v, dy, True, cu_seqlens, gate, deterministic)
+    for name, actual, ex, same_dtype in zip(GRAD_NAMES, got, exact, pytorch_bf16):
+        assert actual.dtype == (torch.float32 if name == "dgate" else torch.bfloat16), name
+        assert_within_pytorch_error(actual, ex, same_dtype)
+
+
 @pytest.mark.gpu
 def test_inductor_compile_bf16_matches_eager_kernel():
     torch._dynamo.reset()
     q, k, v, dy = _inputs(2, 300, 8, 4, 64, torch.bfloat16, "cuda", seed=9)
-    eager = _kernel_grads(q, k, v, dy, xsa=True)
-    compiled = torch.compile(xsa_attention, fullgraph=True)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = compiled(*leaves, True)
-    out.backward(dy)
-    for actual, expected in zip([out.detach()] + [t.grad for t in leaves], eager):
-        # Same kernels, same configs once tuned: Inductor only changes what surrounds them.
-        assert_close(actual, expected, dtype=torch.bfloat16)
+    gate = torch.randn(2, 300, 8, device="cuda")
+    cu_seqlens = torch.tensor([0, 100, 300, 301, 600] + [600] * 59, dtype=torch.int32, device="cuda")
+    for extra in ((None, None), (cu_seqlens, gate)):
+        eager = _kernel_grads(q, k, v, dy, True, *extra, deterministic=True)
+        compiled = torch.compile(xsa_attention, fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        gate_leaf = None if extra[1] is None else extra[1].clone().requires_grad_()
+        out = compiled(*leaves, True, extra[0], gate_leaf, True)
+        out.backward(dy)
+        got = [out.detach()] + [t.grad for t in leaves] + ([] if gate_leaf is None else [gate_leaf.grad])
+        for actual, expected in zip(got, eager):
+            # Same kernels, same configs once tuned: Inductor only changes what surrounds them.
+            assert_close(actual, expected, dtype=torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- segments and the output gate
@@ -358,6 +442,59 @@ def test_reference_segments_and_gate_against_loops():
         vhat = v[b, t, kv] / v[b, t, kv].norm()
         y = (y - (y @ vhat) * vhat) * torch.sigmoid(gate[b, t, h])
         torch.testing.assert_close(got[b, t, h], y)
+
+
+def _padded(offsets, multiple=8):
+    """The loader's form: offsets padded with the total length to a multiple of `multiple` entries."""
+    return offsets + [offsets[-1]] * (-len(offsets) % multiple)
+
+
+def _random_offsets(B, T, max_len, seed):
+    """Every row start, then random cuts: segments of 1 to max_len tokens."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = [0]
+    for b in range(B):
+        t = 0
+        while t < T:
+            t = min(T, t + int(torch.randint(1, max_len + 1, (1,), generator=g)))
+            offsets.append(b * T + t)
+    return offsets
+
+
+# The interpreter's tiles: forward and dQ 32 query x 16 key rows, dK/dV 16 query x 32 key rows, so
+# boundaries at 16, 32, 64 sit on tile edges and 2, 17, 40 inside tiles (a query tile whose later rows
+# start a new segment sees only masked keys for them in its first key tiles).
+SEGMENT_CASES = {
+    # name: (B, T, H, Hkv, D, offsets, xsa, gated)
+    "length-1-and-tile-edges": (1, 70, 4, 2, 16, _padded([0, 1, 2, 16, 17, 32, 40, 64, 70]), True, True),
+    "one-segment": (1, 70, 4, 1, 32, [0, 70], False, True),
+    "rows-only-B2": (2, 40, 4, 2, 16, _padded([0, 40, 80]), True, False),
+    "many-random-B2": (2, 90, 2, 1, 16, _padded(_random_offsets(2, 90, 24, seed=40)), True, True),
+    "many-random-plain": (2, 90, 4, 2, 16, _random_offsets(2, 90, 12, seed=41), False, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEGMENT_CASES))
+def test_segments_forward_and_gradients_match_reference(case, device):
+    B, T, H, Hkv, D, offsets, xsa, gated = SEGMENT_CASES[case]
+    q, k, v, dy = _inputs(B, T, H, Hkv, D, torch.float64, device, seed=42)
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+    gate = torch.randn(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(43)).to(device) * 2
+    gate = gate if gated else None
+    expected = _reference_grads(q, k, v, dy, xsa, None, cu_seqlens, gate)
+    low = [t.float() for t in (q, k, v, dy)]
+    for deterministic in (False, True):
+        got = _kernel_grads(*low, xsa, cu_seqlens, None if gate is None else gate.float(), deterministic)
+        for name, actual, exact in zip(GRAD_NAMES, got, expected):
+            assert_close(actual, exact.float(), dtype=torch.float32,
+                         msg=lambda m, name=name: f"{name} ({deterministic=}): {m}")
+
+
+def test_segment_bounds_cut_at_rows_and_skip_empty_segments():
+    cu_seqlens = torch.tensor([0, 3, 3, 5, 8, 9, 16, 16], dtype=torch.int32)  # rows of 8; 3..3 empty
+    start, end = xa.segment_bounds(cu_seqlens, 2, 8)
+    assert start.tolist() == [0, 0, 0, 3, 3, 5, 5, 5] + [0, 1, 1, 1, 1, 1, 1, 1]
+    assert end.tolist() == [3, 3, 3, 5, 5, 8, 8, 8] + [1, 8, 8, 8, 8, 8, 8, 8]
 
 
 def test_no_segments_is_one_segment_per_row():
