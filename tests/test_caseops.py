@@ -14,7 +14,7 @@ import torch
 from data import caseops, prepare
 from data.caseops import ALLCAPS, CAPNEXT, ESC, TITLE, CaseOpsError
 from model.bpb import SidecarBytes, build_byte_luts, describe_byte_source, validation_byte_source
-from model.data import load_validation_bytes, load_validation_tokens, open_sentencepiece, read_shard, shard_paths
+from model.data import DistributedTokenLoader, load_validation_bytes, load_validation_tokens, open_sentencepiece, read_shard, shard_paths
 from model.evaluate import evaluate_contiguous, evaluate_sliding, evaluate_ttt
 
 CASEOPS_TOKENIZER = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
@@ -235,6 +235,8 @@ def test_prepare_caseops_shards_and_sidecars(caseops_shards, small_caseops_token
     assert [int(sidecar[a:b].sum()) for a, b in zip(starts, starts[1:])] == [len(t.strip().encode("utf-8")) for t in docs[:8]]
     train = np.concatenate([read_shard(p) for p in shard_paths(out, "train")])
     assert np.array_equal(train, np.concatenate([prepare.encode_document(sp, t, True, False)[0] for t in docs[8:]]))
+    inputs, targets = DistributedTokenLoader(out, vocab_size=sp.vocab_size()).next_batch(64, 32, "cpu")  # the trainer's loader
+    assert inputs.flatten().tolist() == train[:64].tolist() and targets.flatten().tolist() == train[1:65].tolist()
     assert not [n for n in os.listdir(out) if "train_bytes" in n]  # sidecars only for validation
 
 
