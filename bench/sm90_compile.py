@@ -164,20 +164,27 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
 
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
-        # XSA attention at the training micro-batch, with and without the projection
+        # XSA attention at the training micro-batch: plain causal, XSA, and the frontier's XSA with
+        # segments and the output gate; the backward in both modes (one pass with atomic dQ, deterministic)
         q, k, v = empty(B, T, H, D, dtype=dtype), empty(B, T, Hkv, D, dtype=dtype), empty(B, T, Hkv, D, dtype=dtype)
         stats = empty(B, H, T, dtype=torch.float32)
         qkv = (q, k, v)
-        for use_xsa in (False, True):
+        cu_seqlens = torch.tensor([0, B * T], dtype=torch.int32)  # the offsets' values do not change the code
+        gate = empty(B, T, H, dtype=torch.float32)
+        for use_xsa, segments, g in ((False, None, None), (True, None, None), (True, cu_seqlens, gate)):
+            what = f"xsa={use_xsa}" + (" segments+gate" if segments is not None else "")
             # thunks run after the loop: every tensor they use is bound as a default, not looked up late
             cases.append((
-                f"xsa_attention_fwd {name} xsa={use_xsa}",
-                lambda x=use_xsa, qkv=qkv: _body(xsa.xsa_attention_fwd_op)(*qkv, x),
+                f"xsa_attention_fwd {name} {what}",
+                lambda x=use_xsa, qkv=qkv, c=segments, g=g: _body(xsa.xsa_attention_fwd_op)(*qkv, x, c, g, False),
             ))
-            cases.append((
-                f"xsa_attention_bwd {name} xsa={use_xsa}",
-                lambda x=use_xsa, qkv=qkv, s=stats: _body(xsa.xsa_attention_bwd_op)(qkv[0], *qkv, qkv[0], s, s, x),
-            ))
+            for deterministic in (False, True):
+                cases.append((
+                    f"xsa_attention_bwd {name} {what} deterministic={deterministic}",
+                    lambda x=use_xsa, qkv=qkv, s=stats, c=segments, g=g, d=deterministic: _body(xsa.xsa_attention_bwd_op)(
+                        qkv[0], *qkv, qkv[0], s, s, x, c, g, d
+                    ),
+                ))
         # Newton-Schulz: one stacked launch per Muon shape group, computing in `dtype`
         coeffs = [c for triple in [reference.QUINTIC_COEFFS] * cfg.muon_backend_steps for c in triple]
         counts = {}
