@@ -26,7 +26,7 @@ import kernels
 from kernels.ops.xsa_attention import SUPPORTED_HEAD_DIMS
 from model import evaluate, export, submission
 from model.atomic import atomic_write
-from model.bpb import build_byte_luts, load_tokenizer
+from model.bpb import build_byte_luts, describe_byte_source, load_tokenizer, validation_byte_source
 from model.checkpoint import TRAINING_STATE_KEYS, load_checkpoint, save_checkpoint
 from model.config import Config, help_text, load_config, setting_warnings
 from model.data import (DistributedTokenLoader, check_tokenizer_matches, check_train_shards, load_validation_tokens,
@@ -227,9 +227,11 @@ class Scoring:
     def __init__(self, cfg: Config, ctx: Dist):
         self.cfg, self.ctx = cfg, ctx
         check_tokenizer_matches(cfg.data_path, cfg.tokenizer_path)
-        self.luts = build_byte_luts(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size, ctx.device)
+        tables = build_byte_luts(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size, ctx.device)
         self.tokens = load_validation_tokens(cfg.data_path, max(cfg.train_seq_len, cfg.eval_seq_len), cfg.max_val_tokens,
                                              vocab_size=cfg.vocab_size)
+        # CaseOps shards carry the original text's bytes per token (FRONTIER.md section 1): they score when present
+        self.luts = validation_byte_source(cfg.data_path, self.tokens.numel(), tables)
         self.share = dict(rank=ctx.rank, world_size=ctx.world_size)
 
     def contiguous(self, model: GPT) -> tuple[float, float]:
@@ -368,7 +370,7 @@ def run(cfg: Config, ctx: Dist) -> None:
             f"torch {torch.__version__}")
     log.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     if cfg.eval_only:
-        log.log(f"eval-only: scoring {cfg.eval_only}")
+        log.log(f"eval-only: scoring {cfg.eval_only}; bytes from the {describe_byte_source(scoring.luts)}")
         path = log.path(ARTIFACT)
         if ctx.is_main and os.path.abspath(cfg.eval_only) != os.path.abspath(path):
             with open(cfg.eval_only, "rb") as f:  # the record is built from the run folder
@@ -377,7 +379,7 @@ def run(cfg: Config, ctx: Dist) -> None:
         score_artifact(path, cfg, ctx, log, scoring, **trained_so_far(os.path.dirname(os.path.abspath(cfg.eval_only))))
         return
     log.log(f"data: {len(shard_paths(cfg.data_path, 'train'))} train shards ({train_tokens:,} tokens), "
-            f"{scoring.tokens.numel() - 1:,} validation targets")
+            f"{scoring.tokens.numel() - 1:,} validation targets; bytes from the {describe_byte_source(scoring.luts)}")
 
     loader = DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size)
     state = build_training_state(cfg, ctx, loader)
