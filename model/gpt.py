@@ -1,18 +1,20 @@
 """The GPT of SPEC.md "Model" (the default preset) and FRONTIER.md section 2 (`--preset frontier`).
 
-    part            SPEC.md                                    FRONTIER.md
-    embeddings in   e = tok_emb(ids) + BigramHash(ids);        e = tok_emb(ids);
-                    x0 = SmearGate(RMSNorm(e))                 x0 = RMSNorm(BosSmearGate(e, ids))
-    trunk           11 blocks, encoder 0-4 pushes U-Net        the plan of model/trunk.py: 0,1,2,[3,4,5]x3,6..10
-                    skips, decoder 5-10 pops them:             once the loop is on (`model.looping`);
-                    x + w_j skip                               lerp(w_j skip, x, sigmoid(g_j)); blocks 8-10 two lanes
-    block           Block: pre-norm (scaled 1/sqrt(i+1)) attention, then the MLP; resid_mix with x0 first
-                                                               TwoLaneBlock in the parallel decoder
-    attention       GQA, q/k RMSNorm, partial RoPE, q gain 1.5, ...gain 5.0, XSA on all 11, the sparse
-                    VE on 9-10, XSA on the last 4              output gate; documents isolated (cu_seqlens)
-    MLP             relu^2, 3x                                 leaky_relu(0.5)^2, 4x
-    head            final RMSNorm, tied embedding, soft cap 30, fp32 cross-entropy
-                                                               (of the lanes' mean in the parallel decoder)
+| part          | SPEC.md (the default)                          | FRONTIER.md (`--preset frontier`)                     |
+|---------------|------------------------------------------------|-------------------------------------------------------|
+| embeddings in | x0 = SmearGate(RMSNorm(tok_emb + BigramHash))  | x0 = RMSNorm(BosSmearGate(tok_emb, ids))              |
+| trunk         | blocks 0-10; encoder 0-4 push U-Net skips,     | the same until `model.looping`, then                  |
+|               | decoder 5-10 pop them                          | 0,1,2,[3,4,5]x3,6..10: encoder the first 8 of the 17  |
+| skip          | x + w_j skip (5 slots)                         | lerp(w_j skip, x, sigmoid(g_j)) (8 slots)             |
+| block         | Block: x_in = resid_mix(x, x0); pre-norm       | Block; TwoLaneBlock for blocks 8-10 (lanes L0, L1)    |
+|               | attention, then MLP; norms scaled 1/sqrt(i+1)  |                                                       |
+| attention     | GQA, q/k RMSNorm, partial RoPE (NTK beyond the | q gain 5.0, RoPE turned the other way and never       |
+|               | train length), q gain 1.5, VE on 9-10, XSA on  | rescaled, XSA on all 11, the sparse output gate,      |
+|               | the last 4                                     | documents isolated (cu_seqlens)                       |
+| MLP           | relu^2, 3x                                     | leaky_relu(0.5)^2, 4x                                 |
+| head          | final RMSNorm, tied embedding, soft cap 30,    | the same, of the lanes' mean                          |
+|               | fp32 cross-entropy                             |                                                       |
+| init          | SPEC.md "init" (INIT_SCHEME=spec)              | FRONTIER.md "Init": its RNG order, bf16-rounded       |
 
 Every part is built from the config: a feature only one preset uses exists only when its setting
 is on, so the other preset's state dict, parameter count and numbers do not change. The wiring is
