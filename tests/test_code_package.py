@@ -12,12 +12,15 @@ from torch import nn
 
 import kernels
 from model import code_package, export, gptq
-from model.config import Config
+from model.config import PRESETS, Config
 from model.gpt import GPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=300, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=2, rope_dims=16,
             xsa_last_n=1, bigram_enabled=False, ve_enabled=False, train_seq_len=64)
+FRONTIER_SMOKE = dict(vocab_size=1100, num_layers=11, model_dim=64, mlp_mult=17, num_heads=4, num_kv_heads=2, train_seq_len=64,
+                      compile=False)  # the frontier's topology (loop 3-5, lanes from 8); tok_emb and the MLP over 65,536: GPTQ
+FRONTIER_LANDED = hasattr(GPT, "int8_row_matrix_names")  # the frontier model declares its int8 gate
 SCORE = """
 import json, runpy, sys
 runpy.run_path(sys.argv[1])  # installs the package's import hook; train.py does not run under this name
@@ -25,13 +28,16 @@ import torch
 from model import export, config, gpt
 modules = [m for name, m in sys.modules.items() if name.split(".")[0] in ("model", "kernels", "train")]
 assert modules and all(m.__file__.startswith("{origin}") for m in modules), [m.__file__ for m in modules]
-cfg = config.Config(**json.loads(open(sys.argv[3]).read()))
-model = gpt.GPT(cfg)
-model.load_state_dict(export.read_artifact(sys.argv[2]))
-tokens = torch.load(sys.argv[4])
-with torch.no_grad():
-    loss = model.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean()
-print(json.dumps({{"loss": loss.item(), "origin": export.__file__}}))
+losses = []
+for case in json.loads(sys.argv[2]):
+    cfg = config.Config(**case["config"])
+    model = gpt.GPT(cfg)
+    model.load_state_dict(export.read_artifact(case["artifact"]))
+    model.looping = bool(cfg.num_loops)
+    tokens = torch.load(case["tokens"])
+    with torch.no_grad():
+        losses.append(model.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean().item())
+print(json.dumps({{"losses": losses, "origin": export.__file__}}))
 """.format(origin=code_package.ORIGIN)
 
 
@@ -74,38 +80,59 @@ def test_bad_file_lists_are_one_line(tmp_path):
         code_package.package_sources([str(outside)], REPO)
 
 
-@pytest.mark.slow
-def test_the_package_scores_a_saved_artifact_in_a_fresh_process(package, tmp_path):
-    cfg = Config(**TINY)
+def export_and_score(settings: dict, folder, code_bytes: int) -> dict:
+    """Build a GPT from settings (zero-initialised matrices filled, so every weight matters), export it
+    with its config's QUANT/COMPRESSOR (GPTQ calibrated on random tokens), reload it in this process
+    and score 384 tokens before and after -> the case the fresh process scores again."""
+    cfg = Config(**settings)
     torch.manual_seed(0)
+    model = GPT(cfg)
+    for parameter in model.parameters():
+        if parameter.dim() == 2 and not parameter.detach().any():
+            nn.init.normal_(parameter, std=0.02)
+    model.looping = bool(cfg.num_loops)
+    sd = model.state_dict()
+    fp32, int6 = model.control_tensor_names(), model.int6_matrix_names()
+    gates = model.int8_row_matrix_names() if FRONTIER_LANDED else ()
+    batches = [torch.randint(0, cfg.vocab_size, (2, 64)) for _ in range(2)]
+    hessians, _ = gptq.collect_hessians(model, batches, export.gptq_names(sd, fp32_names=fp32))
+    artifact = folder / "final_model.ptz"
+    export.write_artifact(sd, str(artifact), fp32_names=fp32, int6_names=int6, quant="gptq", compressor="pergroup",
+                          hessians=hessians, gate_names=gates, cfg=cfg, group_coder="zstd", level=3,
+                          code_bytes=code_bytes)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 97))  # 384 scored targets
+    fresh = GPT(cfg)
+    fresh.load_state_dict(export.read_artifact(str(artifact)))
+    fresh.looping = model.looping
+    with torch.no_grad():
+        before = model.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean().item()
+        after = fresh.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean().item()
+    torch.save(tokens, folder / "tokens.pt")
+    return dict(config=settings, artifact=str(artifact), tokens=str(folder / "tokens.pt"), before=before, after=after)
+
+
+@pytest.mark.slow
+def test_the_package_scores_saved_artifacts_in_a_fresh_process(package, tmp_path):
+    """A tiny seed-style GPT with GPTQ + LQER + pergroup, and (once model/gpt.py builds it) a
+    frontier-smoke GPT with the frontier preset's export: each artifact reloaded here scores
+    within the quantisation's expected change of the exported model, and the packaged code in a
+    fresh process scores it exactly as this process does."""
+    cases = [dict(TINY, lqer_enabled=True)]
+    if FRONTIER_LANDED:
+        cases.append(dict(PRESETS["frontier"](), **FRONTIER_SMOKE))
+    scored = []
     with kernels.use_backend("reference"):
-        model = GPT(cfg)
-        for block in model.blocks:  # non-zero residual branches, so every matrix matters
-            nn.init.normal_(block.attn.proj.weight, std=0.02)
-            nn.init.normal_(block.mlp.proj.weight, std=0.02)
-        sd = model.state_dict()
-        names = export.gptq_names(sd, fp32_names=model.control_tensor_names())
-        batches = [torch.randint(0, cfg.vocab_size, (2, 64)) for _ in range(2)]
-        hessians, _ = gptq.collect_hessians(model, batches, names)
-        artifact = tmp_path / "final_model.ptz"
-        export.write_artifact(sd, str(artifact), fp32_names=model.control_tensor_names(),
-                              int6_names=model.int6_matrix_names(), quant="gptq", compressor="pergroup",
-                              hessians=hessians, cfg=Config(**TINY, lqer_enabled=True), code_bytes=package[1])
-        tokens = torch.randint(0, cfg.vocab_size, (4, 97))  # 384 scored targets
-        fresh = GPT(cfg)
-        fresh.load_state_dict(export.read_artifact(str(artifact)))
-        with torch.no_grad():
-            before = model.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean().item()
-            expected = fresh.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean().item()
-    assert before != expected and abs(before - expected) < 0.01 * before  # quantised: close, not equal
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
-    torch.save(tokens, tmp_path / "tokens.pt")
+        for i, settings in enumerate(cases):
+            (tmp_path / str(i)).mkdir()
+            scored.append(export_and_score(settings, tmp_path / str(i), package[1]))
+    for case in scored:
+        assert case["before"] != case["after"] and abs(case["before"] - case["after"]) < 0.01 * case["before"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(KERNELS="reference", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-I", "-c", SCORE, str(package[0]), str(artifact),
-                             str(tmp_path / "config.json"), str(tmp_path / "tokens.pt")],
+    result = subprocess.run([sys.executable, "-I", "-c", SCORE, str(package[0]), json.dumps(scored)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["origin"].startswith(code_package.ORIGIN)
-    assert got["loss"] == pytest.approx(expected, abs=1e-6)
+    assert got["losses"] == pytest.approx([case["after"] for case in scored], abs=1e-6)
+
