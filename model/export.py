@@ -1,7 +1,15 @@
-"""The artifact: quantise the state dict, serialise it, compress it with zstd, check the budget.
+"""The artifact: quantise the state dict, serialise it, compress it, check the budget.
 
-SPEC "Export". Each tensor is stored in one of five classes, chosen by what the model declares
-and by size:
+Two quantisers and three containers, chosen by QUANT and COMPRESSOR:
+- QUANT=int6 (SPEC "Export", the seed's; described below) or QUANT=gptq (FRONTIER.md section 4:
+  `quantize_state_dict_gptq`, with model/gptq.py's GPTQ and model/lqer.py's low-rank correction);
+- COMPRESSOR=zstd (a zstd frame, the seed's), brotli (model/compressors.py) or pergroup
+  (model/pergroup.py's PGRP container). `read_artifact` tells them apart by their first bytes.
+Write path: collect_hessians (model/gptq.py) -> write_artifact(..., quant=, compressor=, hessians=,
+gate_names=, cfg=, code_bytes=) -> read_artifact(path) -> state dict.
+
+SPEC "Export" (QUANT=int6). Each tensor is stored in one of five classes, chosen by what the model
+declares and by size:
 
 | class | which tensors (the first row that matches)                            | stored as                          |
 |-------|-----------------------------------------------------------------------|------------------------------------|
