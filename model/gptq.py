@@ -55,9 +55,9 @@ class _Accumulator:
         self._last_input, self._last_product = None, None
 
 
-def _mlp_activation(model: nn.Module):
-    """The MLP's activation: leaky_relu(z, slope)^2 with the config's slope (0 = relu^2)."""
-    slope = float(getattr(getattr(model, "cfg", None), "mlp_leaky_slope", 0.0))
+def _mlp_activation(model: nn.Module, mlp: nn.Module):
+    """The MLP's activation: leaky_relu(z, slope)^2 with the MLP's negative_slope, else the config's (0 = relu^2)."""
+    slope = float(getattr(mlp, "negative_slope", getattr(getattr(model, "cfg", None), "mlp_leaky_slope", 0.0)))
     return lambda z: F.leaky_relu(z, slope).square()
 
 
@@ -73,13 +73,14 @@ def collect_hessians(model: nn.Module, batches, names) -> tuple[dict[str, torch.
     names = set(names)
     modules = dict(model.named_modules())
     acc, fused = _Accumulator(), _Accumulator()  # fused: the MLP hooks, used when fc/proj never ran
-    activation = _mlp_activation(model)
     handles = []
 
     def linear_hook(name):
         return lambda module, args, output: acc.add(name, args[0])
 
     def mlp_hook(prefix, mlp):
+        activation = _mlp_activation(model, mlp)
+
         def hook(module, args):
             x = args[0]
             fused.add(f"{prefix}.fc.weight", x)

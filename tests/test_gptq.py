@@ -194,3 +194,36 @@ def test_calibration_refuses_what_it_cannot_hook():
         gptq.collect_hessians(model, [torch.zeros(1, 3, dtype=torch.long)], ["tok_emb.bias"])
     with pytest.raises(ValueError, match="no calibration batches"):
         gptq.collect_hessians(model, [], ["lin.weight"])
+
+
+def test_calibration_of_the_looped_frontier_model():
+    """The frontier's trunk, looped: blocks 3-5 run three times per batch and their Hessians hold
+    every use; the MLP's activation is the leaky square (slope 0.5); the gate is not hooked."""
+    from model.config import PRESETS
+
+    cfg = Config(**dict(PRESETS["frontier"](), vocab_size=96, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                        train_seq_len=16, compile=False))
+    torch.manual_seed(0)
+    with kernels.use_backend("reference"):
+        model = GPT(cfg)
+        for parameter in model.parameters():
+            if parameter.dim() == 2 and not parameter.detach().any():
+                nn.init.normal_(parameter, std=0.05)
+        model.looping = True
+        names = sorted(model.int6_matrix_names()) + ["tok_emb.weight"]
+        batches = [torch.randint(0, 96, (2, 16)) for _ in range(2)]
+        H, _ = gptq.collect_hessians(model, batches, names)
+        inputs = {i: [] for i in (2, 4)}
+        handles = [model.blocks[i].mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0]))
+                   for i in inputs]
+        with torch.no_grad():
+            for ids in batches:
+                model.hidden(ids)
+        for handle in handles:
+            handle.remove()
+    assert set(H) == set(names) and len(inputs[2]) == 2 and len(inputs[4]) == 6  # block 4 is looped: 3 uses a batch
+    for i, captured in inputs.items():
+        x = torch.cat([t.reshape(-1, 32).float() for t in captured])
+        z = F.leaky_relu(x @ model.blocks[i].mlp.fc.weight.T, 0.5).square()
+        torch.testing.assert_close(H[f"blocks.{i}.mlp.fc.weight"], x.T @ x / 2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(H[f"blocks.{i}.mlp.proj.weight"], z.T @ z / 2, rtol=1e-5, atol=1e-6)
