@@ -206,6 +206,17 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
             f"softcap_ce_dlogits {name}",
             lambda x=x: _body(softcap_ce.softcap_ce_dlogits_op)(x, weight, targets, per_token, per_token, per_token, 30.0),
         ))
+        # the phased TTT's head with per-document LoRA: a few documents of TTT_EVAL_SEQ_LEN rows, rank TTT_LORA_RANK
+        docs, rows, rank = 4, cfg.ttt_eval_seq_len, cfg.ttt_lora_rank
+        xl, ul = empty(docs * rows, cfg.model_dim, dtype=dtype), empty(docs * rows, rank, dtype=dtype)
+        lora_b = empty(docs, cfg.vocab_size, rank, dtype=torch.float32)
+        tl_, pl = torch.zeros(docs * rows, dtype=torch.int64), empty(docs * rows, dtype=torch.float32)
+        cases.append((f"softcap_ce_lora_fwd {name}",
+                      lambda x=xl, u=ul, b=lora_b, t=tl_: _body(softcap_ce.softcap_ce_lora_fwd_op)(x, weight, u, b, t, 30.0)))
+        cases.append((
+            f"softcap_ce_lora_dlogits {name}",
+            lambda x=xl, u=ul, b=lora_b, t=tl_, p=pl: _body(softcap_ce.softcap_ce_lora_dlogits_op)(x, weight, u, b, t, p, p, p, 30.0),
+        ))
         # relu^2 MLP: the bodies run their cuBLAS half as CPU matmuls, so 8192 tokens stand in for the
         # micro-batch's 98,304 (the same autotune list and constexprs; only the split-K count differs).
         # Both activations: relu^2 (SPEC) and LeakyReLU(0.5)^2 (FRONTIER.md), each its own constexpr.

@@ -18,6 +18,15 @@ The only [*, V] buffer is one chunk of d_raw, at most BACKWARD_CHUNK_BYTES (32 M
 rows at V = 1024 in bf16), instead of the eager reference's several [N, V] fp32 tensors.
 FLOPs: forward 2NVd; backward 2NVd (recompute) + 4NVd (the two products).
 
+With a per-document LoRA on the logits (the phased TTT's lm_head adapter, FRONTIER.md section 5):
+    logits = softcap * tanh((x @ weight^T + u_b @ lora_b[b]^T) / softcap),  u = (x @ lora_a[b]^T) * scale
+for x [B, T, d], lora_a [B, r, d], lora_b [B, V, r] (`softcap_cross_entropy_lora`). u [B, T, r] is a
+torch.bmm (cheap: r = 80); `golf::softcap_ce_lora_fwd` and `golf::softcap_ce_lora_dlogits` are the
+kernels above on a grid of (row blocks, documents), each tile's raw logits summing both products
+in one fp32 accumulator, so the [B, T, V] logits of a batch are never stored. The backward adds
+grad_u = d_raw @ lora_b[b] and grad_lora_b = d_raw^T @ u_b (per document, torch.bmm) and chunks by
+whole documents. Extra FLOPs: 2NVr forward, 2NVr recompute + 4NVr products backward.
+
 Targets: like F.cross_entropy, a target of -100 (ignore_index) gives loss 0 and no gradient.
 Any other target outside [0, V) is the caller's responsibility: checking it would need a
 device sync, so on CUDA the kernel instead writes NaN for that token's loss (and NaN into its
@@ -59,6 +68,36 @@ def _capped_logits_tile(
         w_tile = tl.load(w_ptr + cols[:, None] * D + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         # The weight is cast to x's dtype for the product, as the reference does.
         raw = _dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), raw, INPUT_PRECISION)
+    return _soft_cap(raw, softcap)
+
+
+@triton.jit
+def _lora_capped_logits_tile(
+    x_ptr, w_ptr, u_ptr, lb_ptr, rows, row_mask, cols, V, D, R, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """_capped_logits_tile plus one document's LoRA: raw = x W^T + u B^T, both products in one fp32
+    accumulator; u [rows, R] (x's dtype, scale included), lb_ptr at the document's B [V, R]."""
+    col_mask = cols < V
+    raw = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_D)):
+        dk = k * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = dk < D
+        x_tile = tl.load(x_ptr + rows[:, None] * D + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + cols[:, None] * D + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        raw = _dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), raw, INPUT_PRECISION)
+    for k in range(0, tl.cdiv(R, BLOCK_D)):
+        rk = k * BLOCK_D + tl.arange(0, BLOCK_D)
+        r_mask = rk < R
+        u_tile = tl.load(u_ptr + rows[:, None] * R + rk[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        b_tile = tl.load(lb_ptr + cols[:, None] * R + rk[None, :], mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+        raw = _dot(u_tile, tl.trans(b_tile.to(u_tile.dtype)), raw, INPUT_PRECISION)
+    return _soft_cap(raw, softcap)
+
+
+@triton.jit
+def _soft_cap(raw, softcap):
+    """softcap * tanh(raw / softcap) and 1 - tanh^2 of it (fp32 tiles)."""
     # tanh from one exp of a non-positive argument (no overflow): e = exp(-2|z|) in (0, 1],
     # |tanh z| = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2, the latter without the
     # cancellation of 1 - t*t when the cap saturates.
@@ -94,13 +133,9 @@ def _softcap_ce_fwd_kernel(
         capped, _ = _capped_logits_tile(
             x_ptr, w_ptr, rows, cols, N, V, D, cap, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION
         )
-        capped = tl.where((cols < V)[None, :], capped, float("-inf"))
-        # Every tile holds at least one column < V, so new_max is finite.
-        new_max = tl.maximum(running_max, tl.max(capped, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(capped - new_max[:, None]), axis=1)
-        running_max = new_max
-        is_target = cols[None, :] == targets[:, None]
-        target_logit += tl.sum(tl.where(is_target, capped, 0.0), axis=1)
+        running_max, running_sum, target_logit = _online_lse_update(
+            capped, cols, targets, V, running_max, running_sum, target_logit
+        )
 
     lse = running_max + tl.log(running_sum)
     valid = (targets >= 0) & (targets < V)
@@ -132,6 +167,89 @@ def _softcap_ce_dlogits_kernel(
     capped, sech2 = _capped_logits_tile(
         x_ptr, w_ptr, rows, cols, N, V, D, cap, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION
     )
+    d_raw = _dlogits_from_tile(capped, sech2, rows, row_mask, cols, V, targets_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr)
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(draw_ptr + rows[:, None] * V + cols[None, :], d_raw.to(draw_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _online_lse_update(capped, cols, targets, V, running_max, running_sum, target_logit):
+    """One V tile of the forward's online logsumexp and target pick (fp32)."""
+    capped = tl.where((cols < V)[None, :], capped, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(capped, axis=1))  # every tile holds a column < V: finite
+    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(capped - new_max[:, None]), axis=1)
+    is_target = cols[None, :] == targets[:, None]
+    target_logit += tl.sum(tl.where(is_target, capped, 0.0), axis=1)
+    return new_max, running_sum, target_logit
+
+
+@triton.jit
+def _softcap_ce_lora_fwd_kernel(
+    x_ptr,  # [B*T, D] x dtype
+    w_ptr,  # [V, D] weight dtype
+    u_ptr,  # [B*T, R] x dtype: (x A^T) scale
+    lb_ptr,  # [B, V, R] LoRA B
+    targets_ptr,  # [B*T] int
+    loss_ptr,  # [B*T] fp32 out
+    lse_ptr,  # [B*T] fp32 out
+    T, V, D, R, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # grid (row blocks of one document, documents): a block never mixes two documents' B
+    doc = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = t < T
+    rows = doc * T + t
+    lb_doc = lb_ptr + doc.to(tl.int64) * V * R
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    cap = tl.cast(softcap, tl.float32)
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v in range(0, tl.cdiv(V, BLOCK_V)):
+        cols = v * BLOCK_V + tl.arange(0, BLOCK_V)
+        capped, _ = _lora_capped_logits_tile(
+            x_ptr, w_ptr, u_ptr, lb_doc, rows, row_mask, cols, V, D, R, cap, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION
+        )
+        running_max, running_sum, target_logit = _online_lse_update(
+            capped, cols, targets, V, running_max, running_sum, target_logit
+        )
+
+    lse = running_max + tl.log(running_sum)
+    valid = (targets >= 0) & (targets < V)
+    loss = tl.where(valid, lse - target_logit, float("nan"))
+    loss = tl.where(targets == IGNORE_INDEX, 0.0, loss)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _softcap_ce_lora_dlogits_kernel(
+    x_ptr, w_ptr, u_ptr, lb_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr,
+    draw_ptr,  # [B*T, V] x dtype out: gradient of the raw logits x W^T + u B^T
+    T, V, D, R, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    doc = tl.program_id(2)
+    t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = t < T
+    rows = doc * T + t
+    cap = tl.cast(softcap, tl.float32)
+
+    capped, sech2 = _lora_capped_logits_tile(
+        x_ptr, w_ptr, u_ptr, lb_ptr + doc.to(tl.int64) * V * R, rows, row_mask, cols, V, D, R, cap,
+        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION,
+    )
+    d_raw = _dlogits_from_tile(capped, sech2, rows, row_mask, cols, V, targets_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr)
+    mask = row_mask[:, None] & (cols < V)[None, :]
+    tl.store(draw_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], d_raw.to(draw_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dlogits_from_tile(capped, sech2, rows, row_mask, cols, V, targets_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr):
+    """d_raw = (softmax (g_loss + g_lse) - onehot(target) g_loss) (1 - tanh^2) of one tile (fp32)."""
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     grad_loss = tl.load(grad_loss_ptr + rows, mask=row_mask, other=0.0)
@@ -140,13 +258,10 @@ def _softcap_ce_dlogits_kernel(
     valid = (targets >= 0) & (targets < V)
     grad_loss = tl.where(valid, grad_loss, float("nan"))
     grad_loss = tl.where(targets == IGNORE_INDEX, 0.0, grad_loss)
-
     softmax = tl.exp(capped - lse[:, None])
     is_target = cols[None, :] == targets[:, None]
     d_capped = softmax * (grad_loss + grad_lse)[:, None] - tl.where(is_target, grad_loss[:, None], 0.0)
-    d_raw = d_capped * sech2
-    mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(draw_ptr + rows[:, None] * V + cols[None, :], d_raw.to(draw_ptr.dtype.element_ty), mask=mask)
+    return d_capped * sech2
 
 
 # --------------------------------------------------------------------------- launch wrappers
@@ -244,6 +359,65 @@ def softcap_ce_dlogits_op(
     return d_raw
 
 
+def _check_lora_inputs(x, weight, u, lora_b, targets, where: str) -> None:
+    _check_inputs(x, weight, targets, where)
+    docs = lora_b.shape[0] if lora_b.dim() == 3 else 0
+    if (lora_b.dim() != 3 or u.dim() != 2 or u.shape != (x.shape[0], lora_b.shape[2]) or lora_b.shape[1] != weight.shape[0]
+            or docs == 0 or x.shape[0] % docs):
+        raise ValueError(
+            f"{where}: u must be [B*T, r] and lora_b [B, V, r] with V = weight's {weight.shape[0]} rows and B dividing "
+            f"x's {x.shape[0]} rows (documents of equal length), got u {tuple(u.shape)} and lora_b {tuple(lora_b.shape)}."
+        )
+    if u.dtype != x.dtype or lora_b.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{where}: u must have x's dtype {x.dtype} and lora_b be fp32, bf16 or fp16, got {u.dtype} "
+                        f"and {lora_b.dtype}.")
+
+
+def _lora_launch_shape(x, lora_b):
+    docs, V, R = lora_b.shape
+    return docs, x.shape[0] // docs, V, x.shape[1], R
+
+
+@torch.library.triton_op("golf::softcap_ce_lora_fwd", mutates_args=())
+def softcap_ce_lora_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, targets: torch.Tensor, softcap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B*T, d], weight [V, d], u [B*T, r], lora_b [B, V, r], targets [B*T] -> (loss, lse) [B*T] fp32,
+    the logits of row b*T + t being x W^T + u lora_b[b]^T."""
+    _check_lora_inputs(x, weight, u, lora_b, targets, "golf::softcap_ce_lora_fwd")
+    x, weight, u, lora_b, targets = (t.contiguous() for t in (x, weight, u, lora_b, targets))
+    docs, T, V, D, R = _lora_launch_shape(x, lora_b)
+    loss = new_output((x.shape[0],), torch.float32, x.device)
+    lse = new_output((x.shape[0],), torch.float32, x.device)
+    if T == 0:
+        return loss, lse
+    config = _config(x)
+    grid = (triton.cdiv(T, config["BLOCK_N"]), docs)
+    wrap_triton(_softcap_ce_lora_fwd_kernel)[grid](x, weight, u, lora_b, targets, loss, lse, T, V, D, R, softcap, **config)
+    return loss, lse
+
+
+@torch.library.triton_op("golf::softcap_ce_lora_dlogits", mutates_args=())
+def softcap_ce_lora_dlogits_op(
+    x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, targets: torch.Tensor,
+    lse: torch.Tensor, grad_loss: torch.Tensor, grad_lse: torch.Tensor, softcap: float,
+) -> torch.Tensor:
+    """Gradient [B*T, V] (x's dtype) of the raw logits x W^T + u lora_b[b]^T; called on whole documents."""
+    _check_lora_inputs(x, weight, u, lora_b, targets, "golf::softcap_ce_lora_dlogits")
+    x, weight, u, lora_b, targets = (t.contiguous() for t in (x, weight, u, lora_b, targets))
+    lse, grad_loss, grad_lse = lse.contiguous(), grad_loss.contiguous(), grad_lse.contiguous()
+    docs, T, V, D, R = _lora_launch_shape(x, lora_b)
+    d_raw = new_output((x.shape[0], V), x.dtype, x.device)
+    if T == 0:
+        return d_raw
+    config = _config(x)
+    grid = (triton.cdiv(T, config["BLOCK_N"]), triton.cdiv(V, config["BLOCK_V"]), docs)
+    wrap_triton(_softcap_ce_lora_dlogits_kernel)[grid](
+        x, weight, u, lora_b, targets, lse, grad_loss, grad_lse, d_raw, T, V, D, R, softcap, **config
+    )
+    return d_raw
+
+
 # --------------------------------------------------------------------------- CPU fallbacks and fakes
 # Used for CPU tensors when Triton's interpreter is off (see _launch.register_cpu_and_fake).
 
@@ -261,13 +435,7 @@ def softcap_ce_fwd_eager(x, weight, targets, softcap):
 
 def softcap_ce_dlogits_eager(x, weight, targets, lse, grad_loss, grad_lse, softcap):
     capped = _capped_logits_eager(x, weight, softcap)  # [N, V]
-    targets = targets.long()
-    ignored = targets == reference.IGNORE_INDEX
-    grad_loss = grad_loss.masked_fill(ignored, 0.0)
-    softmax = torch.exp(capped - lse[:, None])
-    d_capped = softmax * (grad_loss + grad_lse)[:, None]
-    d_capped[~ignored, targets[~ignored]] -= grad_loss[~ignored]
-    return (d_capped * (1 - (capped / softcap) ** 2)).to(x.dtype)
+    return _dlogits_eager(capped, targets, lse, grad_loss, grad_lse, softcap).to(x.dtype)
 
 
 def _softcap_ce_fwd_fake(x, weight, targets, softcap):
@@ -278,8 +446,46 @@ def _softcap_ce_dlogits_fake(x, weight, targets, lse, grad_loss, grad_lse, softc
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def _lora_capped_logits_eager(x, weight, u, lora_b, softcap):
+    docs = lora_b.shape[0]
+    raw = (x @ weight.to(x.dtype).T).view(docs, -1, weight.shape[0]) + torch.bmm(
+        u.view(docs, -1, u.shape[1]), lora_b.to(x.dtype).transpose(1, 2))
+    raw = raw.reshape(x.shape[0], -1).to(torch.promote_types(x.dtype, torch.float32))
+    return softcap * torch.tanh(raw / softcap)
+
+
+def softcap_ce_lora_fwd_eager(x, weight, u, lora_b, targets, softcap):
+    capped = _lora_capped_logits_eager(x, weight, u, lora_b, softcap)
+    loss = torch.nn.functional.cross_entropy(capped, targets.long(), reduction="none", ignore_index=reference.IGNORE_INDEX)
+    return loss.float(), torch.logsumexp(capped, dim=-1).float()
+
+
+def softcap_ce_lora_dlogits_eager(x, weight, u, lora_b, targets, lse, grad_loss, grad_lse, softcap):
+    capped = _lora_capped_logits_eager(x, weight, u, lora_b, softcap)
+    return _dlogits_eager(capped, targets, lse, grad_loss, grad_lse, softcap).to(x.dtype)
+
+
+def _dlogits_eager(capped, targets, lse, grad_loss, grad_lse, softcap):
+    targets = targets.long()
+    ignored = targets == reference.IGNORE_INDEX
+    grad_loss = grad_loss.masked_fill(ignored, 0.0)
+    d_capped = torch.exp(capped - lse[:, None]) * (grad_loss + grad_lse)[:, None]
+    d_capped[~ignored, targets[~ignored]] -= grad_loss[~ignored]
+    return d_capped * (1 - (capped / softcap) ** 2)
+
+
+def _softcap_ce_lora_fwd_fake(x, weight, u, lora_b, targets, softcap):
+    return x.new_empty((x.shape[0],), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _softcap_ce_lora_dlogits_fake(x, weight, u, lora_b, targets, lse, grad_loss, grad_lse, softcap):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 register_cpu_and_fake(softcap_ce_fwd_op, reference=softcap_ce_fwd_eager, fake=_softcap_ce_fwd_fake)
 register_cpu_and_fake(softcap_ce_dlogits_op, reference=softcap_ce_dlogits_eager, fake=_softcap_ce_dlogits_fake)
+register_cpu_and_fake(softcap_ce_lora_fwd_op, reference=softcap_ce_lora_fwd_eager, fake=_softcap_ce_lora_fwd_fake)
+register_cpu_and_fake(softcap_ce_lora_dlogits_op, reference=softcap_ce_lora_dlogits_eager, fake=_softcap_ce_lora_dlogits_fake)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -324,6 +530,43 @@ def _softcap_ce_fwd_backward(ctx, grad_loss, grad_lse):
 softcap_ce_fwd_op.register_autograd(_softcap_ce_fwd_backward, setup_context=_softcap_ce_fwd_setup_context)
 
 
+def _softcap_ce_lora_fwd_setup_context(ctx, inputs, output):
+    x, weight, u, lora_b, targets, softcap = inputs
+    _loss, lse = output
+    ctx.save_for_backward(x, weight, u, lora_b, targets, lse)
+    ctx.softcap = softcap
+
+
+def _softcap_ce_lora_fwd_backward(ctx, grad_loss, grad_lse):
+    """Per chunk of whole documents (at most BACKWARD_CHUNK_BYTES of d_raw): grad_x = d_raw W,
+    grad_W += d_raw^T x, and per document grad_u = d_raw B, grad_B = d_raw^T u (fp32 sums)."""
+    x, weight, u, lora_b, targets, lse = ctx.saved_tensors
+    docs, T, V, D, R = _lora_launch_shape(x, lora_b)
+    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.float()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
+    weight_x, lora_b_x = weight.to(x.dtype), lora_b.to(x.dtype)
+    per_chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, T * V * x.element_size()))
+    grad_x, grad_u, grad_b = [], [], []
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for first in range(0, docs, per_chunk):
+        chunk = slice(first, min(first + per_chunk, docs))
+        rows = slice(chunk.start * T, chunk.stop * T)
+        d_raw = softcap_ce_lora_dlogits_op(x[rows], weight, u[rows], lora_b[chunk], targets[rows], lse[rows],
+                                           grad_loss[rows], grad_lse[rows], ctx.softcap)  # [n T, V]
+        grad_x.append(d_raw @ weight_x)
+        grad_weight = grad_weight + (d_raw.T @ x[rows]).float()
+        d_doc = d_raw.view(-1, T, V)
+        grad_u.append(torch.bmm(d_doc, lora_b_x[chunk]).reshape(-1, R))
+        grad_b.append(torch.bmm(d_doc.transpose(1, 2), u[rows].view(-1, T, R)).float())
+    needs = ctx.needs_input_grad
+    cat = lambda parts, like: torch.cat(parts) if parts else torch.zeros_like(like)  # noqa: E731
+    return (cat(grad_x, x) if needs[0] else None, grad_weight.to(weight.dtype) if needs[1] else None,
+            cat(grad_u, u) if needs[2] else None, cat(grad_b, lora_b).to(lora_b.dtype) if needs[3] else None, None, None)
+
+
+softcap_ce_lora_fwd_op.register_autograd(_softcap_ce_lora_fwd_backward, setup_context=_softcap_ce_lora_fwd_setup_context)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -347,4 +590,24 @@ def softcap_cross_entropy(
     return loss
 
 
-TRITON_IMPLS = {"softcap_cross_entropy": softcap_cross_entropy}
+def softcap_cross_entropy_lora(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scale: float, softcap: float = 30.0,
+) -> torch.Tensor:
+    """Per-token fp32 NLL [B, T] of the soft-capped tied head with a per-document LoRA on the logits:
+    x [B, T, d], weight [V, d], targets [B, T], lora_a [B, r, d], lora_b [B, V, r]. u = (x A^T) scale
+    is a batched matmul in torch (autograd reaches x and A through it); the kernel adds u B^T to
+    x W^T tile by tile, so the [B, T, V] logits are never stored. Same semantics as
+    kernels.reference.softcap_cross_entropy_lora."""
+    if x.dim() != 3 or lora_a.dim() != 3 or lora_a.shape[0] != x.shape[0] or lora_a.shape[2] != x.shape[2]:
+        raise ValueError(f"softcap_cross_entropy_lora: x must be [B, T, d] and lora_a [B, r, d], got x {tuple(x.shape)} "
+                         f"and lora_a {tuple(lora_a.shape)}; one adapter per document (row of x).")
+    if targets.shape != x.shape[:2]:
+        raise ValueError(f"softcap_cross_entropy_lora: targets must be [B, T] = {tuple(x.shape[:2])}, got {tuple(targets.shape)}.")
+    u = (torch.bmm(x, lora_a.to(x.dtype).transpose(1, 2)) * scale).to(x.dtype)  # [B, T, r]
+    loss, _lse = softcap_ce_lora_fwd_op(x.flatten(0, 1), weight, u.flatten(0, 1), lora_b, targets.reshape(-1),
+                                        float(softcap))
+    return loss.view(targets.shape)
+
+
+TRITON_IMPLS = {"softcap_cross_entropy": softcap_cross_entropy, "softcap_cross_entropy_lora": softcap_cross_entropy_lora}

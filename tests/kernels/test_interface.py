@@ -106,6 +106,7 @@ PUBLIC = {
     "bigram_embed": (bigram.bigram_embed, 3),
     "newton_schulz": (newton_schulz.newton_schulz, 4),
     "softcap_cross_entropy": (softcap_ce.softcap_cross_entropy, 4),
+    "softcap_cross_entropy_lora": (softcap_ce.softcap_cross_entropy_lora, 7),
     "relu2_mlp": (relu2_mlp.relu2_mlp, 4),
 }
 

@@ -270,3 +270,136 @@ def test_inductor_compile_matches_eager():
     eager = loss_and_grads(softcap_ce.softcap_cross_entropy, x, weight, targets, grad_loss, 30.0)
     for g, e in zip(got, eager):
         assert_close(g, e)
+
+
+# --------------------------------------------------------------------------- with a per-document LoRA head
+# softcap_cross_entropy_lora (the phased TTT's lm_head adapter): logits x W^T + scale (x A_b^T) B_b^T.
+# B = 3 documents; T = 37 is ragged for 32-row blocks; r = 40 takes two ragged steps of the r loop.
+
+
+def make_lora_inputs(B, T, V, d, r, dtype=torch.float32, seed=0):
+    """x [B, T, d], weight [V, d], targets [B, T], A [B, r, d], B [B, V, r], upstream gradient [B, T]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, d, generator=gen) * 4.0 / d**0.5).to(DEVICE, dtype)
+    weight = torch.randn(V, d, generator=gen).to(DEVICE, dtype)
+    targets = torch.randint(0, V, (B, T), generator=gen).to(DEVICE)
+    lora_a = (torch.rand(B, r, d, generator=gen) * 2 - 1).div(d**0.5).to(DEVICE)  # fp32 parameters
+    lora_b = (torch.randn(B, V, r, generator=gen) * 2 / r**0.5).to(DEVICE)  # the delta about as large as x W^T
+    return x, weight, targets, lora_a, lora_b, torch.randn(B, T, generator=gen).to(DEVICE)
+
+
+def lora_loss_and_grads(fn, x, weight, targets, lora_a, lora_b, grad_loss, cast=None, scale=1.8):
+    """fn's loss [B, T] and the gradients of sum(loss * grad_loss) for x, weight, A and B."""
+    leaves = [(t.to(cast) if cast else t).detach().requires_grad_() for t in (x, weight, lora_a, lora_b)]
+    loss = fn(leaves[0], leaves[1], targets, leaves[2], leaves[3], scale, 30.0)
+    loss.backward(grad_loss.to(loss.dtype))
+    return (loss.detach(), *(leaf.grad for leaf in leaves))
+
+
+def check_lora_against_fp64_reference(*inputs):
+    got = lora_loss_and_grads(softcap_ce.softcap_cross_entropy_lora, *inputs)
+    want = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs, cast=torch.float64)
+    assert got[0].dtype == torch.float32 and got[0].shape == inputs[2].shape
+    for name, g, w in zip(("loss", "grad_x", "grad_weight", "grad_a", "grad_b"), got, want):
+        assert g.dtype == (torch.float32 if name == "loss" else {"grad_x": inputs[0], "grad_weight": inputs[1],
+                                                                   "grad_a": inputs[3], "grad_b": inputs[4]}[name].dtype)
+        assert_close(g, w.to(g.dtype), g.dtype)
+
+
+@pytest.mark.parametrize("B,T,r", [(2, 1, 8)])  # (3, 37, 40) in test_lora_backward_in_chunks_of_whole_documents
+def test_lora_loss_and_grads_match_reference(B, T, r):
+    check_lora_against_fp64_reference(*make_lora_inputs(B, T, 100, 48, r, seed=B * T + r))
+
+
+def test_lora_backward_in_chunks_of_whole_documents(monkeypatch):
+    monkeypatch.setattr(softcap_ce, "BACKWARD_CHUNK_BYTES", 2 * 37 * 100 * 4)  # 2 documents a chunk: 2 + 1
+    x, weight, targets, lora_a, lora_b, grad_loss = make_lora_inputs(3, 37, 100, 48, 40, seed=21)
+    targets[1, ::4] = reference.IGNORE_INDEX
+    check_lora_against_fp64_reference(x, weight, targets, lora_a, lora_b, grad_loss)
+
+
+def test_lora_with_zero_b_is_the_plain_head():
+    x, weight, targets, lora_a, lora_b, _ = make_lora_inputs(3, 37, 100, 48, 40, seed=22)
+    got = softcap_ce.softcap_cross_entropy_lora(x, weight, targets, lora_a, torch.zeros_like(lora_b), 1.8)
+    plain = softcap_ce.softcap_cross_entropy(x.flatten(0, 1), weight, targets.reshape(-1)).view(3, 37)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+
+
+def test_lora_16bit_inputs_within_pytorch_error():
+    inputs = make_lora_inputs(2, 37, 100, 48, 40, dtype=torch.bfloat16, seed=23)
+    got = lora_loss_and_grads(softcap_ce.softcap_cross_entropy_lora, *inputs)
+    exact = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs, cast=torch.float64)
+    same_dtype = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs)
+    for g, e, t in zip(got, exact, same_dtype):
+        assert_within_pytorch_error(g, e, t)
+
+
+def test_lora_bad_shapes_raise_one_clear_error():
+    x, weight, targets, lora_a, lora_b, _ = make_lora_inputs(2, 5, 64, 32, 8)
+    with pytest.raises(ValueError, match="one adapter per document"):
+        softcap_ce.softcap_cross_entropy_lora(x, weight, targets, lora_a[:1], lora_b, 1.0)
+    with pytest.raises(ValueError, match=r"lora_b \[B, V, r\]"):
+        softcap_ce.softcap_cross_entropy_lora(x, weight, targets, lora_a, lora_b[:, :10], 1.0)
+    with pytest.raises(ValueError, match="targets must be"):
+        softcap_ce.softcap_cross_entropy_lora(x, weight, targets[:, :4], lora_a, lora_b, 1.0)
+
+
+def test_lora_public_api_and_opcheck():
+    x, weight, targets, lora_a, lora_b, grad_loss = make_lora_inputs(2, 5, 40, 32, 8, seed=24)
+    assert kernels._TRITON.softcap_cross_entropy_lora is softcap_ce.softcap_cross_entropy_lora
+    with kernels.use_backend("triton"):
+        got = kernels.softcap_cross_entropy_lora(x, weight, targets, lora_a, lora_b, 1.8)
+    want = reference.softcap_cross_entropy_lora(x.double(), weight.double(), targets, lora_a.double(), lora_b.double(), 1.8)
+    assert_close(got, want.float(), torch.float32)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    u = (torch.bmm(x, lora_a.transpose(1, 2)) * 1.8).flatten(0, 1)
+    flat_x, flat_t = x.flatten(0, 1), targets.reshape(-1)
+    args = (flat_x.requires_grad_(), weight.requires_grad_(), u.requires_grad_(), lora_b.requires_grad_(), flat_t, 30.0)
+    torch.library.opcheck(softcap_ce.softcap_ce_lora_fwd_op, args, test_utils=checks)
+    lse = softcap_ce.softcap_ce_lora_fwd_op(*(a.detach() if a.is_floating_point() else a for a in args[:5]), 30.0)[1]
+    dlogits_args = (flat_x.detach(), weight.detach(), u.detach(), lora_b.detach(), flat_t, lse, grad_loss.reshape(-1),
+                    torch.zeros_like(lse), 30.0)
+    torch.library.opcheck(softcap_ce.softcap_ce_lora_dlogits_op, dlogits_args, test_utils=checks)
+
+
+def test_lora_compiles_without_graph_break():
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(softcap_ce.softcap_cross_entropy_lora, fullgraph=True, backend=counter)
+    inputs = make_lora_inputs(2, 9, 40, 32, 8, seed=25)
+    got = lora_loss_and_grads(compiled, *inputs)
+    want = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs, cast=torch.float64)
+    for g, w in zip(got, want):
+        assert_close(g, w.float(), torch.float32)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("x_bytes", sorted(softcap_ce.GPU_CONFIGS))
+def test_lora_with_each_gpu_config(monkeypatch, x_bytes):
+    """The GPU's tiles (128 x 128 x BLOCK_D) on T = 130 rows a document, V = 140, d = 80 and the
+    record's r = 80: ragged in every loop, in the interpreter on fp32 operands."""
+    config = softcap_ce.GPU_CONFIGS[x_bytes]
+    monkeypatch.setattr(softcap_ce, "_config", lambda x: dict(config, INPUT_PRECISION=dot_precision(x.dtype)))
+    dtype = torch.float32 if x_bytes == 4 or not HAS_GPU else CONFIG_TEST_DTYPE
+    inputs = make_lora_inputs(2, 130, 140, 80, 80, dtype=dtype, seed=26)
+    if dtype == torch.float32:
+        check_lora_against_fp64_reference(*inputs)
+        return
+    got = lora_loss_and_grads(softcap_ce.softcap_cross_entropy_lora, *inputs)
+    exact = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs, cast=torch.float64)
+    same_dtype = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs)
+    for g, e, t in zip(got, exact, same_dtype):
+        assert_within_pytorch_error(g, e, t)
+
+
+@pytest.mark.gpu
+def test_lora_bf16_record_size_within_pytorch_error():
+    """The record's TTT head: 16 documents of 2048 rows, V = 8192, d = 512, r = 80, bf16."""
+    inputs = make_lora_inputs(16, 2048, 8192, 512, 80, dtype=torch.bfloat16, seed=27)
+    got = lora_loss_and_grads(softcap_ce.softcap_cross_entropy_lora, *inputs)
+    exact = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs, cast=torch.float64)
+    same_dtype = lora_loss_and_grads(reference.softcap_cross_entropy_lora, *inputs)
+    for g, e, t in zip(got, exact, same_dtype):
+        assert torch.isfinite(g).all()
+        assert_within_pytorch_error(g, e, t)

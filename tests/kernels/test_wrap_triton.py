@@ -131,6 +131,10 @@ def run_every_op():
     # soft-capped CE: forward, then the backward's dlogits
     x, weight = _randn(9, 16, seed=8).requires_grad_(), _randn(20, 16, seed=9).requires_grad_()
     softcap_ce.softcap_cross_entropy(x, weight, torch.arange(9, device=DEVICE)).sum().backward()
+    # ... and with a per-document LoRA head: 3 documents of 3 rows, rank 4
+    lora_a, lora_b = _randn(3, 4, 16, seed=13).requires_grad_(), _randn(3, 20, 4, seed=14).requires_grad_()
+    targets = torch.arange(9, device=DEVICE).view(3, 3)
+    softcap_ce.softcap_cross_entropy_lora(x.view(3, 3, 16), weight, targets, lora_a, lora_b, 2.0).sum().backward()
     # relu^2 MLP: the forward GEMM, then dh and split-K dW_down
     x, w_up, w_down = _randn(17, 24, seed=10), _randn(40, 24, seed=11), _randn(24, 40, seed=12)
     for t in (x, w_up, w_down):

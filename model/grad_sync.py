@@ -1,0 +1,170 @@
+"""Gradient averaging over ranks without DDP (issue 19; FRONTIER.md section 3, "Distributed, no DDP").
+
+Muon's matrices travel in the buckets of a ShardPlan (model/shard_plan.py): when every matrix of a
+bucket has its gradient on the last micro-batch (per-parameter post-accumulate-grad hooks), the
+bucket is packed and reduce-scattered (mean) asynchronously, so each rank receives the averaged
+gradients of only the matrices it owns; Muon then runs momentum and Newton-Schulz on those and
+all-gathers the updates (model/muon.py). Every other gradient (embeddings, scalars) goes in one
+packed all-reduce (mean), in fp32: a few percent of the bytes, and AdamW sees them exactly.
+
+Buckets are launched strictly in the plan's order (a complete bucket waits for earlier ones), so
+every rank issues the same collectives in the same order whatever the autograd engine does.
+Under torch.compile the backward is one autograd node and the hooks fire when it ends; in eager
+mode they fire as layers finish, and the communication overlaps the rest of the backward.
+
+comm_dtype: bf16 (the record's choice: half the bytes, gradients rounded to bf16 before
+averaging) or fp32 (exact: with W ranks of one micro-batch each the average equals one rank's
+accumulated gradient bit for bit, as long as W is a power of two).
+
+With one rank nothing here is used: the trainer clips and steps the local gradients as before.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+
+from model.shard_plan import ShardPlan
+
+COMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (norm + 1e-6), at most 1
+
+
+class GradientSync:
+    """Averages the gradients of one optimizer step over the ranks of the default process group.
+
+    Per step: arm() before the last micro-batch's backward, finish() after it. After finish(), the
+    matrices this rank owns hold the averaged gradient, the other matrices none, and every small
+    parameter the averaged gradient.
+    """
+
+    def __init__(self, plan: ShardPlan, small_params: list[torch.Tensor], comm_dtype: torch.dtype = torch.bfloat16):
+        if comm_dtype not in COMM_DTYPES.values():
+            raise ValueError(f"GradientSync: comm_dtype must be torch.bfloat16 or torch.float32, got {comm_dtype}")
+        self.plan, self.comm_dtype = plan, comm_dtype
+        self.rank, self.world = plan.rank, plan.world
+        self.small = list(small_params)
+        muon = {id(p) for bucket in plan.buckets for p in bucket.params}
+        if any(id(p) in muon for p in self.small):
+            raise ValueError("GradientSync: a parameter is both a Muon matrix and a small parameter; each belongs to one optimizer")
+        # unit u < len(buckets): Muon bucket u; unit len(buckets): the packed small gradients
+        self.members = [bucket.params for bucket in plan.buckets] + [self.small]
+        self.send = [None] * len(self.members)  # persistent packing buffers, made at the first step
+        self.recv = [None] * len(self.plan.buckets)
+        self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
+                      for unit, params in enumerate(self.members) for p in params]
+        self.device = next(p.device for params in self.members for p in params)
+        self.armed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pending = [len(params) for params in self.members]  # gradients still to arrive per unit
+        self.handles, self.had_grad = [None] * len(self.members), [None] * len(self.members)
+        self.launched = 0  # units launched so far, in order
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    # ---------------------------------------------------------------- during backward
+    def arm(self) -> None:
+        """The next backward is the step's last: its finished gradients are sent as they become ready."""
+        self._reset()
+        self.armed = True
+
+    def _grad_ready(self, unit: int, param: torch.Tensor) -> None:
+        if not self.armed:
+            return  # an earlier micro-batch: the gradient keeps accumulating locally
+        self.pending[unit] -= 1
+        while self.launched < len(self.members) and self.pending[self.launched] == 0:
+            self._launch(self.launched)
+
+    def _launch(self, unit: int) -> None:
+        self.launched += 1
+        params = self.members[unit]
+        self.had_grad[unit] = [p.grad is not None for p in params]
+        if unit == len(self.plan.buckets):
+            self._launch_small(unit, params)
+            return
+        bucket = self.plan.buckets[unit]
+        if self.send[unit] is None:
+            device = params[0].device
+            self.send[unit] = torch.zeros(self.world * bucket.slot * bucket.numel, dtype=self.comm_dtype, device=device)
+            self.recv[unit] = torch.empty(bucket.slot * bucket.numel, dtype=self.comm_dtype, device=device)
+        send = self.send[unit]
+        for i, p in enumerate(params):
+            at = bucket.flat_offset(i)
+            chunk = send[at:at + bucket.numel]
+            if p.grad is None:
+                chunk.zero_()
+            else:
+                chunk.copy_(p.grad.view(-1))
+                if bucket.owners[i] != self.rank:
+                    p.grad = None  # another rank owns it: its gradient memory goes now
+        self.handles[unit] = dist.reduce_scatter_tensor(self.recv[unit], send, op=dist.ReduceOp.AVG, async_op=True)
+
+    def _launch_small(self, unit: int, params: list[torch.Tensor]) -> None:
+        if not params:
+            return
+        if self.send[unit] is None:
+            self.send[unit] = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        send, at = self.send[unit], 0
+        for p in params:
+            chunk = send[at:at + p.numel()]
+            chunk.zero_() if p.grad is None else chunk.copy_(p.grad.view(-1))
+            at += p.numel()
+        self.handles[unit] = dist.all_reduce(send, op=dist.ReduceOp.AVG, async_op=True)
+
+    # ---------------------------------------------------------------- after backward
+    def finish(self) -> None:
+        """Launch what has not been launched (gradients that never arrived count as zeros), wait,
+        and put the averaged gradients in place."""
+        if not self.armed:
+            raise RuntimeError("GradientSync.finish() without arm(): call arm() before the step's last backward")
+        self.armed = False
+        while self.launched < len(self.members):
+            self._launch(self.launched)
+        for unit, bucket in enumerate(self.plan.buckets):
+            self.handles[unit].wait()
+            recv = self.recv[unit]
+            for i in bucket.owned(self.rank):
+                p = bucket.params[i]
+                averaged = recv[bucket.position[i] * bucket.numel:(bucket.position[i] + 1) * bucket.numel].view(p.shape)
+                if p.grad is None:
+                    p.grad = averaged.to(p.dtype, copy=True)  # recv is reused by the next step
+                else:
+                    p.grad.copy_(averaged)
+        small = len(self.plan.buckets)
+        if self.handles[small] is not None:
+            self.handles[small].wait()
+            at = 0
+            for p, had in zip(self.small, self.had_grad[small]):
+                if had:  # a parameter no rank computed a gradient for keeps none (AdamW skips it)
+                    p.grad.copy_(self.send[small][at:at + p.numel()].view(p.shape))
+                at += p.numel()
+
+    def owned_grads(self) -> list[torch.Tensor]:
+        """The gradients this rank holds after finish(): its matrices' and every small parameter's."""
+        mine = [bucket.params[i].grad for bucket in self.plan.buckets for i in bucket.owned(self.rank)]
+        return [g for g in mine + [p.grad for p in self.small] if g is not None]
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ of the averaged gradient over all parameters, when each
+        rank holds only its matrices' share: the squared norms of the owned matrices are summed
+        over ranks (one small all-reduce), the small gradients (identical everywhere) added once.
+        Returns the total norm (a device tensor)."""
+        matrices = [bucket.params[i].grad for bucket in self.plan.buckets for i in bucket.owned(self.rank)]
+        matrices = [g for g in matrices if g is not None]
+        small = [p.grad for p in self.small if p.grad is not None]
+        squares = torch.zeros(2, dtype=torch.float32, device=self.device)  # [owned matrices, small]
+        if matrices:
+            squares[0] = torch.stack(torch._foreach_norm(matrices)).float().square().sum()
+        if small:
+            squares[1] = torch.stack(torch._foreach_norm(small)).float().square().sum()
+        summed = squares.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        total = (summed[0] + squares[1]).sqrt()
+        coefficient = (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
+        if matrices + small:
+            torch._foreach_mul_(matrices + small, coefficient)
+        return total
