@@ -19,6 +19,7 @@ Imported with runpy.run_path (any other run name) it only installs the hook, so 
 import the packaged `model` and `kernels` modules itself (the fresh-process test does).
 """
 import base64
+import functools
 import glob
 import json
 import os
@@ -88,8 +89,24 @@ def package_sources(files, root: str) -> dict[str, str]:
 
 
 def build(files, root: str) -> bytes:
-    """The self-extracting file's bytes (deterministic for the same sources)."""
-    payload = json.dumps(package_sources(files, root), sort_keys=True, separators=(",", ":")).encode()
+    """The self-extracting file's bytes (deterministic for the same sources). Minifying takes
+    seconds, so the result is kept for files unchanged since (same paths, sizes and mtimes): the
+    run can count the bytes before export and write the same file into the record."""
+    stamps = tuple((os.path.realpath(f), *_stamp(f)) for f in files)
+    return _build(stamps, os.path.realpath(root))
+
+
+def _stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (None, None)  # package_sources reports the missing file
+    return (st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(stamps: tuple, root: str) -> bytes:
+    payload = json.dumps(package_sources([s[0] for s in stamps], root), sort_keys=True, separators=(",", ":")).encode()
     packed = base64.b85encode(brotli.compress(payload, quality=11, lgwin=24)).decode("ascii")
     return f"P={packed!r}\n{LAUNCHER}".encode("ascii")
 

@@ -136,3 +136,13 @@ def test_the_package_scores_saved_artifacts_in_a_fresh_process(package, tmp_path
     assert got["origin"].startswith(code_package.ORIGIN)
     assert got["losses"] == pytest.approx([case["after"] for case in scored], abs=1e-6)
 
+
+
+def test_build_is_deterministic_and_follows_edits(tmp_path):
+    (tmp_path / "train.py").write_text("print(1)\n")
+    files = [str(tmp_path / "train.py")]
+    first = code_package.build(files, str(tmp_path))
+    assert code_package.build(files, str(tmp_path)) == first
+    os.utime(tmp_path / "train.py", ns=(1, 1))
+    (tmp_path / "train.py").write_text("print(22)\n")  # a new size and mtime: built again
+    assert code_package.build(files, str(tmp_path)) != first
