@@ -134,6 +134,7 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
     from kernels.ops import xsa_attention as xsa
     from model.config import Config
     from model.gpt import GPT
+    from model.optim import muon_coeffs
 
     cfg = cfg or Config()
     model = GPT(cfg)
@@ -149,18 +150,20 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
         cases.append((f"int6_fakequant {rows}x{cols}", lambda w=w: _body(fakequant.int6_fakequant_op)(w, torch.bfloat16)))
         cases.append((f"int6_quantize {rows}x{cols}", lambda w=w: _body(fakequant.int6_quantize_op)(w)))
 
-    # BigramHash: ids [B, T] with the model's table (dtype as the model holds it)
-    ids = torch.zeros(B, T, dtype=torch.int64)
-    table = model.bigram.table.detach()
-    buckets, bdim = table.shape
-    grad = empty(B, T, bdim, dtype=table.dtype)
-    cases.append(("bigram_hash", lambda: _body(bigram.bigram_hash_op)(ids, buckets)))
-    cases.append(("bigram_embed", lambda: _body(bigram.bigram_embed_op)(ids, table, False)))
-    for deterministic in (False, True):
-        cases.append((
-            f"bigram_embed_backward deterministic={deterministic}",
-            lambda d=deterministic: _body(bigram.bigram_embed_backward_op)(grad, ids, buckets, table.dtype, d),
-        ))
+    # BigramHash: ids [B, T] with the model's table (dtype as the model holds it); a preset without
+    # BigramHash (the frontier) launches none of its kernels
+    if model.bigram is not None:
+        ids = torch.zeros(B, T, dtype=torch.int64)
+        table = model.bigram.table.detach()
+        buckets, bdim = table.shape
+        grad = empty(B, T, bdim, dtype=table.dtype)
+        cases.append(("bigram_hash", lambda: _body(bigram.bigram_hash_op)(ids, buckets)))
+        cases.append(("bigram_embed", lambda: _body(bigram.bigram_embed_op)(ids, table, False)))
+        for deterministic in (False, True):
+            cases.append((
+                f"bigram_embed_backward deterministic={deterministic}",
+                lambda d=deterministic: _body(bigram.bigram_embed_backward_op)(grad, ids, buckets, table.dtype, d),
+            ))
 
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
@@ -186,7 +189,7 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
                     ),
                 ))
         # Newton-Schulz: one stacked launch per Muon shape group, computing in `dtype`
-        coeffs = [c for triple in [reference.QUINTIC_COEFFS] * cfg.muon_backend_steps for c in triple]
+        coeffs = [c for triple in reference.per_step_coeffs(cfg.muon_backend_steps, muon_coeffs(cfg)) for c in triple]
         counts = {}
         for p in model.param_groups()["matrix"]:
             counts[tuple(p.shape)] = counts.get(tuple(p.shape), 0) + 1
