@@ -244,8 +244,9 @@ GPTQ_BITS = 6
 def gptq_names(sd: dict, *, fp32_names=()) -> list[str]:
     """The tensors QUANT=gptq quantises (floating point, > 65,536 elements, not declared fp32):
     the names model.gptq.collect_hessians needs Hessians for."""
+    fp32_names = set(fp32_names)
     return [name for name, t in sd.items()
-            if t.is_floating_point() and t.numel() > SMALL_TENSOR_MAX_ELEMENTS and name not in set(fp32_names)]
+            if t.is_floating_point() and t.numel() > SMALL_TENSOR_MAX_ELEMENTS and name not in fp32_names]
 
 
 def gptq_setting(name: str, int6_names, cfg: Config) -> tuple[int, float]:
@@ -289,6 +290,12 @@ def quantize_state_dict_gptq(sd: dict, *, fp32_names, int6_names, hessians: dict
     if missing_gates:
         raise ValueError(f"export: gate_names declares {missing_gates[:3]} that the state dict does not hold")
     fp32_names, int6_names, gate_names = set(fp32_names), set(int6_names), set(gate_names)
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"export: state-dict entry {name!r} is a {type(t).__name__}, not a tensor; pass model.state_dict()")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"export: {name} holds NaN or inf values, so the weights have diverged; "
+                             "export an earlier checkpoint or fix training")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     targets = gptq_names(sd, fp32_names=fp32_names)
     for name in targets:
@@ -298,12 +305,6 @@ def quantize_state_dict_gptq(sd: dict, *, fp32_names, int6_names, hessians: dict
         cols = sd[name].shape[-1]
         if tuple(hessians[name].shape) != (cols, cols):
             raise ValueError(f"export: the Hessian of {name} is {tuple(hessians[name].shape)}, not [{cols}, {cols}]")
-    for name, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"export: state-dict entry {name!r} is a {type(t).__name__}, not a tensor; pass model.state_dict()")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"export: {name} holds NaN or inf values, so the weights have diverged; "
-                             "export an earlier checkpoint or fix training")
 
     t0 = time.perf_counter()
     quantised = {}  # name -> (q, scale)

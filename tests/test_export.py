@@ -555,3 +555,22 @@ def test_over_the_budget_the_export_stops_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="pergroup is the strongest compressor here"):
         export.write_artifact(sd, str(path), **kw, level=FAST_LEVEL, compressor="pergroup", code_bytes=10**9)
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before  # the earlier artifact stays
+
+
+def test_gptq_export_refuses_what_it_cannot_quantise_in_one_line():
+    sd = {"blocks.0.mlp.fc.weight": torch.randn(300, 257), "bigram.table": torch.randn(700, 128),
+          "blocks.0.attn.attn_gate_w": torch.randn(8, 12)}
+    int6, hessians = ["blocks.0.mlp.fc.weight"], {"blocks.0.mlp.fc.weight": torch.eye(257)}
+    assert export.gptq_names(sd) == ["blocks.0.mlp.fc.weight", "bigram.table"]
+    cases = [
+        (dict(hessians=hessians), "needs a Hessian for bigram.table"),
+        (dict(hessians={**hessians, "bigram.table": torch.eye(128)}), "no role for bigram.table"),
+        (dict(hessians={**hessians, "bigram.table": torch.eye(127)}), r"Hessian of bigram.table is \(127, 127\)"),
+        (dict(hessians=hessians, gate_names=["blocks.1.attn.attn_gate_w"]), "gate_names declares"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            export.quantize_state_dict_gptq(sd, fp32_names=(), int6_names=int6, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        export.quantize_state_dict_gptq({"x": torch.tensor([float("nan")])}, fp32_names=(), int6_names=(), hessians={})
