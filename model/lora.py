@@ -20,11 +20,9 @@ kernels.softcap_cross_entropy_lora applies it without the batch's logits).
 so a fresh adapter changes nothing. The products are batched matmuls over the documents
 (torch.bmm: each document its own A and B); the parameters are fp32, cast to the input's dtype.
 
-The model's hook: `model.hidden(ids, lora=adapters)` hands application n `adapters.at(n)`, an
-ApplicationLora whose q/k/v/o/mlp(x) return the delta [n, T, out] or None (adapter off). The
-documents are the rows of ids; with `adapters.rows = slice(first, n)` only documents first.. run
-(the batch's shorter documents have dropped out; rows are sorted by length, so the survivors
-are always a suffix).
+The model's hook: `model.hidden(ids, lora=view)`, view = adapters.running(first) (the documents
+first.. of the batch, one per row of ids), hands application n `view.at(n)`, an ApplicationLora
+whose q/k/v/o/mlp(x) return the delta [n, T, out] or None (that adapter off).
 """
 import math
 
@@ -60,7 +58,6 @@ class BatchedLora(nn.Module):
             self.register_parameter(f"{kind}_b", nn.Parameter(torch.zeros(applications, docs, fan_out, r, device=device)))
         self.head_a = nn.Parameter(torch.zeros(docs, r, cfg.model_dim, device=device))
         self.head_b = nn.Parameter(torch.zeros(docs, cfg.vocab_size, r, device=device))
-        self.rows = slice(0, docs)
 
     def a_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.endswith("_a")]
@@ -80,45 +77,54 @@ class BatchedLora(nn.Module):
         for b in self.b_parameters():
             b.zero_()
 
+    def running(self, first: int = 0) -> "AdapterView":
+        """The adapters of documents first.. (the batch's shorter documents have dropped out; rows are
+        sorted by length, so the running ones are a suffix): what the model's forward reads."""
+        tensors = {kind: (getattr(self, f"{kind}_a")[:, first:], getattr(self, f"{kind}_b")[:, first:]) for kind in self.shapes}
+        return AdapterView(tensors, (self.head_a[first:], self.head_b[first:]), self.scale, self.applications)
+
+
+class AdapterView:
+    """Views of a BatchedLora's running documents (autograd reaches the parameters through them).
+    A plain object of tensors, so a compiled forward takes them as inputs (no guard on which rows)."""
+
+    def __init__(self, tensors: dict, head: tuple, scale: float, applications: int):
+        self.tensors, self.head, self.scale, self.applications = tensors, head, scale, applications
+
     def at(self, application: int) -> "ApplicationLora":
         if not 0 <= application < self.applications:
-            raise IndexError(f"BatchedLora has {self.applications} application slots, asked for {application}; "
-                             "build it with the looped model's number of block applications")
+            raise IndexError(f"the adapters have {self.applications} application slots, asked for {application}; "
+                             "build them with the looped model's number of block applications (len(model.plan()))")
         return ApplicationLora(self, application)
 
     def delta(self, application: int, kind: str, x: torch.Tensor) -> torch.Tensor | None:
-        """(x A^T) B^T (alpha / r) for the running documents: x [n, T, in] -> [n, T, out]; None if off."""
-        if kind not in self.shapes:
+        """(x A^T) B^T (alpha / r) per document: x [n, T, in] -> [n, T, out]; None if that adapter is off."""
+        if kind not in self.tensors:
             return None
-        a = getattr(self, f"{kind}_a")[application, self.rows].to(x.dtype)  # [n, r, in]
-        b = getattr(self, f"{kind}_b")[application, self.rows].to(x.dtype)  # [n, out, r]
+        a, b = (t[application].to(x.dtype) for t in self.tensors[kind])  # [n, r, in], [n, out, r]
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)) * self.scale, b.transpose(1, 2))
-
-    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [n, r, d], B [n, vocab, r]) of the head adapters of the running documents."""
-        return self.head_a[self.rows], self.head_b[self.rows]
 
 
 class ApplicationLora:
     """The adapters of one block application, as the model's layers call them."""
 
-    def __init__(self, lora: BatchedLora, application: int):
-        self.lora, self.application = lora, application
+    def __init__(self, view: AdapterView, application: int):
+        self.view, self.application = view, application
 
     def q(self, x):
-        return self.lora.delta(self.application, "q", x)
+        return self.view.delta(self.application, "q", x)
 
     def k(self, x):
-        return self.lora.delta(self.application, "k", x)
+        return self.view.delta(self.application, "k", x)
 
     def v(self, x):
-        return self.lora.delta(self.application, "v", x)
+        return self.view.delta(self.application, "v", x)
 
     def o(self, x):
-        return self.lora.delta(self.application, "o", x)
+        return self.view.delta(self.application, "o", x)
 
     def mlp(self, x):
-        return self.lora.delta(self.application, "mlp", x)
+        return self.view.delta(self.application, "mlp", x)
 
 
 def add_delta(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:

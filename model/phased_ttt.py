@@ -48,7 +48,7 @@ import kernels
 from model.bpb import bits_per_byte, byte_source_to, check_byte_source, scored_bytes
 from model.distributed import sum_over_ranks
 from model.document_loader import document_cu_seqlens
-from model.lora import BatchedLora
+from model.lora import AdapterView, BatchedLora
 from model.precision import autocast
 
 BOS_ID = 1  # FRONTIER.md section 1: every document starts with it
@@ -177,11 +177,11 @@ def global_steps(plan: Plan, cfg) -> int:
 
 
 # ----------------------------------------------------------------------------- one batch
-def lora_token_losses(model, ids: torch.Tensor, targets: torch.Tensor, lora: BatchedLora) -> torch.Tensor:
+def lora_token_losses(model, ids: torch.Tensor, targets: torch.Tensor, lora: AdapterView) -> torch.Tensor:
     """Per-token NLL [n, T] (fp32) of the running documents with their adapters: the model's trunk
     with the block adapters, the head's adapter inside the soft-capped CE."""
     h = model.hidden(ids, lora=lora)  # [n, T, d], final-normed
-    head_a, head_b = lora.head()
+    head_a, head_b = lora.head
     return kernels.softcap_cross_entropy_lora(h, model.tok_emb.weight, targets, head_a, head_b, lora.scale,
                                               model.cfg.logit_softcap)
 
@@ -196,7 +196,6 @@ def _run_batch(model, step_fn, tokens, doc_ids, plan: Plan, lora: BatchedLora, c
                                   eps=ADAM_EPS, weight_decay=cfg.ttt_weight_decay)
     for c in range(int(chunks[-1])):
         first = int(np.searchsorted(chunks, c, side="right"))  # documents with more than c chunks: a suffix
-        lora.rows = slice(first, len(doc_ids))
         ends = np.minimum(cfg.ttt_chunk_size * (c + 1), predictions[first:])
         window_starts = np.maximum(0, ends - cfg.ttt_eval_seq_len)
         widths = ends - window_starts
@@ -212,7 +211,7 @@ def _run_batch(model, step_fn, tokens, doc_ids, plan: Plan, lora: BatchedLora, c
         targets = torch.where(inside_t, tokens[position_t + 1], 0)
         for step in range(cfg.ttt_grad_steps):
             with autocast(device):
-                nll = step_fn(model, ids, targets, lora)  # [m, width]
+                nll = step_fn(model, ids, targets, lora.running(first))  # [m, width]
             if step == 0:  # SCORE, before any update that chunk c takes part in
                 sums[0] += torch.where(scored_t, nll.detach().double(), 0.0).sum()
                 sums[1] += scored_t.sum()
@@ -366,3 +365,134 @@ def evaluate_phased_ttt(model, tokens: torch.Tensor, cfg, luts, rank: int = 0, w
         sums = sum_over_ranks(sums)
     nll_sum, count, byte_count = (float(v) for v in sums.tolist())
     return PhasedResult(nll_sum / count, bits_per_byte(nll_sum, byte_count), lora_s, global_s, work, steps)
+
+
+# ----------------------------------------------------------------------------- timed, end to end
+class EvalClock:
+    """The evaluation's wall clock: make it BEFORE the artifact is read; lap(name) adds the time
+    since the previous lap (or the start) to part `name`."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.start = self.last = clock()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        now = self.clock()
+        self.parts[name] = self.parts.get(name, 0.0) + now - self.last
+        self.last = now
+        return self.parts[name]
+
+    def total(self) -> float:
+        return self.last - self.start
+
+
+def compile_ttt_step(step_fn: Callable = lora_token_losses) -> Callable:
+    """The TTT forward compiled as the record does: dynamic shapes (rows and window widths vary), not fullgraph."""
+    return torch.compile(step_fn, dynamic=True)
+
+
+def warm_up_ttt(model, step_fn: Callable, cfg) -> None:
+    """Forward, backward and an AdamW step on random tokens, TTT_BATCH_SIZE rows of TTT_CHUNK_SIZE
+    and of TTT_EVAL_SEQ_LEN tokens, on scratch adapters: compiles step_fn's graphs; the model is unchanged."""
+    device = next(model.parameters()).device
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for width in sorted({cfg.ttt_chunk_size, cfg.ttt_eval_seq_len}):
+            lora = BatchedLora(cfg, len(model.plan()), cfg.ttt_batch_size, device=device)
+            lora.reset_a(generator)
+            optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr, eps=ADAM_EPS)
+            ids = torch.randint(2, cfg.vocab_size, (cfg.ttt_batch_size, width + 1), generator=generator, device=device)
+            with autocast(device):
+                nll = step_fn(model, ids[:, :-1], ids[:, 1:], lora.running())
+            nll.mean().backward()
+            optimizer.step()
+    finally:
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+
+
+def lane_work(plan: Plan, cfg) -> np.ndarray:
+    """Token-rows of the LoRA part on each of the LORA_LANES lanes (one GPU each on 8 GPUs)."""
+    work = np.zeros(LORA_LANES, dtype=np.int64)
+    for first, stop, _ in segments(plan):
+        for position in range(first, stop):
+            work[lane_of(position, first)] += lora_work(plan, [position], cfg)
+    return work
+
+
+class Projection(NamedTuple):
+    lora_s: float
+    global_s: float
+    total_s: float  # load + compile (as measured) + the two parts on `gpus` GPUs
+
+
+def project_eval_seconds(parts: dict, result: PhasedResult, full_plan: Plan, cfg, world_size: int,
+                         gpus: int = LORA_LANES) -> Projection:
+    """The whole evaluation of full_plan's documents on `gpus` GPUs (one lane each), from this run's
+    rates: LoRA seconds per token-row (all ranks' seconds over all ranks' work: pass the summed
+    result) times the busiest lane's token-rows; a global step's seconds times world_size / gpus
+    (its sequences split over the ranks), or, with no global step measured, the LoRA rate times a
+    step's 3 x GLOBAL_TTT_CHUNK_TOKENS token-rows (a full model backward is about twice its
+    forward: an estimate). Load and compile are taken as measured."""
+    rate = result.lora_seconds / max(1, result.lora_work)
+    lora_s = float(lane_work(full_plan, cfg).max()) * rate
+    steps = global_steps(full_plan, cfg)
+    if result.global_steps:
+        step_s = result.global_seconds / result.global_steps * world_size / gpus
+    else:
+        step_s = rate * 3 * cfg.global_ttt_chunk_tokens / gpus
+    global_s = steps * step_s
+    fixed = sum(seconds for name, seconds in parts.items() if name in ("load", "compile"))
+    return Projection(lora_s, global_s, fixed + lora_s + global_s)
+
+
+def phased_ttt_evaluation(model, tokens: torch.Tensor, cfg, luts, clock: EvalClock, rank: int = 0,
+                          world_size: int = 1, log: Callable[[str], None] = print, compile: bool = None,
+                          full_tokens: torch.Tensor = None) -> tuple[float, float, dict]:
+    """The frontier's scored evaluation, on the clock: call it right after the artifact is loaded
+    into `model` (the dequantised GPT, model.looping set as evaluated) with the EvalClock made
+    before the artifact was read. Laps: "load" (clock start to this call), "compile" (compile and
+    warm-up of the TTT forward; default on CUDA only), "ttt" (the phased TTT to its last score).
+    Logs each part, the total, and the projection for the full set (full_tokens, default tokens)
+    on 8 GPUs, with a WARNING line when that passes the 600 s limit. Every rank calls it.
+    Returns (val_loss, val_bpb, times: the laps, "total", "projected_8gpu")."""
+    clock.lap("load")
+    device = next(model.parameters()).device
+    compile = device.type == "cuda" if compile is None else compile
+    step_fn = lora_token_losses
+    if compile:
+        step_fn = compile_ttt_step()
+        warm_up_ttt(model, step_fn, cfg)
+    _synchronize(device)
+    clock.lap("compile")
+    result = evaluate_phased_ttt(model, tokens, cfg, luts, rank, world_size, step_fn=step_fn, clock=clock.clock)
+    _synchronize(device)
+    clock.lap("ttt")
+    summed = result
+    if world_size > 1:  # the rates from all ranks' seconds and work
+        totals = sum_over_ranks(torch.tensor([result.lora_seconds, result.lora_work], dtype=torch.float64, device=device))
+        summed = result._replace(lora_seconds=float(totals[0]), lora_work=int(totals[1]))
+    full_plan = make_plan(tokens if full_tokens is None else full_tokens, cfg)
+    projection = project_eval_seconds(clock.parts, summed, full_plan, cfg, world_size)
+    plan_docs = len(full_plan.docs.start)
+    log(f"phased_ttt val_loss:{result.val_loss:.6f} val_bpb:{result.val_bpb:.6f} "
+        f"lora_token_rows:{summed.lora_work} global_steps:{result.global_steps}")
+    log(f"eval_time load:{clock.parts['load']:.1f}s compile:{clock.parts['compile']:.1f}s ttt:{clock.parts['ttt']:.1f}s "
+        f"(lora {result.lora_seconds:.1f}s, global phases {result.global_seconds:.1f}s) total:{clock.total():.1f}s "
+        f"on {world_size} rank(s)")
+    log(f"eval_time_projected full set ({plan_docs:,} documents) on {LORA_LANES} GPUs: {projection.total_s:.0f}s "
+        f"(load + compile {projection.total_s - projection.lora_s - projection.global_s:.0f}s, "
+        f"lora {projection.lora_s:.0f}s, global {projection.global_s:.0f}s)")
+    if projection.total_s > EVAL_LIMIT_S:
+        log(f"WARNING: the projected evaluation time {projection.total_s:.0f}s exceeds the {EVAL_LIMIT_S:.0f}s limit")
+    times = dict(clock.parts, total=clock.total(), projected_8gpu=projection.total_s)
+    return result.val_loss, result.val_bpb, times
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -24,15 +24,22 @@ from model.config import Config
 from model.lora import BatchedLora, add_delta
 from model.phased_ttt import (
     BOS_ID,
+    EvalClock,
+    PhasedResult,
     chunk_window,
     evaluate_phased_ttt,
+    global_steps,
+    lane_work,
+    length_sorted_batches,
     lora_token_losses,
+    lora_work,
     make_plan,
     num_chunks,
     phase_boundaries,
+    phased_ttt_evaluation,
     processing_order,
+    project_eval_seconds,
     split_documents,
-    length_sorted_batches,
 )
 from tests.multiprocess import run_ranks
 
@@ -249,11 +256,11 @@ def test_fresh_adapters_reproduce_the_base_model():
     lora.reset_a(torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model.token_losses(tokens[:, :-1], tokens[:, 1:])
-        adapted = lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora)
+        adapted = lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora.running())
     torch.testing.assert_close(adapted, base, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         lora.head_b.normal_()  # a nonzero B changes the scores: the adapters are really in the path
-        assert not torch.allclose(lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora), base)
+        assert not torch.allclose(lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora.running()), base)
 
 
 def test_without_learning_the_score_is_the_base_models_per_document_score():
@@ -299,3 +306,36 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_totals(tmp_path):
         assert result[0] == pytest.approx(single.val_loss, rel=1e-6)
         assert result[1] == pytest.approx(single.val_bpb, rel=1e-6)
     assert sum(r[4] for r in ranks) == single.lora_work  # the batches split between the ranks
+
+
+# ----------------------------------------------------------------------------- the clock
+def test_evaluation_on_the_clock_logs_each_part_and_warns_past_the_limit():
+    """A fake clock that moves 200 s per reading: the load lap holds what came before the call, the
+    parts add up to the total, and the projection (far past 600 s here) brings the WARNING line."""
+    ticks = iter(range(0, 10**7, 200))
+    clock = EvalClock(lambda: float(next(ticks)))
+    clock.clock()  # "reading the artifact": one reading before the call
+    cfg = tiny_config()
+    lines = []
+    val_loss, val_bpb, times = phased_ttt_evaluation(TinyLoopedLM(cfg), make_tokens(DOC_LENGTHS), cfg, fake_luts(),
+                                                     clock, log=lines.append, compile=False)
+    single, _ = run()
+    assert (val_loss, val_bpb) == (single.val_loss, single.val_bpb)
+    assert times["load"] == 400.0 and times["compile"] == 200.0
+    assert times["total"] == pytest.approx(times["load"] + times["compile"] + times["ttt"])
+    assert any(line.startswith("eval_time load:400.0s compile:200.0s") for line in lines), lines
+    assert any(line.startswith("eval_time_projected full set (12 documents) on 8 GPUs") for line in lines), lines
+    assert lines[-1].startswith("WARNING: the projected evaluation time") and times["projected_8gpu"] > 600
+
+
+def test_projection_scales_the_busiest_lane_and_the_global_steps():
+    cfg = tiny_config(ttt_batch_size=1)  # 12 batches over 8 lanes: lanes 0-3 run two in the last segment
+    plan = make_plan(make_tokens(DOC_LENGTHS), cfg)
+    work = lane_work(plan, cfg)
+    assert work.sum() == lora_work(plan, range(len(plan.order)), cfg)
+    result = PhasedResult(0.0, 0.0, lora_seconds=float(work.sum()), global_seconds=6.0, lora_work=int(work.sum()),
+                          global_steps=3)
+    projection = project_eval_seconds({"load": 10.0, "compile": 20.0, "other": 99.0}, result, plan, cfg, world_size=2)
+    assert projection.lora_s == work.max()  # one second per token-row on the busiest lane
+    assert projection.global_s == pytest.approx(global_steps(plan, cfg) * 2.0 * 2 / 8)
+    assert projection.total_s == pytest.approx(30.0 + projection.lora_s + projection.global_s)
