@@ -15,8 +15,10 @@ starts its key loop at the key tile holding its first row's segment start, and a
 backward stops at the end of its last key's segment: tiles wholly outside the segments are
 skipped, not masked; the tiles a boundary crosses compare key index with each query's start.
 
-Forward (one program per (query tile, batch*head)): online softmax over the key tiles from the
-segment's first to the diagonal, then the epilogue: XSA, gate. It saves lse [B, H, T] (natural
+Forward (one program per query tile of BLOCK_M positions and per batch and HEADS query heads
+of one KV head, stacked into one tile so that each K/V tile loaded serves them all; HEADS, 1 or 2,
+is an autotune option): online softmax over the key tiles from the segment's first to the
+diagonal, then the epilogue: XSA, gate. It saves lse [B, H, T] (natural
 log) and c = u . v_hat [B, H, T] (fp32, before the gate; zeros without XSA).
 
 Backward, from the stored (gated) y, c, lse and dy, with s = sigmoid(g) (1 without a gate),
@@ -37,7 +39,15 @@ heads, so dv_self needs no atomics), then
 - deterministic=True: the same dK/dV kernel without dQ, then a dQ kernel (one program per
   query tile and head) that recomputes QK^T and dU V^T: 7 tile matmuls, no atomics, the same
   bits every run.
-Nothing T x T is ever stored.
+Nothing T x T is ever stored. The one-pass backward's programs already serve all query heads of a
+KV head. Folding dv_self into the dK/dV epilogue would trade its fp32 write and read for reading
+dy and y of the KV head's query heads again: the same bytes at 2 query heads per KV head, so the
+preprocess keeps it.
+
+Hopper: Triton 3.9's warp specialisation (tl.range(..., warp_specialize=True)) left this forward's
+sm_90a code unchanged at 8 warps and failed inside the compiler at 4 (WSDataPartition), so it is
+not an autotune option; TMA tensor descriptors are not used (device-side descriptors need a
+Triton allocator set per process, which torch.library.wrap_triton does not arrange).
 
 FLOPs (causal, in-segment): with W = the sum of L(L+1)/2 over every segment of every row (a row
 without cu_seqlens is one segment), the visible (query, key) pairs of one head, the forward does
@@ -67,18 +77,22 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def _configs(gpu_configs, interpreter_config, outer: str, inner: str) -> list:
-    """triton.Configs from (BLOCK_M, BLOCK_N, warps, stages), pruned to those whose `outer` block is a
-    multiple of their `inner` block: the kernel's diagonal stage starts on an outer-tile boundary and
-    steps by inner, so a config that breaks the rule would leave keys unvisited or unmasked.
+    """triton.Configs from (BLOCK_M, BLOCK_N, warps, stages[, HEADS]), pruned to those whose `outer`
+    block is a multiple of their `inner` block: the kernel's diagonal stage starts on an outer-tile
+    boundary and steps by inner, so a config that breaks the rule would leave keys unvisited or
+    unmasked. HEADS (the forward's): query heads of one KV head stacked in one program.
     The rule depends on the config alone, so it is applied here, once, and not through
     triton.autotune(prune_configs_by=...): torch.library.wrap_triton (torch 2.13) rebuilds an
     autotuner that has an early_config_prune into a new one at every eager launch, which would
     benchmark the configs again on every call."""
+    def config(m, n, warps, stages, *heads):
+        blocks = {"BLOCK_M": m, "BLOCK_N": n, **({"HEADS": heads[0]} if heads else {})}
+        return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
     if INTERPRET:
-        block_m, block_n = interpreter_config
-        configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+        configs = [config(*interpreter_config[:2], 4, 1, *interpreter_config[2:])]
     else:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs]
+        configs = [config(*tile) for tile in gpu_configs]
     kept = [c for c in configs if c.kwargs[outer] % c.kwargs[inner] == 0]
     if not kept:
         raise ValueError(f"xsa_attention: no tile config has {outer} a multiple of {inner}; fix the config list")
@@ -86,13 +100,20 @@ def _configs(gpu_configs, interpreter_config, outer: str, inner: str) -> list:
 
 
 # The GPU lists, (BLOCK_M, BLOCK_N, warps, stages), are module constants so that tests can run each
-# of them through the interpreter and check its tile rule and shared memory.
-FWD_GPU_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
-_FWD_CONFIGS = _configs(FWD_GPU_TILES, interpreter_config=(32, 16), outer="BLOCK_M", inner="BLOCK_N")
+# of them through the interpreter and check its tile rule and shared memory. The forward's has a
+# fifth entry, HEADS: with 2, a program stacks two query heads of one KV head (2 x BLOCK_M rows per
+# K/V tile); the autotuner weighs that against one head's taller position tiles.
+FWD_GPU_TILES = [
+    (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 3, 2), (64, 64, 8, 3, 2),
+    (128, 64, 8, 3, 2), (128, 32, 4, 4, 1), (64, 32, 4, 4, 1),
+]
+# Interpreter: 16 positions x 2 heads (32 rows), so the GQA tests take the stacked path.
+_FWD_CONFIGS = _configs(FWD_GPU_TILES, interpreter_config=(16, 16, 2), outer="BLOCK_M", inner="BLOCK_N")
 # dK/dV holds two [BLOCK_N, D] fp32 accumulators: with 4 warps ptxas spills (bench/sm90_compile.py
-# showed 8-368 bytes per thread in bf16), with 8 warps none of these do.
+# showed 8-368 bytes per thread in bf16), with 8 warps none of these do. 64 query rows per step
+# spilled too (8-136 B) once the one-pass backward's [BLOCK_M, D] dQ tile joined them.
 # BLOCK_M: query rows per step, BLOCK_N: key rows owned by the program.
-DKDV_GPU_TILES = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 4), (32, 64, 8, 4)]
+DKDV_GPU_TILES = [(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 4), (32, 64, 8, 4)]
 _DKDV_CONFIGS = _configs(DKDV_GPU_TILES, interpreter_config=(16, 32), outer="BLOCK_N", inner="BLOCK_M")
 DQ_GPU_TILES = [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
 _DQ_CONFIGS = _configs(DQ_GPU_TILES, interpreter_config=(32, 16), outer="BLOCK_M", inner="BLOCK_N")
@@ -179,33 +200,39 @@ def _xsa_fwd_kernel(
     T, H,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, XSA: tl.constexpr,
     GATED: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
 ):
+    # One program: BLOCK_M positions of PACKED query heads that share one KV head, stacked into one
+    # [PACKED * BLOCK_M, D] tile (row r: head r // BLOCK_M, position r % BLOCK_M), so each K/V tile
+    # loaded serves all of them. HEADS (the config's) is used where it divides GROUP, else 1.
+    PACKED: tl.constexpr = HEADS if GROUP % HEADS == 0 else 1
+    ROWS: tl.constexpr = PACKED * BLOCK_M
     # The last query tiles see the most keys: launch them first so the causal tail is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)  # batch offsets (b * stride_b) can pass 2**31 elements
-    h = pid_bh % H
-    kv_head = h // GROUP
+    pid_bh = tl.program_id(1)  # batch * (H // PACKED)
+    b = (pid_bh // (H // PACKED)).to(tl.int64)  # batch offsets (b * stride_b) can pass 2**31 elements
+    rows = tl.arange(0, ROWS)
+    h = (pid_bh % (H // PACKED)) * PACKED + rows // BLOCK_M  # [ROWS] query head of each row
+    kv_head = ((pid_bh % (H // PACKED)) * PACKED) // GROUP
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows % BLOCK_M  # [ROWS] position of each row
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     row_base = b * T  # index of this row's token 0 in the [B * T] segment bounds
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [ROWS, D]
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     qk_scale = SM_SCALE * LOG2E  # softmax in base 2
     if SEGMENTS:
-        seg_lo = tl.load(SEG_START + row_base + offs_m, mask=row_ok, other=0)  # [BLOCK_M] first key of each row
+        seg_lo = tl.load(SEG_START + row_base + offs_m, mask=row_ok, other=0)  # [ROWS] first key of each row
     else:
         seg_lo = offs_m  # unused
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 logits)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)  # running row max (base-2 logits)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)  # running row sum of exp2
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
 
     # Stage 1: key tiles wholly left of the diagonal, from the first one this tile's segments
     # reach: no causal or bounds mask (n < start_m <= T), the segment mask where there are segments.
@@ -222,8 +249,8 @@ def _xsa_fwd_kernel(
             DIAGONAL=True, SEGMENTS=SEGMENTS, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )
 
-    u = acc / l_i[:, None]  # pre-projection output [BLOCK_M, D]
-    row_stat = pid_bh * T + offs_m  # index into the [B, H, T] statistics
+    u = acc / l_i[:, None]  # pre-projection output [ROWS, D]
+    row_stat = (b * H + h) * T + offs_m  # index into the [B, H, T] statistics
     if XSA:
         v_own = tl.load(v_base + offs_m[:, None] * stride_vt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         v_own = v_own.to(tl.float32)
@@ -232,12 +259,12 @@ def _xsa_fwd_kernel(
         c = tl.sum(u * v_hat, 1)
         y = u - c[:, None] * v_hat
     else:
-        c = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c = tl.zeros([ROWS], dtype=tl.float32)
         y = u
     if GATED:
         g = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gt, mask=row_ok, other=0.0)
         y = y * tl.sigmoid(g.to(tl.float32))[:, None]
-    y_ptrs = Y + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :]
+    y_ptrs = Y + b * stride_yb + h[:, None] * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :]
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None])
     tl.store(C + row_stat, c, mask=row_ok)
     tl.store(LSE + row_stat, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
@@ -621,8 +648,11 @@ def xsa_attention_fwd_op(
     seg_start = segment_bounds(cu_seqlens, B, T)[0] if cu_seqlens is not None else q
     gated = gate if gate is not None else q
 
+    group = H // k.shape[2]
+
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        heads = meta["HEADS"] if group % meta["HEADS"] == 0 else 1  # the kernel's PACKED
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H // heads)
 
     wrap_triton(_FWD.pick(q.dtype, T, TUNE_MIN_T))[grid](
         q, k, v, gated, seg_start, y, c, lse,

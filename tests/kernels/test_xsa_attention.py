@@ -258,16 +258,16 @@ GPU_TILE_LISTS = {  # kernel: (its GPU tiles (BLOCK_M, BLOCK_N, warps, stages), 
 
 
 def _tile_id(tile):
-    m, n, warps, stages = tile
-    return f"{m}x{n}w{warps}s{stages}"
+    m, n, warps, stages, *heads = tile
+    return f"{m}x{n}w{warps}s{stages}" + (f"h{heads[0]}" if heads else "")
 
 
 def _shared_bytes(kernel, tile, head_dim, element_bytes):
     """Pipelined shared memory of one config (tests/kernels/gpu_tiles.py): what each kernel's key or
     query loop loads per step, and the tiles it loads once before it."""
-    m, n, _warps, stages = tile
-    if kernel == "fwd":  # loop: K, V [BLOCK_N, D]; once: Q [BLOCK_M, D]
-        return pipelined_bytes(stages, [n * head_dim] * 2, [m * head_dim], element_bytes)
+    m, n, _warps, stages, *heads = tile
+    if kernel == "fwd":  # loop: K, V [BLOCK_N, D]; once: Q [HEADS * BLOCK_M, D]
+        return pipelined_bytes(stages, [n * head_dim] * 2, [heads[0] * m * head_dim], element_bytes)
     if kernel == "dq":  # loop: K, V [BLOCK_N, D]; once: Q, dU [BLOCK_M, D]
         return pipelined_bytes(stages, [n * head_dim] * 2, [m * head_dim] * 2, element_bytes)
     # dkdv, loop: Q, dU [BLOCK_M, D] and fp32 lse, delta [BLOCK_M]; once: K, V [BLOCK_N, D]
@@ -284,19 +284,24 @@ def test_gpu_tile_configs_keep_the_kernels_rules(monkeypatch, kernel):
         # tl.arange takes powers of two, tl.dot operands at least 16 rows
         assert all(is_power_of_two(b) and b >= 16 for b in blocks.values()), what
         assert blocks[outer] % blocks[inner] == 0, f"{what}: {inner} must divide {outer}"
+        if kernel == "fwd":  # stacked heads: HEADS x BLOCK_M rows, a power of two for tl.arange
+            assert is_power_of_two(tile[4]), what
         assert_fits_sm90(_shared_bytes(kernel, tile, head_dim, BYTES["bf16"]), f"{what}, bf16, D={head_dim}")
     # fp32 inputs (the GPU tests) take the list's last config (kernels._launch.autotune_pair)
     assert_fits_sm90(_shared_bytes(kernel, tiles[-1], head_dim, BYTES["fp32"]), f"{kernel} fixed config, fp32")
     # and the op's own pruning (xsa_attention._configs, which drops a config that breaks the rule) keeps every one
     monkeypatch.setattr(xa, "INTERPRET", False)
     kept = xa._configs(tiles, interpreter_config=None, outer=outer, inner=inner)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == list(tiles)
+    extra = ("HEADS",) if kernel == "fwd" else ()
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *(c.kwargs[e] for e in extra))
+            for c in kept] == list(tiles)
 
 
 def _use_gpu_tiles(monkeypatch, kernel, tile):
     """Make the ops launch `kernel` with this one GPU config, whatever the dtype and sequence length."""
-    m, n, warps, stages = tile
-    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+    m, n, warps, stages, *heads = tile
+    blocks = {"BLOCK_M": m, "BLOCK_N": n, **({"HEADS": heads[0]} if heads else {})}
+    config = triton.Config(blocks, num_warps=warps, num_stages=stages)
     jit, pair = {"fwd": (xa._xsa_fwd_kernel, "_FWD"), "dkdv": (xa._xsa_bwd_dkdv_kernel, "_DKDV"),
                  "dq": (xa._xsa_bwd_dq_kernel, "_DQ")}[kernel]  # fmt: skip
     monkeypatch.setattr(xa, pair, autotune_pair(jit, [config], xa._TUNE_KEY))
@@ -468,7 +473,7 @@ SEGMENT_CASES = {
     # name: (B, T, H, Hkv, D, offsets, xsa, gated)
     "length-1-and-tile-edges": (1, 70, 4, 2, 16, _padded([0, 1, 2, 16, 17, 32, 40, 64, 70]), True, True),
     "one-segment": (1, 70, 4, 1, 32, [0, 70], False, True),
-    "rows-only-B2": (2, 40, 4, 2, 16, _padded([0, 40, 80]), True, False),
+    "rows-only-B2-group3": (2, 40, 3, 1, 16, _padded([0, 40, 80]), True, False),  # 3 heads: not stacked
     "many-random-B2": (2, 90, 2, 1, 16, _padded(_random_offsets(2, 90, 24, seed=40)), True, True),
     "many-random-plain": (2, 90, 4, 2, 16, _random_offsets(2, 90, 12, seed=41), False, False),
 }
