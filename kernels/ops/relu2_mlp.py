@@ -1,33 +1,44 @@
-"""The relu^2 MLP with the activation fused into the GEMMs: a = relu(h)^2 is never stored.
+"""The squared-activation MLP with the activation fused into the GEMMs: a = phi(h) is never stored.
 
-    h = x @ w_up^T          a = relu(h)^2          y = a @ w_down^T
+    h = x @ w_up^T          a = phi(h) = leaky_relu(h, slope)^2          y = a @ w_down^T
     x [N, d], w_up [F, d], w_down [d, F]; every tensor in x's dtype (fp32, bf16 or fp16)
+    phi(h) = h^2 for h > 0, (slope h)^2 otherwise;   phi'(h) = 2h for h > 0, 2 slope^2 h otherwise
 
-Rounding is the eager reference's (kernels.reference.relu2_mlp): h and a are rounded to x's
-dtype, so the kernel squares relu(h) in fp32 and rounds it before the product, exactly as
-torch's bf16 `relu(h).square()` does. What a torch.compile'd reference spends beyond the GEMMs
-is the [N, F] pointwise traffic (302 MB per tensor at N = 98,304, F = 1536 in bf16): relu^2 in
-the forward, and in the backward da written and read back, dh = da * 2 relu(h), and a
+One family for every negative slope: 0.0 is SPEC's relu^2 (the default, bit for bit what it was
+before the slope existed), 0.5 FRONTIER.md's LeakyReLU(0.5)^2 (0.25 h^2 and phi' = 0.5 h for
+h <= 0). The slope is a Python float fixed when the model is built; the kernels take it as a
+constexpr (NEGATIVE_SLOPE), so each slope compiles its own variant and slope 0 the seed's code.
+
+Rounding is the eager reference's (kernels.reference.relu2_mlp), FRONTIER.md's chain: h, then
+l = leaky(h), then a = l^2, each rounded to x's dtype, every step computed in fp32 as torch's
+low-precision pointwise ops do. The backward follows autograd of that chain step by step (see
+the epilogue). What a torch.compile'd reference spends beyond the GEMMs is the [N, F] pointwise
+traffic (302 MB per tensor at N = 98,304, F = 1536 in bf16; 403 MB at FRONTIER.md's F = 2048):
+phi in the forward, and in the backward da written and read back, dh = phi'(h) da, and a
 recomputed for dW_down. Here all of it rides inside the GEMMs.
 
 One Triton GEMM, C[M, N] = pro(A)[M, K] @ B[K, N], with any strides (so transposed views
 are free), fp32 accumulation, grouped tile order for L2 reuse, and two switches:
-    RELU2_A             prologue: the A tile becomes round(relu(t)^2) before tl.dot
-    EPILOGUE_DRELU2     epilogue: da = round(acc); C = round(da * 2 relu(E)), 0 where E <= 0
+    RELU2_A             prologue: the A tile becomes phi(t) = round(round(leaky(t))^2) before tl.dot
+                        (the inner rounding left out where it cannot change a bit of phi: slope 0
+                        or a power of two such as 0.5; _leaky_rounding_matters says why)
+    EPILOGUE_DRELU2     epilogue: da = round(acc); C = phi'(E) da, rounded as autograd rounds it:
+                        round(da * 2 relu(E)), 0 where E <= 0, at slope 0; else
+                        g = round(da * round(2 round(leaky(E)))) and C = g, or round(g * slope) where E <= 0
 and split-K (program_id 2 takes one contiguous K range and writes its own fp32 partial [M, N];
 a torch sum adds them: deterministic, no atomics).
 
 Forward (`golf::relu2_mlp_fwd`, relu2_mlp_fwd_op): h = x @ w_up^T by cuBLAS (torch op in the body), then
-y = relu2(h) @ w_down^T with the prologue on A. Saved: x, h, w_up, w_down (not a).
+y = phi(h) @ w_down^T with the prologue on A. Saved: x, h, w_up, w_down (not a); the slope on ctx.
 Backward (`golf::relu2_mlp_bwd`, relu2_mlp_bwd_op), given dy [N, d]:
-    dh         = drelu2(dy @ w_down, h)    GEMM with the epilogue (h read in the epilogue)
-    dW_down^T  = relu2(h)^T @ dy           GEMM with the prologue on A = h^T, split-K over the tokens
+    dh         = phi'(h) (dy @ w_down)     GEMM with the epilogue (h read in the epilogue)
+    dW_down^T  = phi(h)^T @ dy             GEMM with the prologue on A = h^T, split-K over the tokens
     dx = dh @ w_up,  dW_up = dh^T @ x      cuBLAS
 dW_down's output is only [d, F] (48 tiles of 128 x 128 at the model shape, fewer than the
 H100's 132 SMs) while its K = N is long, hence split-K there. It is computed transposed, with
-relu^2 on the A operand, because compiled for sm_90a that form keeps the activated tile in
-registers as wgmma's A operand and spills in no config, where dy^T @ relu2(h) (prologue on B,
-which wgmma must read from shared memory) spilled at 128 x 256.
+phi on the A operand, because compiled for sm_90a that form keeps the activated tile in
+registers as wgmma's A operand and spills in no config (at slopes 0 and 0.5), where dy^T @ phi(h)
+(prologue on B, which wgmma must read from shared memory) spilled at 128 x 256.
 FLOPs: forward 4NdF (2 GEMMs), backward 8NdF (4 GEMMs), nothing recomputed beyond a.
 """
 import math
@@ -93,12 +104,13 @@ def _leaky(t32, NEGATIVE_SLOPE: tl.constexpr):
 
 
 @triton.jit
-def _relu2(t, NEGATIVE_SLOPE: tl.constexpr):
+def _relu2(t, NEGATIVE_SLOPE: tl.constexpr, ROUND_LEAKY: tl.constexpr):
     """round(round(leaky(t))^2) in t's dtype, each step in fp32 and rounded like torch's
-    low-precision pointwise ops (kernels.reference.leaky_relu2). relu is exact, so at slope 0 the
-    inner rounding is skipped: round(relu(t)^2), the seed's instructions."""
+    low-precision pointwise ops (kernels.reference.leaky_relu2). The inner rounding only where it
+    can change the square (ROUND_LEAKY, _leaky_rounding_matters): not at slope 0 (the seed's
+    instructions) nor at 0.5, whose A-in-registers prologue spilled with it (bench.sm90_compile)."""
     act = _leaky(t.to(tl.float32), NEGATIVE_SLOPE)
-    if NEGATIVE_SLOPE != 0.0:
+    if ROUND_LEAKY:
         act = act.to(t.dtype).to(tl.float32)
     return (act * act).to(t.dtype)
 
@@ -111,7 +123,7 @@ def _relu2_gemm_kernel(
     stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
     stride_em, stride_en,
-    RELU2_A: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    RELU2_A: tl.constexpr, EPILOGUE_DRELU2: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, ROUND_LEAKY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -153,7 +165,7 @@ def _relu2_gemm_kernel(
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # phi(0) = 0: padding stays 0
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if RELU2_A:
-            a = _relu2(a, NEGATIVE_SLOPE)
+            a = _relu2(a, NEGATIVE_SLOPE, ROUND_LEAKY)
         acc = _dot(a, b, acc, DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -207,6 +219,14 @@ def _split_k(M: int, N: int, K: int, device) -> int:
     return best
 
 
+def _leaky_rounding_matters(negative_slope: float) -> bool:
+    """Whether rounding l = leaky(t) to t's dtype before squaring can change round(l^2). Not for
+    slope 0 (relu is exact), nor for a power of two: t * 2^k is exact in fp32 and stays so in t's
+    dtype unless it falls below the dtype's smallest normal, where l^2 (< 2^-28 in fp16, < 2^-252
+    in bf16) rounds to 0 either way; or it overflows, and then l^2 overflows either way."""
+    return negative_slope != 0.0 and math.frexp(abs(negative_slope))[0] != 0.5
+
+
 def _gemm(a, b, out, *, relu2_a=False, epilogue_h=None, negative_slope=0.0, split_k=1) -> None:
     """out = pro(a) @ b for a [M, K], b [K, N] (any strides); out [M, N], or fp32 [split_k, M, N]
     partials when split_k > 1; epilogue_h [M, N] switches the phi' epilogue on; negative_slope is
@@ -228,7 +248,8 @@ def _gemm(a, b, out, *, relu2_a=False, epilogue_h=None, negative_slope=0.0, spli
         b.stride(0), b.stride(1),
         out3.stride(0), out3.stride(1), out3.stride(2),
         e.stride(0), e.stride(1),
-        RELU2_A=relu2_a, EPILOGUE_DRELU2=epilogue_h is not None, NEGATIVE_SLOPE=negative_slope,
+        RELU2_A=relu2_a, EPILOGUE_DRELU2=epilogue_h is not None,
+        NEGATIVE_SLOPE=negative_slope, ROUND_LEAKY=_leaky_rounding_matters(negative_slope),
         DOT_PRECISION=dot_precision(a.dtype),
     )
 
