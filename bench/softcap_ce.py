@@ -1,4 +1,5 @@
-"""Soft-capped cross-entropy over the tied head: Triton vs eager reference vs torch.compile(reference).
+"""Soft-capped cross-entropy over the tied head: Triton vs eager reference vs torch.compile(reference);
+then the same with the phased TTT's per-document LoRA head (`lora_shape`).
 
     python -m bench.softcap_ce [--smoke] [--preset NAME] [--name value ...]
 
@@ -36,6 +37,19 @@ def executed_flops_triton(n: int, v: int, d: int, backward: bool) -> int:
 def fp32_logits_bytes(n: int, v: int) -> int:
     """The [N, V] fp32 logits the fused kernel never materialises."""
     return 4 * n * v
+
+
+def lora_shape(cfg) -> dict:
+    """The phased TTT's head (FRONTIER.md section 5): TTT_BATCH_SIZE documents of TTT_EVAL_SEQ_LEN rows
+    (the longest windows), rank TTT_LORA_RANK adapters on the logits."""
+    return dict(B=cfg.ttt_batch_size, T=cfg.ttt_eval_seq_len, V=cfg.vocab_size, D=cfg.model_dim, R=cfg.ttt_lora_rank)
+
+
+def lora_useful_flops(b: int, t: int, v: int, d: int, r: int) -> int:
+    """Forward + backward of the head with its LoRA, weight frozen: forward 2NV(d + r) + 2Ndr, backward
+    grad_x 2NVd, grad_u and grad_B 4NVr, grad_x and grad_A through u 4Ndr."""
+    n = b * t
+    return 2 * n * v * (d + r) + 2 * n * d * r + 2 * n * v * d + 4 * n * v * r + 4 * n * d * r
 
 
 def make_inputs(n: int, v: int, d: int, device: str):
@@ -88,6 +102,44 @@ def main(argv=None) -> None:
         f"{fp32_logits_bytes(N, V) / 2**20:.0f} MiB.\n"
     )
     print(table(rows))
+    lora_rows(bench)
+
+
+def lora_rows(bench) -> None:
+    """The phased TTT's per-token CE with the per-document LoRA head: forward + backward to x, A and B
+    (the model's weight frozen, as in the TTT)."""
+    B, T, V, D, R = lora_shape(bench.cfg).values()
+    if bench.smoke:  # the interpreter: 3 documents of 37 rows, rank 8 (ragged against every block)
+        B, T, R = 3, 37, 8
+    softcap = bench.cfg.logit_softcap
+    from kernels import reference
+    from kernels.ops import softcap_ce
+
+    gen = torch.Generator(device=bench.device).manual_seed(1)
+    x = (torch.randn(B, T, D, generator=gen, device=bench.device) * 8 / D**0.5).bfloat16().requires_grad_()
+    weight = torch.randn(V, D, generator=gen, device=bench.device).bfloat16()
+    targets = torch.randint(0, V, (B, T), generator=gen, device=bench.device)
+    lora_a = (torch.rand(B, R, D, generator=gen, device=bench.device) * 2 - 1).div(D**0.5).requires_grad_()
+    lora_b = (torch.randn(B, V, R, generator=gen, device=bench.device) * 0.01).requires_grad_()
+    scale = bench.cfg.ttt_lora_alpha / R
+    variants = {
+        "triton": softcap_ce.softcap_cross_entropy_lora,
+        "eager reference": reference.softcap_cross_entropy_lora,
+        "compiled reference": bench.compiled(reference.softcap_cross_entropy_lora),
+    }
+
+    def forward_backward(fn):
+        def run():
+            loss = fn(x, weight, targets, lora_a, lora_b, scale, softcap)
+            return torch.autograd.grad(loss.sum(), (x, lora_a, lora_b))
+        return run
+
+    timed = bench.time_variants(variants, forward_backward)
+    flops = lora_useful_flops(B, T, V, D, R)
+    print(f"\n### with the phased TTT's LoRA head: {B} documents x {T} rows, V={V}, d={D}, r={R}, bf16\n")
+    print(f"useful FLOPs forward+backward (weight frozen) = {flops:.3e}; fp32 logits the kernel never stores: "
+          f"{fp32_logits_bytes(B * T, V) / 2**20:.0f} MiB.\n")
+    print(table(variant_rows("forward+backward", timed, flops=flops, column="useful TFLOP/s")))
 
 
 if __name__ == "__main__":

@@ -546,6 +546,7 @@ def _softcap_ce_lora_fwd_backward(ctx, grad_loss, grad_lse):
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
     weight_x, lora_b_x = weight.to(x.dtype), lora_b.to(x.dtype)
     per_chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, T * V * x.element_size()))
+    needs = ctx.needs_input_grad
     grad_x, grad_u, grad_b = [], [], []
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for first in range(0, docs, per_chunk):
@@ -553,12 +554,15 @@ def _softcap_ce_lora_fwd_backward(ctx, grad_loss, grad_lse):
         rows = slice(chunk.start * T, chunk.stop * T)
         d_raw = softcap_ce_lora_dlogits_op(x[rows], weight, u[rows], lora_b[chunk], targets[rows], lse[rows],
                                            grad_loss[rows], grad_lse[rows], ctx.softcap)  # [n T, V]
-        grad_x.append(d_raw @ weight_x)
-        grad_weight = grad_weight + (d_raw.T @ x[rows]).float()
         d_doc = d_raw.view(-1, T, V)
-        grad_u.append(torch.bmm(d_doc, lora_b_x[chunk]).reshape(-1, R))
-        grad_b.append(torch.bmm(d_doc.transpose(1, 2), u[rows].view(-1, T, R)).float())
-    needs = ctx.needs_input_grad
+        if needs[0]:
+            grad_x.append(d_raw @ weight_x)
+        if needs[1]:  # not in the TTT, whose model weights are frozen
+            grad_weight = grad_weight + (d_raw.T @ x[rows]).float()
+        if needs[2]:
+            grad_u.append(torch.bmm(d_doc, lora_b_x[chunk]).reshape(-1, R))
+        if needs[3]:
+            grad_b.append(torch.bmm(d_doc.transpose(1, 2), u[rows].view(-1, T, R)).float())
     cat = lambda parts, like: torch.cat(parts) if parts else torch.zeros_like(like)  # noqa: E731
     return (cat(grad_x, x) if needs[0] else None, grad_weight.to(weight.dtype) if needs[1] else None,
             cat(grad_u, u) if needs[2] else None, cat(grad_b, lora_b).to(lora_b.dtype) if needs[3] else None, None, None)
