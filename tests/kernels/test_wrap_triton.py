@@ -118,10 +118,13 @@ def run_every_op():
     for deterministic in (False, True):
         table = _randn(37, 12, seed=2).requires_grad_()
         bigram.bigram_embed(ids, table, deterministic).sum().backward()
-    # XSA attention: forward and all three backward kernels, with and without the projection
+    # XSA attention: forward and every backward kernel (the one-pass and the deterministic mode), with and
+    # without the projection, segments and gate
     for use_xsa in (False, True):
         q, k, v = (_randn(1, 17, h, 16, seed=3 + h).requires_grad_() for h in (4, 2, 2))
-        xa.xsa_attention(q, k, v, use_xsa).sum().backward()
+        cu_seqlens = torch.tensor([0, 5, 17], dtype=torch.int32, device=DEVICE) if use_xsa else None
+        gate = _randn(1, 17, 4, seed=9).requires_grad_() if use_xsa else None
+        xa.xsa_attention(q, k, v, use_xsa, cu_seqlens, gate, deterministic=use_xsa).sum().backward()
     # Newton-Schulz: the op (normalise, gram, update; tall input; zero steps) and the kernels-alone helpers
     G = _randn(2, 24, 16, seed=6)
     ns.newton_schulz(G, 1, compute_dtype=torch.float32)
