@@ -126,11 +126,12 @@ class Trainer:
         return self.log.path("checkpoint.pt")
 
     def save(self) -> None:
-        """Every rank holds the same state (DDP and Muon keep them identical): rank 0 writes."""
+        """Every rank builds the state (Muon gathers its sharded momentum: a collective); rank 0 writes."""
         state = self.state
+        snapshot = state.state_dict()
         if state.ctx.is_main:
             t0 = time.perf_counter()
-            size = save_checkpoint(state.state_dict(), self.checkpoint_path)
+            size = save_checkpoint(snapshot, self.checkpoint_path)
             self.log.log(f"checkpoint: step {state.step} -> {self.checkpoint_path} ({size / 2**20:.1f} MiB, "
                          f"{time.perf_counter() - t0:.1f}s)")
         self.last_checkpoint_ms, self.saved_step = state.clock.elapsed_ms, state.step

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from model.shard_plan import ShardPlan
 
+# reduce_scatter_single is reduce_scatter_tensor's new name (torch 2.13 deprecates the old one)
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 COMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (norm + 1e-6), at most 1
 
@@ -101,7 +103,7 @@ class GradientSync:
                 chunk.copy_(p.grad.view(-1))
                 if bucket.owners[i] != self.rank:
                     p.grad = None  # another rank owns it: its gradient memory goes now
-        self.handles[unit] = dist.reduce_scatter_tensor(self.recv[unit], send, op=dist.ReduceOp.AVG, async_op=True)
+        self.handles[unit] = _reduce_scatter_flat(self.recv[unit], send, op=dist.ReduceOp.AVG, async_op=True)
 
     def _launch_small(self, unit: int, params: list[torch.Tensor]) -> None:
         if not params:

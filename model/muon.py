@@ -14,12 +14,18 @@ kernel and its reference): that is the one place for it. Its coefficients are on
 for every step (SPEC's quintic) or one triple per step (FRONTIER.md's Polar-Express schedule,
 kernels.reference.POLAR_EXPRESS_COEFFS).
 
-Matrices of the same shape are stacked and orthogonalised by one batched call. With
-torch.distributed initialised and more than one rank, each shape group's stack is split into
-contiguous slices, one per rank; each rank orthogonalises its slice and an asynchronous all-gather
-shares the results, so the communication of one group overlaps the computation of the next.
-Gradients are expected to be averaged across ranks already (DDP does it), so every rank holds the
-same g', and every rank applies the same gathered update: the weights stay identical.
+Newton-Schulz runs on each matrix's wide orientation, so matrices are stacked by wide shape (a
+tall [3d, d] matrix joins the [d, 3d] ones, transposed; its row normalisation and its update scale
+stay those of its own shape) and each stack is orthogonalised by one batched call. Which rank
+orthogonalises which matrix is a ShardPlan (model/shard_plan.py): without one (one process, or
+`shard` never called) this rank does them all and nothing is communicated. With a plan over W
+ranks (model/grad_sync.GradientSync averages the gradients and leaves each rank only its own
+matrices'), each rank runs momentum and Newton-Schulz on its matrices only, and an asynchronous
+all-gather per stack shares the results, so the gather of one stack overlaps the Newton-Schulz of
+the next; every rank applies the same gathered updates, so the weights stay identical. Momentum
+buffers then live only on the owning rank; state_dict() gathers them (a collective: every rank
+calls it), so a checkpoint holds every buffer whatever the number of ranks, and load_state_dict()
+keeps this rank's.
 """
 import math
 
@@ -28,7 +34,7 @@ import torch.distributed as dist
 
 import kernels
 from kernels.reference import QUINTIC_COEFFS, per_step_coeffs
-from model.distributed import rank_and_world
+from model.shard_plan import ShardPlan
 
 # all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
@@ -41,24 +47,6 @@ def normalize_rows(u: torch.Tensor) -> torch.Tensor:
     norm in fp32, rounded to u's dtype, then the division in u's dtype."""
     norms = u.float().norm(dim=-1, keepdim=True).clamp_min(ROW_NORM_EPS).to(u.dtype)
     return u / norms
-
-
-class _ShapeGroup:
-    """One stack of same-shape updates: its orthogonalised result (maybe still arriving), then the apply."""
-
-    def __init__(self, params, orthogonal, handle, lr, weight_decay):
-        self.params, self.orthogonal, self.handle = params, orthogonal, handle
-        self.lr, self.weight_decay = lr, weight_decay
-
-    def apply(self) -> None:
-        if self.handle is not None:
-            self.handle.wait()
-        rows, cols = self.params[0].shape
-        scale = math.sqrt(max(1.0, rows / cols))
-        updates = self.orthogonal[: len(self.params)].to(self.params[0].dtype).unbind(0)
-        if self.weight_decay:
-            torch._foreach_mul_(self.params, 1.0 - self.lr * self.weight_decay)
-        torch._foreach_add_(self.params, updates, alpha=-self.lr * scale)
 
 
 class Muon(torch.optim.Optimizer):
@@ -91,6 +79,7 @@ class Muon(torch.optim.Optimizer):
             weight_decay=weight_decay, compute_dtype=compute_dtype, row_normalize=row_normalize,
         )
         super().__init__(params, defaults)
+        self.plan: ShardPlan | None = None  # who orthogonalises what; built on the first step when not set
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -98,29 +87,38 @@ class Muon(torch.optim.Optimizer):
                         f"Muon: got a parameter of shape {tuple(p.shape)}; Muon takes only 2-D weight matrices, give the others to AdamW"
                     )
 
+    def shard(self, plan: ShardPlan | None) -> None:
+        """Orthogonalise only `plan.rank`'s matrices and gather the rest (None: every matrix here).
+        Buffers of matrices another rank owns are dropped."""
+        self.plan = plan
+        if plan is not None:
+            for p in list(self.state):
+                if not plan.owns(p):
+                    del self.state[p]
+
+    def _shard_plan(self) -> ShardPlan:
+        if self.plan is None:
+            self.plan = ShardPlan([group["params"] for group in self.param_groups], 1, 0)
+        return self.plan
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = rank_and_world()
-        # Launch every shape group first (each rank computes its share, the gather runs async),
-        # then apply them in order: group i's gather overlaps group i+1's Newton-Schulz.
-        launched = []
-        for group in self.param_groups:
-            for params, updates in self._momentum_updates_by_shape(group):
-                orthogonal, handle = self._orthogonalise(group, updates, rank, world)
-                launched.append(_ShapeGroup(params, orthogonal, handle, group["lr"], group["weight_decay"]))
-        for shape_group in launched:
-            shape_group.apply()
+        plan = self._shard_plan()
+        # Launch every stack first (each rank computes its matrices, the gather runs async), then
+        # apply them in order: stack i's gather overlaps stack i+1's Newton-Schulz.
+        launched = [self._orthogonalise(bucket, plan) for bucket in plan.buckets]
+        for bucket, indices, rows, results, handle in launched:
+            if handle is not None:
+                handle.wait()
+            self._apply(bucket, indices, rows, results)
         return loss
 
-    def _momentum_updates_by_shape(self, group):
-        """Momentum (and Nesterov) for every parameter with a gradient; yields (params, updates) per (shape, dtype)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return []
+    def _momentum_updates(self, group, params) -> list[torch.Tensor]:
+        """Momentum (and Nesterov) for params, in their own orientation."""
         grads = [p.grad for p in params]
         buffers = []
         for p in params:
@@ -131,37 +129,82 @@ class Muon(torch.optim.Optimizer):
         momentum = group["momentum"]
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, grads)
-        updates = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
+        return torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
 
-        by_shape = {}
-        for p, u in zip(params, updates):
-            by_shape.setdefault((tuple(p.shape), p.dtype, p.device), ([], []))
-            by_shape[(tuple(p.shape), p.dtype, p.device)][0].append(p)
-            by_shape[(tuple(p.shape), p.dtype, p.device)][1].append(u)
-        return list(by_shape.values())
+    def _orthogonalise(self, bucket, plan: ShardPlan):
+        """Newton-Schulz, in wide orientation, of this rank's matrices of `bucket` that have gradients.
+        Returns (bucket, indices of the matrices to update, rows: results[rows[k]] is the update
+        of params[indices[k]], results [., m, n], the pending all-gather or None)."""
+        group = self.param_groups[bucket.group]
+        mine = sorted((i for i in bucket.owned(plan.rank) if bucket.params[i].grad is not None), key=bucket.transposed)
+        ortho = None
+        if mine:
+            updates = self._momentum_updates(group, [bucket.params[i] for i in mine])
+            wide = sum(not bucket.transposed(i) for i in mine)
+            stacks = [torch.stack(part) for part in (updates[:wide], updates[wide:]) if part]
+            if group["row_normalize"]:  # the rows of each matrix's own orientation
+                stacks = [normalize_rows(stack) for stack in stacks]
+            if wide < len(mine):
+                stacks[-1] = stacks[-1].mT
+            stack = torch.cat(stacks) if len(stacks) > 1 else stacks[0]
+            ortho = kernels.newton_schulz(stack, group["backend_steps"], group["coeffs"], group["compute_dtype"])
+        if plan.world == 1:
+            return bucket, mine, list(range(len(mine))), ortho, None
+        rows, cols = bucket.shape
+        device = bucket.params[0].device
+        local = torch.zeros((bucket.slot, rows, cols), dtype=group["compute_dtype"], device=device)
+        if mine:
+            local[torch.tensor([bucket.position[i] for i in mine], device=device)] = ortho.to(local.dtype)
+        gathered = torch.empty((plan.world * bucket.slot, rows, cols), dtype=local.dtype, device=device)
+        handle = _all_gather_flat(gathered, local, async_op=True)
+        everyone = list(range(len(bucket.params)))
+        return bucket, everyone, [bucket.owners[i] * bucket.slot + bucket.position[i] for i in everyone], gathered, handle
 
-    @staticmethod
-    def _orthogonalise(group, updates, rank: int, world: int):
-        """Newton-Schulz of a same-shape stack; returns ([>= k, rows, cols] result, pending gather or None)."""
+    def _apply(self, bucket, indices, rows_of, results) -> None:
+        """p <- p * (1 - lr * wd) - lr * sqrt(max(1, rows / cols)) * U for params[i], i in indices."""
+        if not indices:
+            return
+        group = self.param_groups[bucket.group]
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        results = results.to(bucket.params[0].dtype)
+        for tall in (False, True):  # the update scale is that of the matrix's own shape
+            chosen = [(row, i) for row, i in zip(rows_of, indices) if bucket.transposed(i) == tall]
+            if not chosen:
+                continue
+            params = [bucket.params[i] for _, i in chosen]
+            updates = [results[row].mT if tall else results[row] for row, _ in chosen]
+            rows, cols = params[0].shape
+            if weight_decay:
+                torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+            torch._foreach_add_(params, updates, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
 
-        def newton_schulz(stack):
-            if group["row_normalize"]:
-                stack = normalize_rows(stack)
-            return kernels.newton_schulz(stack, group["backend_steps"], group["coeffs"], group["compute_dtype"])
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """torch's state_dict, holding every matrix's momentum buffer even when sharded (then a
+        collective: every rank calls it)."""
+        state = super().state_dict()
+        plan = self.plan
+        if plan is None or plan.world == 1:
+            return state
+        index = {id(p): n for n, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for bucket in plan.buckets:
+            device = bucket.params[0].device
+            local = torch.zeros((bucket.slot, bucket.numel + 1), dtype=torch.float32, device=device)  # buffer | has-one flag
+            for i in bucket.owned(plan.rank):
+                buffer = self.state.get(bucket.params[i], {}).get("momentum_buffer")
+                if buffer is not None:
+                    local[bucket.position[i], :-1] = buffer.reshape(-1).float()
+                    local[bucket.position[i], -1] = 1.0
+            gathered = torch.empty((plan.world * bucket.slot, bucket.numel + 1), dtype=torch.float32, device=device)
+            _all_gather_flat(gathered, local)
+            for i, p in enumerate(bucket.params):
+                row = gathered[bucket.owners[i] * bucket.slot + bucket.position[i]]
+                if row[-1] > 0:
+                    entry = state["state"].setdefault(index[id(p)], {})
+                    entry["momentum_buffer"] = row[:-1].view(p.shape).to(p.dtype).clone()
+        return state
 
-        if world == 1:
-            return newton_schulz(torch.stack(updates)), None
-        count = len(updates)
-        per_rank = math.ceil(count / world)
-        lo, hi = min(rank * per_rank, count), min((rank + 1) * per_rank, count)
-        rows, cols = updates[0].shape
-        if hi - lo == per_rank:
-            local = newton_schulz(torch.stack(updates[lo:hi]))
-        else:
-            # the last ranks may own fewer (or no) matrices: pad their slice so every rank sends the same size
-            local = torch.zeros((per_rank, rows, cols), dtype=group["compute_dtype"], device=updates[0].device)
-            if hi > lo:
-                local[: hi - lo] = newton_schulz(torch.stack(updates[lo:hi]))
-        gathered = torch.empty((world * per_rank, rows, cols), dtype=local.dtype, device=local.device)
-        handle = _all_gather_flat(gathered, local.contiguous(), async_op=True)
-        return gathered, handle
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict; when sharded, only this rank's matrices keep their buffers."""
+        super().load_state_dict(state_dict)
+        self.shard(self.plan)

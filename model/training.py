@@ -1,22 +1,22 @@
 """What a training run is made of: its state (model, optimizers, loader, weight average, step and
 training time), the one optimizer step, the warm-up, and the clock. train.py tells the run's
 story with these; bench/step.py times the same `training_step` on the same built state."""
-import contextlib
 import copy
 import dataclasses
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from kernels._launch import INTERPRET
 from model.checkpoint import restore_rng_states, rng_states
 from model.config import Config
 from model.distributed import Dist, synchronize
 from model.gpt import GPT, CastedLinear
+from model.grad_sync import GradientSync
 from model.optim import build_optimizers, set_schedule
 from model.precision import autocast
 from model.schedule import muon_momentum
+from model.shard_plan import ShardPlan
 from model.swa import WeightAverage
 
 # The profiler range around the optimizer phase of a step (bench/step.py attributes its kernels to it).
@@ -61,8 +61,9 @@ class TrainingClock:
 
 @dataclasses.dataclass
 class TrainingState:
-    """Everything a step changes, and what a checkpoint holds: model (and its compiled, maybe
-    DDP-wrapped forward), optimizers, loader, weight average, step count and training time."""
+    """Everything a step changes, and what a checkpoint holds: model (and its compiled forward),
+    optimizers, loader, weight average, step count and training time; on several ranks the
+    gradient averaging (model/grad_sync.py), None on one."""
     cfg: Config
     ctx: Dist
     model: GPT
@@ -72,6 +73,7 @@ class TrainingState:
     swa: WeightAverage
     clock: TrainingClock
     step: int = 0
+    grad_sync: GradientSync | None = None
 
     @property
     def accum(self) -> int:
@@ -83,6 +85,7 @@ class TrainingState:
         return any(m.qat for m in self.model.modules() if isinstance(m, CastedLinear))
 
     def state_dict(self) -> dict:
+        """On several ranks a collective (Muon gathers its sharded momentum): every rank calls it."""
         return {
             "config": dataclasses.asdict(self.cfg),
             "model": self.model.state_dict(),
@@ -145,37 +148,49 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, label: str) -
     return kept
 
 
-def build_training_state(cfg: Config, ctx: Dist, loader) -> TrainingState:
-    """The model (seeded), its compiled and (on several ranks) DDP-wrapped forward, SPEC's three
-    optimizers, and a fresh weight average and clock."""
+def build_training_state(cfg: Config, ctx: Dist, loader, grad_comm_dtype: torch.dtype = torch.bfloat16) -> TrainingState:
+    """The model (seeded), its compiled forward, SPEC's three optimizers, and a fresh weight average
+    and clock. On several ranks, no DDP: Muon's matrices are sharded over the ranks by a ShardPlan
+    and a GradientSync averages the gradients in grad_comm_dtype (bf16, or fp32: exact)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(ctx.device)
     compiled = torch.compile(model, fullgraph=True) if cfg.compile else model
-    train_model = (DistributedDataParallel(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-                   if ctx.enabled else compiled)
     optimizers = build_optimizers(model, cfg, muon_compute_dtype())
-    return TrainingState(cfg, ctx, model, train_model, optimizers, loader, WeightAverage(), TrainingClock(ctx.device))
+    grad_sync = None
+    if ctx.enabled:
+        muon = optimizers[0]
+        plan = ShardPlan([group["params"] for group in muon.param_groups], ctx.world_size, ctx.rank)
+        muon.shard(plan)
+        small = [p for opt in optimizers[1:] for group in opt.param_groups for p in group["params"]]
+        grad_sync = GradientSync(plan, small, grad_comm_dtype)
+    return TrainingState(cfg, ctx, model, compiled, optimizers, loader, WeightAverage(), TrainingClock(ctx.device),
+                         grad_sync=grad_sync)
 
 
 def training_step(state: TrainingState, lr_scale: float, momentum: float) -> torch.Tensor:
-    """One optimizer step over the rank's micro-batches (gradients all-reduced on the last);
-    returns the rank's mean loss as a device tensor (no host sync)."""
-    cfg, ctx, accum = state.cfg, state.ctx, state.accum
+    """One optimizer step over the rank's micro-batches (gradients averaged over ranks as the last
+    backward finishes them); returns the rank's mean loss as a device tensor (no host sync)."""
+    cfg, ctx, accum, sync = state.cfg, state.ctx, state.accum, state.grad_sync
     micro_tokens = cfg.train_batch_tokens // cfg.grad_accum_total  # per rank per micro-batch
     total = torch.zeros((), device=ctx.device)
     for micro in range(accum):
         x, y = state.loader.next_batch(micro_tokens, cfg.train_seq_len, ctx.device)
-        last = micro == accum - 1
-        with state.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext():
-            with autocast(ctx.device):
-                loss = state.train_model(x, y)
-            (loss / accum).backward()
+        if sync is not None and micro == accum - 1:
+            sync.arm()  # this backward's finished gradients go to the other ranks as they come
+        with autocast(ctx.device):
+            loss = state.train_model(x, y)
+        (loss / accum).backward()
         total += loss.detach()
     with torch.profiler.record_function(OPTIMIZER_RANGE):
         set_schedule(state.optimizers, lr_scale, momentum)
+        if sync is not None:
+            sync.finish()
         # clips the rank-averaged gradient; the 1.0611 record clips each rank's own before averaging (one GPU: the same)
         if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip_norm)
+            if sync is None:
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip_norm)
+            else:
+                sync.clip_grad_norm_(cfg.grad_clip_norm)
         for opt in state.optimizers:
             opt.step()
         for opt in state.optimizers:

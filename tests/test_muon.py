@@ -146,9 +146,11 @@ def test_row_normalized_update_reaches_newton_schulz(monkeypatch):
     set_grads(params, seed=5)
     with kernels.use_backend("reference"):
         opt.step()
-    assert [tuple(G.shape) for G in seen] == [(2, 12, 20), (1, 20, 8)]
-    for G in seen:
-        torch.testing.assert_close(G.norm(dim=-1), torch.ones(G.shape[:-1]))
+    # Newton-Schulz gets wide matrices: the tall one arrives transposed, its own rows (now columns) unit
+    # (stacks in backward's order: the last-registered matrix's first)
+    assert [tuple(G.shape) for G in seen] == [(1, 8, 20), (2, 12, 20)]
+    torch.testing.assert_close(seen[0].norm(dim=-2), torch.ones(1, 20))
+    torch.testing.assert_close(seen[1].norm(dim=-1), torch.ones(2, 12))
     for p, p0 in zip(params, before):
         u = p.grad + momentum * (momentum * 0 + p.grad)  # Nesterov on a fresh buffer: g + mu g
         u = u / u.norm(dim=-1, keepdim=True)
