@@ -114,7 +114,8 @@ def flex_with_eager_xsa(bench: Bench, offsets):
 
                 def visible(b, h, q_idx, kv_idx):
                     return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
-            masks[(B, T)] = create_block_mask(visible, B, None, T, T, device=device)
+            # compiled on a GPU: the eager path would materialise the T x T mask (9.6 GB at T = 98,304)
+            masks[(B, T)] = create_block_mask(visible, B, None, T, T, device=device, _compile=bench.cuda)
         return masks[(B, T)]
 
     def fn(q, k, v, xsa, cu_seqlens, gate):
@@ -130,21 +131,25 @@ def sdpa_with_eager_xsa(q, k, v, xsa, cu_seqlens, gate):
     return reference.xsa_attention_sdpa(q, k, v, xsa, gate)
 
 
-def flash3_with_eager_xsa():
-    """FlashAttention-3 (varlen with cu_seqlens) plus eager XSA and gate, or None where flash_attn_interface is missing."""
+def flash3_with_eager_xsa(offsets, device):
+    """FlashAttention-3 (varlen over the segments of `offsets`, else causal rows) plus eager XSA and gate,
+    or None where flash_attn_interface is missing."""
     try:
         from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
     except ImportError:
         return None
+    if offsets is not None:
+        distinct = sorted(set(offsets))  # without the padding's empty segments
+        cu = torch.tensor(distinct, dtype=torch.int32, device=device)
+        longest = max(b - a for a, b in zip(distinct[:-1], distinct[1:]))  # the training step passes 2048
 
     def fn(q, k, v, xsa, cu_seqlens, gate):
         B, T, H, D = q.shape
-        if cu_seqlens is None:
+        if offsets is None:
             y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, D]; GQA native
         else:
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the training step passes 2048 instead
-            y = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
-                                       longest, longest, causal=True)
+            y = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
+                                       causal=True)
         y = y[0] if isinstance(y, tuple) else y  # some releases also return the LSE
         return _gated(y.view(B, T, H, D), v, gate, xsa)
 
@@ -166,7 +171,7 @@ def variants(bench: Bench, offsets, mode: str) -> dict:
     if offsets is None:
         found["sdpa + eager xsa, gate"] = sdpa_with_eager_xsa
         found["compile(sdpa + eager xsa, gate)"] = bench.compiled(sdpa_with_eager_xsa)
-    fa3 = flash3_with_eager_xsa()
+    fa3 = flash3_with_eager_xsa(offsets, bench.device)
     if fa3 is not None:
         found["flash-attn 3 + eager xsa, gate"] = fa3
     return found

@@ -380,6 +380,16 @@ def test_bf16_training_shape_within_pytorch_error(xsa):
         assert_within_pytorch_error(actual, ex, same_dtype)
 
 
+def test_synthetic_frontier_offsets_keep_the_loaders_form():
+    """bench.xsa_attention.synthetic_offsets (the GPU test's and the bench's documents without shards):
+    0 first, the row length last, sorted, no segment over the cut, padded to a multiple of 64 entries."""
+    offsets = synthetic_offsets(98304, cut=2048, seed=11)
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    assert offsets[0] == 0 and offsets[-1] == 98304 and len(offsets) % 64 == 0
+    assert min(lengths) >= 0 and max(lengths) == 2048 and sum(1 for n in lengths if n > 0) > 40
+    reference.check_cu_seqlens(torch.tensor(offsets, dtype=torch.int32), 1, 98304)  # the ops' own check passes them
+
+
 def _per_segment_reference(q, k, v, dy, xsa, offsets, gate, dtype):
     """The reference on each segment alone (T x T for the whole row would not fit), concatenated."""
     parts = []
