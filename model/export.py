@@ -550,6 +550,19 @@ def write_artifact(
     return size
 
 
+def write_model_artifact(model, path: str, cfg: Config, *, hessians: dict | None = None, code_bytes: int | None = None,
+                         report: dict | None = None, group_coder: str = "brotli") -> int:
+    """write_artifact for a model under its config: the declarations from the model (control
+    tensors, int6 matrices, and the int8-row gate when it declares one), QUANT, COMPRESSOR and
+    ZSTD_LEVEL from cfg. Under QUANT=gptq pass `hessians` from model.gptq.collect_hessians(model,
+    batches, gptq_names(model.state_dict(), fp32_names=model.control_tensor_names()))."""
+    gates = model.int8_row_matrix_names() if hasattr(model, "int8_row_matrix_names") else ()
+    return write_artifact(model.state_dict(), path, fp32_names=model.control_tensor_names(),
+                          int6_names=model.int6_matrix_names(), level=cfg.zstd_level, report=report, quant=cfg.quant,
+                          compressor=cfg.compressor, hessians=hessians, gate_names=gates, cfg=cfg,
+                          group_coder=group_coder, code_bytes=code_bytes, budget=cfg.artifact_budget_bytes)
+
+
 def artifact_from_bytes(blob: bytes) -> dict:
     """Compressed artifact bytes (any container: zstd frame, brotli, PGRP) -> state dict;
     ValueError naming the problem when they are not one."""

@@ -92,14 +92,11 @@ def export_and_score(settings: dict, folder, code_bytes: int) -> dict:
             nn.init.normal_(parameter, std=0.02)
     model.looping = bool(cfg.num_loops)
     sd = model.state_dict()
-    fp32, int6 = model.control_tensor_names(), model.int6_matrix_names()
-    gates = model.int8_row_matrix_names() if FRONTIER_LANDED else ()
+    fp32 = model.control_tensor_names()
     batches = [torch.randint(0, cfg.vocab_size, (2, 64)) for _ in range(2)]
     hessians, _ = gptq.collect_hessians(model, batches, export.gptq_names(sd, fp32_names=fp32))
     artifact = folder / "final_model.ptz"
-    export.write_artifact(sd, str(artifact), fp32_names=fp32, int6_names=int6, quant="gptq", compressor="pergroup",
-                          hessians=hessians, gate_names=gates, cfg=cfg, group_coder="zstd", level=3,
-                          code_bytes=code_bytes)
+    export.write_model_artifact(model, str(artifact), cfg, hessians=hessians, code_bytes=code_bytes, group_coder="zstd")
     tokens = torch.randint(0, cfg.vocab_size, (4, 97))  # 384 scored targets
     fresh = GPT(cfg)
     fresh.load_state_dict(export.read_artifact(str(artifact)))
@@ -117,9 +114,9 @@ def test_the_package_scores_saved_artifacts_in_a_fresh_process(package, tmp_path
     frontier-smoke GPT with the frontier preset's export: each artifact reloaded here scores
     within the quantisation's expected change of the exported model, and the packaged code in a
     fresh process scores it exactly as this process does."""
-    cases = [dict(TINY, lqer_enabled=True)]
+    cases = [dict(TINY, quant="gptq", compressor="pergroup", lqer_enabled=True, zstd_level=3)]
     if FRONTIER_LANDED:
-        cases.append(dict(PRESETS["frontier"](), **FRONTIER_SMOKE))
+        cases.append(dict(PRESETS["frontier"](), **FRONTIER_SMOKE, zstd_level=3))  # zstd 3: the group coder, fast
     scored = []
     with kernels.use_backend("reference"):
         for i, settings in enumerate(cases):
