@@ -6,7 +6,7 @@ One training micro-batch per GPU through one MLP (`shape`, from the config): x [
 micro-batch's tokens, w_up [F, d] and w_down [d, F] with F = mlp_mult x d (SPEC: N = 48 * 2048,
 d = 512, F = 1536; FRONTIER.md, `--preset frontier`: N = 48 * 2048, F = 2048), all bf16 (the model
 hands the op weights already cast to x's dtype). The activation is leaky_relu(h, S)^2 with S the
-config's slope (SPEC 0.0, relu^2; FRONTIER.md 0.5), or --negative-slope S, this script's own flag.
+config's MLP_LEAKY_SLOPE (SPEC 0.0, relu^2; FRONTIER.md 0.5), or --negative-slope S, this script's own flag.
 Times forward alone (no grad) and forward + backward (random upstream
 gradient, gradients of x, w_up and w_down), and the peak memory each allocates beyond its inputs.
 
@@ -42,12 +42,6 @@ def hidden_bytes(n: int, hidden: int, element_size: int = 2) -> int:
     return n * hidden * element_size
 
 
-def config_slope(cfg) -> float:
-    """The config's MLP slope: FRONTIER.md's field (`mlp_leaky_slope`, 0.5 under --preset frontier),
-    0.0 (relu^2) for a config without it."""
-    return float(getattr(cfg, "mlp_leaky_slope", 0.0))
-
-
 def split_slope_flag(argv) -> tuple[float | None, list]:
     """(the slope --negative-slope S gives, or None; the other arguments, for bench.common)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -74,7 +68,7 @@ def main(argv=None) -> None:
     slope, argv = split_slope_flag(argv)
     bench = Bench("bench.relu2_mlp", argv)
     N, D, HIDDEN = shape(bench.cfg).values()
-    slope = config_slope(bench.cfg) if slope is None else slope
+    slope = float(bench.cfg.mlp_leaky_slope) if slope is None else slope  # SPEC 0.0, --preset frontier 0.5
     from kernels import reference
     from kernels.ops import relu2_mlp
 

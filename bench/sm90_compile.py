@@ -222,11 +222,12 @@ def _cases(dtypes, cfg=None) -> list[tuple[str, object]]:
         ))
         # relu^2 MLP: the bodies run their cuBLAS half as CPU matmuls, so 8192 tokens stand in for the
         # micro-batch's 98,304 (the same autotune list and constexprs; only the split-K count differs).
-        # Both activations: relu^2 (SPEC) and LeakyReLU(0.5)^2 (FRONTIER.md), each its own constexpr.
+        # Both presets' activations, relu^2 (SPEC) and LeakyReLU(0.5)^2 (FRONTIER.md), and the
+        # config's slope: each its own constexpr.
         tokens, hidden = 8192, cfg.mlp_hidden
         xs, h = empty(tokens, cfg.model_dim, dtype=dtype), empty(tokens, hidden, dtype=dtype)
         w_up, w_down = empty(hidden, cfg.model_dim, dtype=dtype), empty(cfg.model_dim, hidden, dtype=dtype)
-        for slope in (0.0, 0.5):
+        for slope in sorted({0.0, 0.5, float(cfg.mlp_leaky_slope)}):
             cases.append((
                 f"relu2_mlp_fwd {name} slope={slope}",
                 lambda xs=xs, u=w_up, w=w_down, s=slope: _body(mlp.relu2_mlp_fwd_op)(xs, u, w, s),

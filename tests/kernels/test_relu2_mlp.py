@@ -464,3 +464,19 @@ def test_inductor_compile_under_autocast_matches_eager():
     for g, e in zip(got, eager):
         assert g.dtype == e.dtype
         assert_close(g.float(), e.float(), torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- the benchmark's slope
+
+
+def test_bench_takes_the_configs_slope_or_its_own_flag():
+    from bench import relu2_mlp as bench_mlp
+    from bench.common import bench_config
+
+    assert bench_mlp.split_slope_flag(["--smoke", "--negative-slope", "0.25", "--mlp_mult", "4"]) == (0.25, ["--smoke", "--mlp_mult", "4"])
+    assert bench_mlp.split_slope_flag(["--preset", "frontier"]) == (None, ["--preset", "frontier"])
+    with pytest.raises(SystemExit, match="--negative-slope takes a number"):
+        bench_mlp.split_slope_flag(["--negative-slope"])
+    # FRONTIER.md's MLP: 98,304 tokens per micro-batch, d 512, F 2048 (MLP_MULT 4), slope 0.5
+    cfg, _ = bench_config("bench.relu2_mlp", ["--preset", "frontier"])
+    assert bench_mlp.shape(cfg) == dict(N=98_304, D=512, HIDDEN=2048) and cfg.mlp_leaky_slope == 0.5
