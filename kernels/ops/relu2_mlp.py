@@ -176,7 +176,8 @@ def _relu2_gemm_kernel(
         # backward g = round(da * round(2 l)) with l = round(leaky(h)) (2 l is exact unless it
         # overflows, so it is rounded too); then the activation's backward: relu's zeroes where
         # h <= 0, leaky_relu's is g if h > 0 else round(g * slope). So phi'(h) = 2h or 2 slope^2 h,
-        # rounded step by step as torch does (one step fewer at slope 0.5, where * 0.5 is exact).
+        # rounded step by step as torch does. At slope 0.5 the products by 0.5 and 2 are exact except
+        # in the subnormals, where leaving a rounding out would change bits, so every slope keeps them.
         e_ptrs = E + row0.to(tl.int64) * stride_em + col0.to(tl.int64) * stride_en
         h = tl.load(e_ptrs + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0)
         h32 = h.to(tl.float32)
