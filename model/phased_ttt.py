@@ -228,6 +228,8 @@ def _run_batch(model, step_fn, tokens, doc_ids, plan: Plan, lora: BatchedLora, c
             optimizer.zero_grad(set_to_none=False)
             (nll * weight).sum().backward()  # sum over documents of the mean NLL of chunk c
             optimizer.step()
+    for p in lora.parameters():  # a lane keeps its adapters for the next batch, not their gradients
+        p.grad = None
 
 
 # ----------------------------------------------------------------------------- global phases
