@@ -42,7 +42,8 @@ heads, so dv_self needs no atomics), then
 Nothing T x T is ever stored. The one-pass backward's programs already serve all query heads of a
 KV head. Folding dv_self into the dK/dV epilogue would trade its fp32 write and read for reading
 dy and y of the KV head's query heads again: the same bytes at 2 query heads per KV head, so the
-preprocess keeps it.
+preprocess keeps it. du is stored in q's dtype; dv_self stays fp32, because rounding it to bf16
+before dV's own bf16 rounding could double dV's error where the two terms are of one size.
 
 Hopper: Triton 3.9's warp specialisation (tl.range(..., warp_specialize=True)) left this forward's
 sm_90a code unchanged at 8 warps and failed inside the compiler at 4 (WSDataPartition), so it is

@@ -483,6 +483,7 @@ SEGMENT_CASES = {
     # name: (B, T, H, Hkv, D, offsets, xsa, gated)
     "length-1-and-tile-edges": (1, 70, 4, 2, 16, _padded([0, 1, 2, 16, 17, 32, 40, 64, 70]), True, True),
     "one-segment": (1, 70, 4, 1, 32, [0, 70], False, True),
+    "T1-B2": (2, 1, 4, 2, 16, [0, 1, 2, 2], True, True),
     "rows-only-B2-group3": (2, 40, 3, 1, 16, _padded([0, 40, 80]), True, False),  # 3 heads: not stacked
     "many-random-B2": (2, 90, 2, 1, 16, _padded(_random_offsets(2, 90, 24, seed=40)), True, True),
     "many-random-plain": (2, 90, 4, 2, 16, _random_offsets(2, 90, 12, seed=41), False, False),
