@@ -20,6 +20,7 @@ Quantiser: `gptq_quantize(W, H, bits, sigma)`, batched over a leading layer dime
 A scale that fp16 flushes to zero (a row whose sigma * std / R is below fp16's smallest subnormal,
 an all-zero row for one) stores q = 0 instead of dividing by zero.
 """
+import contextlib
 import time
 
 import torch
@@ -153,6 +154,22 @@ def round_to_nearest(W: torch.Tensor, bits: int, sigma: float) -> tuple[torch.Te
     return q.to(torch.int8), scale
 
 
+@contextlib.contextmanager
+def single_threaded_on_cpu(device):
+    """One intra-op thread while a loop of many tiny CPU ops runs (GPTQ's columns, the L1 chain's
+    steps): their tensors are too small to share, and on a busy machine each op's thread barrier
+    waits on a descheduled thread (measured here: 40x slower with 2 threads under load)."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float,
                   block: int = BLOCK_COLUMNS) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of W [rows, cols] or [L, rows, cols] with H [cols, cols] or [L, cols, cols] -> (q int8, scale fp16).
@@ -184,6 +201,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float,
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # [L, cols, cols]
 
     Q = torch.zeros_like(W)
+    with single_threaded_on_cpu(W.device):
+        _quantize_columns(W, U, Q, s, R, block)
+    inverse = torch.argsort(order, dim=1)
+    Q = torch.gather(Q, 2, inverse[:, None, :].expand(L, rows, cols)).to(torch.int8)
+    return (Q[0], scale[0]) if single else (Q, scale)
+
+
+def _quantize_columns(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, s: torch.Tensor, R: int, block: int) -> None:
+    """Step 5 in place: W [L, rows, cols] (act-ordered, updated with the error), Q its codes."""
+    cols = W.shape[2]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, U1 = W[:, :, i1:i2].clone(), U[:, i1:i2, i1:i2]
@@ -196,10 +223,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sigma: float,
             W1[:, :, j:] -= e * U1[:, j : j + 1, j:]
             E1[:, :, j : j + 1] = e
         W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
-
-    inverse = torch.argsort(order, dim=1)
-    Q = torch.gather(Q, 2, inverse[:, None, :].expand(L, rows, cols)).to(torch.int8)
-    return (Q[0], scale[0]) if single else (Q, scale)
 
 
 def quadratic_error(W: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, H: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ import numpy
 import torch
 
 from model import compressors
+from model.gptq import single_threaded_on_cpu
 
 MAGIC = b"PGRP"
 GROUPS = (  # (name, pattern of its tensors' state-dict names, rows reordered)
@@ -69,11 +70,12 @@ def l1_chain(rows: torch.Tensor, device=None) -> torch.Tensor:
     layers = torch.arange(L, device=device)
     last = torch.zeros(L, dtype=torch.long, device=device)
     used[:, 0] = True
-    for step in range(1, n):
-        distance = D[layers, last].masked_fill(used, float("inf"))  # [L, n]
-        last = distance.argmin(dim=1)  # the first minimum: ties go to the lowest index
-        order[:, step] = last
-        used[layers, last] = True
+    with single_threaded_on_cpu(device):
+        for step in range(1, n):
+            distance = D[layers, last].masked_fill(used, float("inf"))  # [L, n]
+            last = distance.argmin(dim=1)  # the first minimum: ties go to the lowest index
+            order[:, step] = last
+            used[layers, last] = True
     order = order.cpu()
     return order[0] if single else order
 
