@@ -31,10 +31,11 @@ from model.checkpoint import TRAINING_STATE_KEYS, load_checkpoint, save_checkpoi
 from model.config import Config, help_text, load_config, setting_warnings
 from model.data import (DistributedTokenLoader, check_tokenizer_matches, check_train_shards, load_validation_tokens,
                         shard_paths)
-from model.distributed import (Dist, any_rank, barrier, from_rank_zero, leave_process_group, mean_over_ranks,
+from model.distributed import (AgreedLater, Dist, barrier, from_rank_zero, leave_process_group, mean_over_ranks,
                                setup_distributed, world_size_from_environment)
 from model.gpt import GPT
 from model.precision import autocast
+from model.prefetch import PrefetchLoader
 from model.runlog import RunLog
 from model.schedule import lr_scale, muon_momentum, time_is_up
 from model.training import ResumeRefused, TrainingState, build_training_state, training_step, warm_up
@@ -181,6 +182,7 @@ class Trainer:
         if state.step >= cfg.iterations or time_is_up(clock.elapsed_ms, cfg):
             return  # a resumed run that had already finished training
         nonfinite_step = torch.full((), -1, dtype=torch.long, device=state.ctx.device)
+        agreement = AgreedLater(state.ctx.device)  # the ranks agree to stop without the host waiting on a step
         clock.start()
         while state.step < cfg.iterations:
             scale = lr_scale(state.step, clock.elapsed_ms, cfg)
@@ -194,13 +196,16 @@ class Trainer:
             if cfg.swa_enabled and scale < cfg.swa_threshold and state.step % cfg.swa_every == 0:
                 state.swa.add(state.model)
             last = state.step == cfg.iterations
-            stop, interrupted = any_rank(time_is_up(clock.elapsed_ms, cfg), self.interrupted, device=state.ctx.device)
+            # this step's flags are agreed while the next step runs; the loop acts on the previous
+            # step's agreement, or on this step's when it pauses anyway: the stop is at most one step late
+            earlier = agreement.post(time_is_up(clock.elapsed_ms, cfg), self.interrupted) or (False, False)
             logging = cfg.train_log_every > 0 and (state.step % cfg.train_log_every == 0 or state.step <= 5)
             validating = cfg.val_loss_every > 0 and state.step % cfg.val_loss_every == 0
-            checkpointing = interrupted or self.checkpoint_due()
-            if not (logging or validating or checkpointing or last or stop):
+            if not (logging or validating or last or any(earlier) or self.checkpoint_due()):
                 continue
             clock.pause()  # logging, validation and checkpoints are not training time
+            stop, interrupted = agreement.now()
+            checkpointing = interrupted or self.checkpoint_due()
             if int(nonfinite_step) >= 0:
                 saved = f"the last checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path) else "no checkpoint was saved"
                 raise TrainingError(f"training loss became non-finite at step {int(nonfinite_step) + 1} ({saved}); lower the "
@@ -382,7 +387,8 @@ def run(cfg: Config, ctx: Dist) -> None:
     log.log(f"data: {len(shard_paths(cfg.data_path, 'train'))} train shards ({train_tokens:,} tokens), "
             f"{scoring.tokens.numel() - 1:,} validation targets; bytes from the {describe_byte_source(scoring.luts)}")
 
-    loader = DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size)
+    # read one batch ahead on a thread: the same batches in the same order, and exact resume (model/prefetch.py)
+    loader = PrefetchLoader(DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size))
     state = build_training_state(cfg, ctx, loader)
     if resume_state is not None:
         state.check_resumable(resume_state, f"checkpoint {cfg.resume}")  # its contents, before the warm-up

@@ -105,6 +105,51 @@ def any_rank(*flags: bool, device: torch.device) -> tuple[bool, ...]:
     return tuple(bool(f) for f in agreed.tolist())
 
 
+class AgreedLater:
+    """any_rank, read one step late, so the host never waits on the step it just queued.
+
+    post(*flags) starts the agreement on this step's flags (an asynchronous all-reduce MAX; on a
+    GPU the flags go up and the result comes back through pinned memory, its arrival marked by an
+    event) and returns the agreement on the flags posted the step before (None at the first post):
+    by then that reduce has long finished, while the GPU is busy with the step just queued. A
+    decision such as the wall-clock stop therefore takes effect one step after the step that
+    triggered it. now() waits for the pending agreement (the loop is paused anyway)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device, self.pending = torch.device(device), None
+
+    def post(self, *flags: bool) -> tuple[bool, ...] | None:
+        previous, self.pending = self.pending, self._start(flags)
+        return self._read(previous)
+
+    def now(self) -> tuple[bool, ...] | None:
+        pending, self.pending = self.pending, None
+        return self._read(pending)
+
+    def _start(self, flags):
+        host = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        if not is_distributed():
+            return host, None
+        if self.device.type != "cuda":
+            return host, dist.all_reduce(host, op=dist.ReduceOp.MAX, async_op=True).wait  # gloo: CPU tensors
+        agreed = host.pin_memory().to(self.device, non_blocking=True)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, async_op=True).wait()  # the stream waits, not the host
+        back = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        back.copy_(agreed, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return back, arrived.synchronize
+
+    @staticmethod
+    def _read(pending) -> tuple[bool, ...] | None:
+        if pending is None:
+            return None
+        flags, wait = pending
+        if wait is not None:
+            wait()
+        return tuple(bool(f) for f in flags.tolist())
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (host timers must not run ahead of the GPU)."""
     if torch.device(device).type == "cuda":

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import kernels
 from model.config import load_config
 from model.data import DistributedTokenLoader, write_shard
-from model.distributed import Dist, leave_process_group
+from model.distributed import AgreedLater, Dist, leave_process_group
 from model.gpt import GPT
 from model.shard_plan import ShardPlan, newton_schulz_cost, wide_shape
 from model.training import build_training_state, training_step
@@ -140,6 +140,8 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
             bf16.grad_sync.clip_grad_norm_ = lambda max_norm: norms.append(float(clip(max_norm))) or norms[-1]
             run(bf16, range(3))
             out["bf16"], out["bf16_norms"] = weights(bf16), norms
+        agreement = AgreedLater("cpu")  # the stop decision: only rank 1 raises its flag, at step 2
+        out["agreed"] = [agreement.post(rank == 1 and step >= 2) for step in range(4)] + [agreement.now()]
         if rank == 0:
             out["checkpoint"] = checkpoint
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
@@ -238,3 +240,10 @@ def test_bf16_communication_and_the_global_norm_clip(two_ranks, monkeypatch):
         assert drift[name] <= BF16_DRIFT * moved[name], (name, float(drift[name]), float(moved[name]))
     total = lambda norms: torch.stack(list(norms.values())).norm()  # noqa: E731
     assert total(drift) <= BF16_DRIFT * total(moved)  # and the whole model
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_to_stop_one_step_later(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    expected = [None, (False,), (False,), (True,), (True,)]  # step 2's flag arrives with step 3's post
+    assert rank0["agreed"] == rank1["agreed"] == expected
