@@ -2,7 +2,8 @@
 # One GPU visit, in parts, each output kept in OUT_DIR:
 #   bash bench/gpu_session.sh OUT_DIR [PART ...]
 # PART: tests-gpu (the @pytest.mark.gpu tests), tests-all (the whole suite, natively on the GPU),
-# or a benchmark name (fakequant bigram newton_schulz softcap_ce relu2_mlp xsa_attention step export).
+# a benchmark name (fakequant bigram newton_schulz softcap_ce relu2_mlp xsa_attention step export), or
+# step-distributed (bench.step --distributed under torchrun over every GPU of the machine).
 # Default: tests-gpu, then every benchmark. The whole call stops by DEADLINE_S seconds (default
 # 560, under a 600 s remote-command limit); parts it did not reach are listed in summary.txt, so
 # the next call can name them. Tables go into bench/RESULTS.md with the device, date and commit
@@ -30,6 +31,8 @@ for i in "${!parts[@]}"; do
     case "$part" in
         tests-gpu) timeout "$left" python -m pytest -q -m gpu tests > "$out/tests_gpu.txt" 2>&1 ;;
         tests-all) timeout "$left" python -m pytest -q tests > "$out/tests_all.txt" 2>&1 ;;
+        step-distributed) timeout "$left" torchrun --standalone --nproc_per_node="$(nvidia-smi -L | wc -l)" \
+                              -m bench.step --distributed > "$out/bench_step_distributed.md" 2>&1 ;;
         *) timeout "$left" python -m "bench.$part" > "$out/bench_$part.md" 2>&1 ;;
     esac
     rc=$?

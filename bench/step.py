@@ -1,6 +1,7 @@
 """The whole training step on one GPU, reference vs triton kernels, and the evaluation throughput.
 
     python -m bench.step [--steps N] [--skip-eval] [--smoke] [--name value ...]
+    torchrun --standalone --nproc_per_node=G -m bench.step --distributed [--steps N] [--smoke] [--name value ...]
 
 (`--name value`: any model/config.py setting, e.g. `--num_layers 11`; defaults are SPEC's model.)
 `--smoke`: the whole script at a tiny model (SMOKE_ARGS, uncompiled; settings given after it win),
@@ -28,6 +29,18 @@ Step-time shares: torch.profiler over 2 steps. GPU kernels launched inside the o
 (KERNEL_CLASSES below, first match wins). Shares are of summed GPU kernel time; "GPU busy" is that
 sum over the profiled steps' wall time.
 
+--distributed (under torchrun, on however many GPUs it is given; on the CPU with --smoke, gloo and
+the toy model, a smoke test of the glue): the step as a real run takes it, communication, optimizer
+and loader included: model.training.training_step on the state build_training_state makes for W
+ranks (Muon sharded over the ranks, gradients reduce-scattered and all-gathered, model/grad_sync.py),
+fed by train.py's loader (PrefetchLoader over DistributedTokenLoader) reading random-token shards
+written for the run. 2 untimed steps, then `--steps` steps timed together by wall clock between two
+synchronisations (no per-step sync, as in training); ms/step is the slowest rank's. MFU = FLOPs/token
+(the formula above) x tokens/s / (W x 989e12). Communication from torch.profiler over 2 more steps on
+rank 0: the kernels (on the CPU: the innermost ops) whose names say nccl/gloo/c10d are communication,
+the rest compute; "comm ms/step" is the union of the communication intervals, "exposed comm
+ms/step" the part of it that no compute interval overlaps (the time communication adds to the step).
+
 Evaluation (--skip-eval leaves it out): the triton backend, the eval model compiled as train.py
 compiles it. Sliding-window scoring (evaluate_sliding, window eval_seq_len, stride eval_stride,
 eval_batch_seqs windows per batch) on random tokens, and legal score-first TTT (evaluate_ttt):
@@ -38,7 +51,11 @@ and projected to the 62,021,632-token validation set on 8 GPUs as tokens / (toke
 """
 import dataclasses
 import gc
+import os
+import shutil
 import sys
+import tempfile
+import time
 
 import torch
 
@@ -46,9 +63,11 @@ import kernels
 from bench.common import bench_device, header, median_ms, micro_batch, table, wall_ms
 from model import evaluate
 from model.config import Config, help_text, load_config
-from model.distributed import Dist, synchronize
+from model.data import DistributedTokenLoader, write_shard
+from model.distributed import Dist, barrier, from_rank_zero, leave_process_group, setup_distributed, synchronize
 from model.gpt import GPT
 from model.precision import autocast
+from model.prefetch import PrefetchLoader
 from model.training import OPTIMIZER_RANGE, build_training_state, training_step
 
 H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM datasheet, dense bf16
@@ -293,8 +312,138 @@ def measure_eval(cfg: Config, backend: str, device: torch.device, windows: int, 
     }
 
 
+# ----------------------------------------------------------------------------- the distributed step (torchrun)
+COMMUNICATION = ("nccl", "gloo", "c10d")  # kernel / op names of collectives
+PROFILED_STEPS = 2
+
+
+def is_communication(name: str) -> bool:
+    return any(part in name.lower() for part in COMMUNICATION)
+
+
+def merged(intervals) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals as sorted, disjoint intervals."""
+    out = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def communication_time(intervals) -> tuple[float, float]:
+    """(communication, exposed communication) over (start, end, is_communication) intervals: the
+    union of the communication intervals, and the part of it no compute interval overlaps."""
+    comm = merged((a, b) for a, b, c in intervals if c)
+    compute = merged((a, b) for a, b, c in intervals if not c)
+    total = sum(b - a for a, b in comm)
+    overlap, j = 0.0, 0
+    for a, b in comm:
+        while j < len(compute) and compute[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(compute) and compute[k][0] < b:
+            overlap += min(b, compute[k][1]) - max(a, compute[k][0])
+            k += 1
+    return total, total - overlap
+
+
+def profiled_intervals(step, device: torch.device, steps: int = PROFILED_STEPS) -> list[tuple[float, float, bool]]:
+    """(start, end, is_communication) in microseconds of the GPU kernels (on the CPU: the innermost
+    ops, which do not nest) of `steps` profiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    return [(e.time_range.start, e.time_range.end, is_communication(e.name)) for e in prof.events()
+            if e.device_type == kind and not getattr(e, "is_user_annotation", False) and (cuda or not e.cpu_children)]
+
+
+def random_shards(cfg: Config, ctx: Dist) -> str:
+    """A folder of two random-token train shards (rank 0 writes them) holding a few steps' worth, so
+    the loader crosses shard ends and wraps around as in a run."""
+    folder = from_rank_zero(tempfile.mkdtemp(prefix="bench_step_") if ctx.is_main else None)
+    if ctx.is_main:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        per_shard = 2 * cfg.train_batch_tokens + 1
+        for i in range(2):
+            tokens = torch.randint(0, cfg.vocab_size, (per_shard,), generator=generator, dtype=torch.int32).numpy()
+            write_shard(os.path.join(folder, f"fineweb_train_{i:06d}.bin"), tokens)
+    barrier()
+    return folder
+
+
+def measure_distributed_step(cfg: Config, ctx: Dist, steps: int, warm_steps: int = COMPILE_STEPS) -> dict:
+    """ms/step (slowest rank), tokens/s, MFU and communication of the real step on ctx's ranks."""
+    folder = random_shards(cfg, ctx)
+    try:
+        loader = PrefetchLoader(DistributedTokenLoader(folder, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size))
+        state = build_training_state(cfg, ctx, loader)
+        step = lambda: training_step(state, 1.0, cfg.muon_momentum)  # noqa: E731
+        for _ in range(warm_steps):
+            step()
+        synchronize(ctx.device)
+        barrier()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(ctx.device)
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=ctx.device)
+        if ctx.enabled:
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        comm_us, exposed_us = communication_time(profiled_intervals(step, ctx.device))
+        loader.close()
+    finally:
+        barrier()
+        if ctx.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+    ms = 1e3 * float(elapsed) / steps
+    tokens_per_s = cfg.train_batch_tokens / (ms / 1e3)
+    achieved = flops_per_token(cfg, matrix_params(state.model)) * tokens_per_s
+    micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
+    return {
+        "GPUs": ctx.world_size if ctx.device.type == "cuda" else f"{ctx.world_size} CPU ranks",
+        "micro-batches per rank": f"{cfg.grad_accum_steps(ctx.world_size)} x {micro_seqs} x {cfg.train_seq_len}",
+        "ms/step": ms,
+        "tokens/s": tokens_per_s,
+        "MFU %": 100 * achieved / (H100_BF16_PEAK_FLOPS * ctx.world_size),
+        "comm ms/step": comm_us / 1e3 / PROFILED_STEPS,
+        "exposed comm ms/step": exposed_us / 1e3 / PROFILED_STEPS,
+    }
+
+
+def main_distributed(argv: list[str]) -> None:
+    cfg, steps, _, smoke = parse_args(argv)
+    ctx = setup_distributed()
+    try:
+        if ctx.device.type != "cuda" and not smoke:
+            raise SystemExit("bench.step --distributed: no GPU here; time it on GPUs, or check the glue on the CPU with --smoke")
+        row = measure_distributed_step(cfg, ctx, steps, warm_steps=0 if smoke else COMPILE_STEPS)
+        if ctx.is_main:
+            name = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu (gloo)"
+            print(header(f"The distributed training step: {cfg.train_batch_tokens:,} tokens, {cfg.num_layers}L "
+                         f"d={cfg.model_dim}, {ctx.world_size} x {name}"))
+            if smoke:
+                print("SMOKE RUN (--smoke): a tiny uncompiled model on CPU ranks; the figures mean nothing.\n")
+            print(f"FLOPs/token = 6N + 6*L*d*T (N = matrix params incl. tied head); MFU = FLOPs/token x tokens/s / "
+                  f"({ctx.world_size} x {H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s, the H100 SXM bf16 dense datasheet peak). "
+                  f"ms/step: {steps} steps by wall clock, the slowest rank, after {0 if smoke else COMPILE_STEPS} untimed. "
+                  f"Communication: {PROFILED_STEPS} profiled steps on rank 0; exposed = not overlapped by compute.\n")
+            print(table([row]))
+    finally:
+        leave_process_group()
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str]) -> None:
+    if "--distributed" in argv:
+        return main_distributed([a for a in argv if a != "--distributed"])
     cfg, steps, skip_eval, smoke = parse_args(argv)
     device = torch.device(bench_device("bench.step", smoke))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -1,5 +1,9 @@
 """bench/step.py's arithmetic and code path on the CPU. Its timings mean nothing here and are
 never asserted; the figures come from a GPU (python -m bench.step)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ from bench import step as bench_step
 from model.config import load_config
 from model.gpt import GPT
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = bench_step.SMOKE_ARGS  # 2 layers (one encoder, one decoder with XSA and VE), T = 32
 
 
@@ -129,3 +134,42 @@ def test_help_prints_the_usage_and_every_setting(capsys):
         bench_step.parse_args(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "python -m bench.step [--steps N]" in out and "--num_layers" in out
+
+
+# ----------------------------------------------------------------------------- --distributed (torchrun)
+def test_communication_time_counts_what_compute_does_not_overlap():
+    # communication [8, 14) and [25, 30) (one nested inside), compute [0, 10) and [12, 20):
+    # 11 us of communication, of which [8, 10) and [12, 14) overlap compute: 7 exposed
+    intervals = [(0, 10, False), (8, 14, True), (12, 20, False), (25, 30, True), (27, 29, True)]
+    assert bench_step.communication_time(intervals) == (11, 7)
+    assert bench_step.communication_time([(0, 5, False)]) == (0, 0)
+    assert bench_step.communication_time([(0, 5, True), (0, 5, False)]) == (5, 0)
+
+
+@pytest.mark.parametrize("name, comm", [
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", True),
+    ("ncclDevKernel_AllGather_RING_LL", True),
+    ("gloo:all_reduce", True),
+    ("c10d::allreduce_", True),
+    ("_sym_gram_kernel", False),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", False),
+])
+def test_communication_kernels_by_name(name, comm):
+    assert bench_step.is_communication(name) == comm
+
+
+@pytest.mark.slow  # two torchrun ranks under gloo: about 30 s on two busy cores
+def test_distributed_smoke_under_torchrun(tmp_path):
+    """The --distributed glue end to end on 2 CPU ranks: the real step, loader and communication."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(KERNELS="reference", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "bench.step", "--distributed", "--smoke", "--steps", "2"],
+                            cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2, result.stdout  # rank 0 alone prints: one header, one row
+    cells = dict(zip(*rows))
+    assert cells["GPUs"] == "2 CPU ranks" and cells["micro-batches per rank"] == "1 x 2 x 32"
+    assert float(cells["ms/step"]) > 0 and float(cells["MFU %"]) > 0
+    assert 0 <= float(cells["exposed comm ms/step"]) <= float(cells["comm ms/step"])
