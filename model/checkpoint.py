@@ -21,7 +21,7 @@ MAGIC = b"GOLFCKPT"
 HEADER = struct.Struct("<8sQ32s")
 
 # What train.py's Trainer.state_dict() holds; pass as required_keys when resuming a run.
-TRAINING_STATE_KEYS = ("config", "model", "optimizers", "loader", "swa", "qat", "step", "elapsed_ms", "rng")
+TRAINING_STATE_KEYS = ("config", "model", "optimizers", "loader", "swa", "qat", "ema", "looping", "step", "elapsed_ms", "rng")
 
 # Values a weights-only load rebuilds (a subset of torch's allow-list, checked by the tests).
 _LEAVES = (torch.Tensor, torch.nn.Parameter, int, float, bool, str, bytes, type(None), torch.dtype, torch.device)

@@ -11,6 +11,7 @@ from kernels._launch import INTERPRET
 from model.checkpoint import restore_rng_states, rng_states
 from model.config import Config
 from model.distributed import Dist, synchronize
+from model.ema import ExponentialMovingAverage
 from model.gpt import GPT, CastedLinear
 from model.grad_sync import GradientSync
 from model.optim import build_optimizers, set_schedule
@@ -74,6 +75,7 @@ class TrainingState:
     clock: TrainingClock
     step: int = 0
     grad_sync: GradientSync | None = None
+    ema: ExponentialMovingAverage | None = None  # EMA_DECAY > 0: what is evaluated and exported
 
     @property
     def accum(self) -> int:
@@ -93,6 +95,8 @@ class TrainingState:
             "loader": self.loader.state_dict(),
             "swa": self.swa.state_dict(),
             "qat": self.qat,
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "looping": self.model.looping,
             "step": self.step,
             "elapsed_ms": self.clock.elapsed_ms,
             "rng": rng_states(),
@@ -129,6 +133,12 @@ class TrainingState:
             kept += _load_optimizer_state(opt, saved, f"optimizer {i}")
         self.loader.load_state_dict(state["loader"])
         self.swa.load_state_dict(state["swa"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ResumeRefused(f"{source} holds no EMA of the weights, which EMA_DECAY={self.cfg.ema_decay} needs; "
+                                    f"resume with the EMA_DECAY it was trained with")
+            self.ema.load_state_dict(state["ema"])
+        self.model.looping = bool(state["looping"])
         self.model.set_qat(state["qat"])
         self.step = state["step"]
         self.clock = TrainingClock(self.ctx.device, state["elapsed_ms"])
@@ -163,8 +173,9 @@ def build_training_state(cfg: Config, ctx: Dist, loader, grad_comm_dtype: torch.
         muon.shard(plan)
         small = [p for opt in optimizers[1:] for group in opt.param_groups for p in group["params"]]
         grad_sync = GradientSync(plan, small, grad_comm_dtype)
+    ema = ExponentialMovingAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     return TrainingState(cfg, ctx, model, compiled, optimizers, loader, WeightAverage(), TrainingClock(ctx.device),
-                         grad_sync=grad_sync)
+                         grad_sync=grad_sync, ema=ema)
 
 
 def training_step(state: TrainingState, lr_scale: float, momentum: float) -> torch.Tensor:
@@ -174,11 +185,12 @@ def training_step(state: TrainingState, lr_scale: float, momentum: float) -> tor
     micro_tokens = cfg.train_batch_tokens // cfg.grad_accum_total  # per rank per micro-batch
     total = torch.zeros((), device=ctx.device)
     for micro in range(accum):
-        x, y = state.loader.next_batch(micro_tokens, cfg.train_seq_len, ctx.device)
+        # (x, y), or (x, y, cu_seqlens) from the document loader (DOC_ISOLATED_ATTENTION)
+        x, y, *segments = state.loader.next_batch(micro_tokens, cfg.train_seq_len, ctx.device)
         if sync is not None and micro == accum - 1:
             sync.arm()  # this backward's finished gradients go to the other ranks as they come
         with autocast(ctx.device):
-            loss = state.train_model(x, y)
+            loss = state.train_model(x, y, *segments)
         (loss / accum).backward()
         total += loss.detach()
     with torch.profiler.record_function(OPTIMIZER_RANGE):
@@ -195,22 +207,60 @@ def training_step(state: TrainingState, lr_scale: float, momentum: float) -> tor
             opt.step()
         for opt in state.optimizers:
             opt.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update()
     return total / accum
 
 
+# cu_seqlens lengths the warm-up compiles (torch.compile specialises on the length; the document
+# loader pads to multiples of 64): FRONTIER.md section 3 primes these four, which cover rows of up to
+# 254 documents and cuts (a 98,304-token row of FineWeb holds about 100).
+PRIMED_SEGMENT_COUNTS = (64, 128, 192, 256)
+
+
 def warm_up(state: TrainingState) -> float:
-    """Compile and prime every graph the run needs (QAT off, then on), then put the state back
-    through load_state_dict, so the warm-up does not count. Returns the seconds it took."""
+    """Compile and prime every graph the run needs, then put the state back through
+    load_state_dict, so the warm-up does not count (nor leaves a trace: weights, optimizer state,
+    EMA, loader, loop flag). Returns the seconds it took.
+
+    The graphs: the plain one first (the run starts with it), then from half-way the late-QAT one
+    (SPEC) and the looped one (FRONTIER's recurrence: one graph per value of `model.looping`), and
+    with document isolation one forward and backward per cu_seqlens length in PRIMED_SEGMENT_COUNTS
+    and loop state, so no recompilation falls inside the timed run."""
     cfg = state.cfg
     if cfg.warmup_steps <= 0:
         return 0.0
     saved = copy.deepcopy(state.state_dict())
-    # the plain graph first (the run starts with it), then the QAT one; one step primes only the plain one
-    qat_from = max(1, cfg.warmup_steps // 2) if cfg.late_qat_threshold > 0 else cfg.warmup_steps
+    second_half = max(1, cfg.warmup_steps // 2)  # one step primes only the plain graph
+    qat_from = second_half if cfg.late_qat_threshold > 0 else cfg.warmup_steps
+    loop_from = second_half if cfg.num_loops > 0 else cfg.warmup_steps
     t0 = time.perf_counter()
     for step in range(cfg.warmup_steps):
         state.model.set_qat(step >= qat_from)
+        state.model.looping = step >= loop_from
         training_step(state, 1.0, muon_momentum(0, cfg))
+    if cfg.doc_isolated_attention:
+        _prime_segment_counts(state)
     synchronize(state.ctx.device)
     state.load_state_dict(saved, "the warm-up's snapshot")
     return time.perf_counter() - t0
+
+
+def _prime_segment_counts(state: TrainingState) -> None:
+    """Forward and backward on one real batch with cu_seqlens of every primed length (row starts,
+    then the end repeated: empty segments), in each loop state; the gradients are dropped."""
+    cfg, ctx = state.cfg, state.ctx
+    x, y, *_ = state.loader.next_batch(cfg.train_batch_tokens // cfg.grad_accum_total, cfg.train_seq_len, ctx.device)
+    B, T = x.shape
+    for looping in (False, True) if cfg.num_loops > 0 else (False,):
+        state.model.looping = looping
+        for count in PRIMED_SEGMENT_COUNTS:
+            if count < B + 1:
+                continue  # the loader's offsets always hold every row start
+            cu_seqlens = torch.full((count,), B * T, dtype=torch.int32, device=ctx.device)
+            cu_seqlens[: B + 1] = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=ctx.device)
+            with autocast(ctx.device):
+                loss = state.train_model(x, y, cu_seqlens)
+            loss.backward()
+    for opt in state.optimizers:
+        opt.zero_grad(set_to_none=True)

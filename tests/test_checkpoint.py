@@ -27,6 +27,7 @@ from model.checkpoint import (
 )
 from model.config import load_config
 from model.data import DistributedTokenLoader, write_shard
+from model.ema import ExponentialMovingAverage
 from model.gpt import GPT
 from model.optim import build_optimizers
 from model.swa import WeightAverage
@@ -68,6 +69,8 @@ def training_state(tmp_path):
         "loader": loader.state_dict(),
         "swa": swa.state_dict(),
         "qat": False,
+        "ema": ExponentialMovingAverage(model, 0.9965).state_dict(),  # the frontier's: it must load weights-only too
+        "looping": True,
         "step": 1,
         "elapsed_ms": 12.5,
         "rng": rng_states(),
@@ -175,7 +178,7 @@ def test_payload_not_a_dict_or_missing_keys(tmp_path):
     assert one_line(str(err.value))
     save_checkpoint({"step": 3, "model": {}}, path)
     assert load_checkpoint(path)["step"] == 3  # no required keys: any dict
-    with pytest.raises(ValueError, match=r"lacks config, optimizers, loader, swa, qat, elapsed_ms, rng \(it has step, model\)") as err:
+    with pytest.raises(ValueError, match=r"lacks config, optimizers, loader, swa, qat, ema, looping, elapsed_ms, rng \(it has step, model\)") as err:
         load_checkpoint(path, required_keys=TRAINING_STATE_KEYS)
     assert one_line(str(err.value))
     write_raw_checkpoint(path, b"\x80\x02garbage that is no pickle")
