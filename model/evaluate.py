@@ -104,24 +104,32 @@ def _check_inputs(tokens: torch.Tensor, luts) -> None:
 @torch.no_grad()
 def _score_windows(model, tokens: torch.Tensor, plan: Windows, batch_seqs: int, luts) -> torch.Tensor:
     """float64 [3] = (nll_sum, target count, bytes) over the scored targets of every window in
-    `plan`, on the model's device; windows of equal length go through the model together."""
+    `plan`, on the model's device; windows of equal length go through the model together, always
+    batch_seqs of them: a ragged batch is padded with copies of its last window that score
+    nothing, so a compiled scoring graph (static shapes) sees one batch shape per window length."""
     device = _model_device(model)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     if batch_seqs <= 0:
         raise ValueError(f"batch_seqs={batch_seqs} must be positive (EVAL_BATCH_SEQS)")
     num = len(plan.start)
+    # the plan goes to the device once; batches are slices of it (no host-to-device copy per batch)
+    all_starts = torch.as_tensor(plan.start, dtype=torch.int64, device=device)
+    all_score_from = torch.as_tensor(plan.score_from, dtype=torch.int64, device=device)
     # Batches never mix window lengths (only windows cut short at token 0 are shorter).
     length_changes = np.flatnonzero(np.diff(plan.length)) + 1
     batch_bounds = sorted(set(range(0, num, batch_seqs)) | set(length_changes.tolist()) | {num})
     for i, j in zip(batch_bounds[:-1], batch_bounds[1:]):
         length = int(plan.length[i])
-        starts = torch.as_tensor(plan.start[i:j], device=device)
+        starts, score_from = all_starts[i:j], all_score_from[i:j]
+        if j - i < batch_seqs:
+            padding = batch_seqs - (j - i)
+            starts = torch.cat([starts, starts[-1:].expand(padding)])
+            score_from = torch.cat([score_from, score_from.new_full((padding,), length)])  # scores none of its targets
         index = starts[:, None] + torch.arange(length + 1, device=device)  # [b, length + 1]
         window_tokens = tokens[index]
         inputs, targets = window_tokens[:, :-1], window_tokens[:, 1:]
         with autocast(device):
             nll = model.token_losses(inputs, targets)  # [b, length]
-        score_from = torch.as_tensor(plan.score_from[i:j], device=device)
         scored = torch.arange(length, device=device)[None, :] >= score_from[:, None]  # [b, length]
         # torch.where, not boolean indexing: no host sync per batch on the GPU
         sums[0] += torch.where(scored, nll.double(), 0.0).sum()
