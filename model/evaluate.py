@@ -1,6 +1,7 @@
 """Validation: loss (nats per token) and bits per byte, three ways (SPEC.md "Evaluation").
 
 - evaluate_contiguous: non-overlapping sequences; cheap, used during training.
+- evaluate_documents: the frontier's diagnostic: non-overlapping rows, attention isolated per document.
 - evaluate_sliding: overlapping windows so (almost) every target sees window - stride tokens of
   context; the reported score.
 - evaluate_ttt: legal score-first test-time training: each chunk of the validation stream is
@@ -184,6 +185,40 @@ def evaluate_sliding(model, tokens, window: int, stride: int, batch_seqs: int, l
     share = _rank_share(len(plan.start), rank, world_size)
     with _eval_mode(model):
         sums = _score_windows(model, tokens, Windows(*(a[share] for a in plan)), batch_seqs, luts)
+    return _finish(_all_reduce(sums, world_size))
+
+
+def evaluate_documents(model, tokens, seq_len: int, batch_seqs: int, luts, rank: int = 0, world_size: int = 1):
+    """FRONTIER.md section 5's diagnostic evaluation: non-overlapping rows of seq_len * batch_seqs
+    tokens (65,536 in the record), each scored in one pass with document-isolated attention
+    (cu_seqlens: a query sees only its own document, cut every seq_len tokens from the document's
+    start, as in training). Each rank scores a contiguous range of whole rows; targets past the
+    last whole row are left out."""
+    from model.document_loader import BOS_ID, document_cu_seqlens
+
+    tokens, luts = _prepare(model, tokens, luts)
+    row_len = seq_len * batch_seqs
+    num_rows = (tokens.numel() - 1) // row_len if row_len > 0 else 0
+    if num_rows == 0:
+        raise ValueError(f"evaluate_documents: {tokens.numel()} tokens do not fill one row of {seq_len} x {batch_seqs}; "
+                         f"pass more tokens or lower EVAL_BATCH_SEQS")
+    device = _model_device(model)
+    stream = tokens.cpu().numpy()
+    bos = np.flatnonzero(stream == BOS_ID)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with _eval_mode(model), torch.no_grad():
+        for row in range(num_rows)[_rank_share(num_rows, rank, world_size)]:
+            start = row * row_len
+            earlier = bos[bos <= start]  # the document the row starts inside began at its last BOS
+            offset = start - int(earlier[-1]) if earlier.size else start
+            cu_seqlens = document_cu_seqlens(stream[start : start + row_len], seq_len, offset).to(device)
+            index = torch.arange(start, start + row_len + 1, device=device)[None]  # [1, row_len + 1]
+            inputs, targets = tokens[index[:, :-1]], tokens[index[:, 1:]]
+            with autocast(device):
+                nll = model.token_losses(inputs, targets, cu_seqlens)  # [1, row_len]
+            sums[0] += nll.double().sum()
+            sums[1] += nll.numel()
+            sums[2] += scored_bytes(luts, inputs, targets, index[:, 1:]).sum()
     return _finish(_all_reduce(sums, world_size))
 
 

@@ -22,6 +22,7 @@ from model.evaluate import (
     _finish,
     _score_windows,
     evaluate_contiguous,
+    evaluate_documents,
     evaluate_sliding,
     evaluate_ttt,
     sliding_windows,
@@ -535,3 +536,63 @@ def test_sidecar_not_aligned_with_the_tokens_is_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="build_byte_luts or a model.bpb.SidecarBytes"):
         evaluate_contiguous(TinyCausalLM(), tokens, 4, 2, (torch.zeros(3),))
+
+
+# ----------------------------------------------------------------------------- document rows (frontier)
+class TinySegmentLM(TinyCausalLM):
+    """TinyCausalLM whose context is the token's own segment of cu_seqlens (the running mean restarts
+    at every offset): a document-isolated model without attention."""
+
+    def token_losses(self, ids, targets, cu_seqlens=None):
+        B, T = ids.shape
+        x = self.embed(ids).reshape(B * T, -1)
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, B * T + 1, T)
+        starts = torch.zeros(B * T, dtype=torch.long)
+        starts[cu_seqlens[cu_seqlens < B * T].long()] = 1
+        cum = torch.cumsum(x, 0)
+        first = torch.zeros_like(starts)
+        first[starts.bool()] = torch.nonzero(starts).flatten()
+        first = torch.cummax(first, 0).values  # flat index of each position's segment start
+        before = torch.where(first[:, None] > 0, cum[first - 1], 0.0)
+        count = (torch.arange(B * T) - first + 1).to(x.dtype)
+        x = (x + (cum - before) / count[:, None]).view(B, T, -1)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        logits = self.head(x)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def documents_stream(num_tokens: int, seed: int = 3) -> torch.Tensor:
+    """Tokens with BOS (id 1) starting documents of mixed lengths, one longer than the cut, the first
+    document starting before the stream's own row boundaries line up with it."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, VOCAB, (num_tokens,), generator=g)
+    for position in (0, 5, 6, 30, 33, 70):
+        tokens[position] = 1
+    return tokens
+
+
+@pytest.mark.parametrize("seq_len, batch_seqs", [(8, 2), (5, 3)])
+def test_documents_rows_match_direct_computation(seq_len, batch_seqs):
+    """Every target of every whole row scored from its own segment alone: the segment starts at the
+    row start, a BOS, or a multiple of seq_len from its document's start (found before the row)."""
+    tokens, model, luts = documents_stream(90), TinySegmentLM(), synthetic_luts()
+    row_len = seq_len * batch_seqs
+    bos = [p for p in range(tokens.numel()) if int(tokens[p]) == 1]
+
+    def context_start(j):  # the first input position of target j's segment
+        row_start = j - j % row_len
+        doc_start = max([p for p in bos if p <= j], default=0)
+        cut = doc_start + (j - doc_start) // seq_len * seq_len
+        return max(row_start, doc_start, cut)
+
+    num_scored = (tokens.numel() - 1) // row_len * row_len
+    want_loss, want_bpb = direct_scores(model, tokens[: num_scored + 1], context_start, luts)
+    got_loss, got_bpb = evaluate_documents(model, tokens, seq_len, batch_seqs, luts)
+    assert got_loss == pytest.approx(want_loss, rel=1e-12) and got_bpb == pytest.approx(want_bpb, rel=1e-12)
+
+
+def test_documents_rows_need_one_whole_row():
+    with pytest.raises(ValueError, match="do not fill one row"):
+        evaluate_documents(TinySegmentLM(), documents_stream(80), 8, 10, synthetic_luts())
