@@ -1,9 +1,12 @@
 """Artifact bytes and seconds per compressor, on the same quantised weights (issue 16).
 
     python -m bench.export [--smoke] [--preset NAME] [--name value ...]
+    python -m bench.export --checkpoint runs/<id>/checkpoint.pt [--name value ...]
 
 The weights are the configured model's at initialisation (the seed's parity weights with the
-default config; --preset frontier for the frontier's), quantised once with the config's QUANT
+default config; --preset frontier for the frontier's), or a trained model's: --checkpoint takes
+the checkpoint.pt a run leaves (`python train.py --preset smoke` writes one in minutes on a CPU;
+its config is the checkpoint's, then the settings given), quantised once with the config's QUANT
 (GPTQ's Hessians then come from GPTQ_CALIBRATION_BATCHES batches of random tokens: the table
 measures the compressors, not calibration). Each compressor then codes that same payload:
 zstd at ZSTD_LEVEL, brotli (q11, window 2^24), and the per-group container with each group coder
@@ -75,16 +78,39 @@ def measure(payload: dict, level: int) -> list[dict]:
 SMOKE_VOCAB = ["--vocab_size", "1400"]  # 1400 x 48 > 65,536: the smoke's embedding is quantised and its group sorted
 
 
+def checkpoint_weights(argv: list[str]) -> tuple[list[str], dict | None]:
+    """(argv without --checkpoint PATH, the checkpoint's state or None); its config's fields go
+    in front of the remaining settings, so those still win."""
+    if "--checkpoint" not in argv:
+        return argv, None
+    i = argv.index("--checkpoint")
+    if i + 1 >= len(argv):
+        raise SystemExit("bench.export: --checkpoint needs a path: --checkpoint runs/<id>/checkpoint.pt")
+    from model.checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(argv[i + 1], required_keys=("config", "model"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench.export: {e}") from None
+    settings = [item for key, value in state["config"].items() if key not in ("run_id", "resume", "eval_only")
+                for item in (f"--{key}", str(int(value)) if isinstance(value, bool) else str(value))]
+    return settings + argv[:i] + argv[i + 2 :], state
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, state = checkpoint_weights(argv)
     if "--smoke" in argv:  # after SMOKE_ARGS, before the caller's settings (which still win)
         argv = ["--smoke", *SMOKE_VOCAB, *(a for a in argv if a != "--smoke")]
     cfg, smoke = bench_config("bench.export", argv)
     torch.set_grad_enabled(False)
     model = build_model(cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
     payload, report, quant_s = quantised_payload(cfg, model)
     print(header("Artifact compressors on one quantised payload"))
-    print(f"Weights: {describe(cfg)}, at initialisation (seed {cfg.seed}); QUANT={cfg.quant} in {quant_s:.1f}s, "
+    origin = "trained (checkpoint)" if state is not None else f"at initialisation (seed {cfg.seed})"
+    print(f"Weights: {describe(cfg)}, {origin}; QUANT={cfg.quant} in {quant_s:.1f}s, "
           f"{report['total']['bytes_after']:,} bytes before compression.")
     if smoke:
         print("\nSMOKE RUN (--smoke): tiny model; the figures mean nothing.\n")
