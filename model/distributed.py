@@ -51,8 +51,8 @@ def setup_distributed() -> Dist:
 def leave_process_group(settle_s: float = 0.5) -> None:
     """destroy_process_group, after a pause that avoids a teardown deadlock (seen with gloo on a
     loaded machine, about one 2-rank run in two): a gloo worker thread frees a finished collective's
-    tensors only once it holds the GIL, and when the group's last reference goes (DDP's reducer, as
-    main() returns) the group's destructor joins that thread while holding the GIL. Sleeping hands
+    tensors only once it holds the GIL, and when the group's last reference goes (as main() returns)
+    the group's destructor joins that thread while holding the GIL. Sleeping hands
     the GIL over, so the workers are idle before the group can be destroyed."""
     if is_distributed():
         time.sleep(settle_s)

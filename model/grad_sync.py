@@ -94,15 +94,15 @@ class GradientSync:
             self.send[unit] = torch.zeros(self.world * bucket.slot * bucket.numel, dtype=self.comm_dtype, device=device)
             self.recv[unit] = torch.empty(bucket.slot * bucket.numel, dtype=self.comm_dtype, device=device)
         send = self.send[unit]
+        chunks = [send[bucket.flat_offset(i):bucket.flat_offset(i) + bucket.numel] for i in range(len(params))]
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        if present:
+            torch._foreach_copy_([chunks[i] for i in present], [params[i].grad.view(-1) for i in present])
         for i, p in enumerate(params):
-            at = bucket.flat_offset(i)
-            chunk = send[at:at + bucket.numel]
             if p.grad is None:
-                chunk.zero_()
-            else:
-                chunk.copy_(p.grad.view(-1))
-                if bucket.owners[i] != self.rank:
-                    p.grad = None  # another rank owns it: its gradient memory goes now
+                chunks[i].zero_()
+            elif bucket.owners[i] != self.rank:
+                p.grad = None  # another rank owns it: its gradient memory goes now (the copy is queued before any reuse)
         self.handles[unit] = _reduce_scatter_flat(self.recv[unit], send, op=dist.ReduceOp.AVG, async_op=True)
 
     def _launch_small(self, unit: int, params: list[torch.Tensor]) -> None:

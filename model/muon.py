@@ -153,8 +153,8 @@ class Muon(torch.optim.Optimizer):
         rows, cols = bucket.shape
         device = bucket.params[0].device
         local = torch.zeros((bucket.slot, rows, cols), dtype=group["compute_dtype"], device=device)
-        if mine:
-            local[torch.tensor([bucket.position[i] for i in mine], device=device)] = ortho.to(local.dtype)
+        for k, i in enumerate(mine):  # a few copies (an index tensor from a list would wait on the GPU)
+            local[bucket.position[i]].copy_(ortho[k])
         gathered = torch.empty((plan.world * bucket.slot, rows, cols), dtype=local.dtype, device=device)
         handle = _all_gather_flat(gathered, local, async_op=True)
         everyone = list(range(len(bucket.params)))
