@@ -118,7 +118,7 @@ def test_the_package_scores_saved_artifacts_in_a_fresh_process(package, tmp_path
     if FRONTIER_LANDED:
         cases.append(dict(PRESETS["frontier"](), **FRONTIER_SMOKE, zstd_level=3))  # zstd 3: the group coder, fast
     scored = []
-    with kernels.use_backend("reference"):
+    with kernels.use_backend("reference"), gptq.single_threaded_on_cpu("cpu"):  # tiny ops: threads only wait
         for i, settings in enumerate(cases):
             (tmp_path / str(i)).mkdir()
             scored.append(export_and_score(settings, tmp_path / str(i), package[1]))
