@@ -8,6 +8,10 @@
     Block           sequential: x_in = m0 x + m1 x0; x_in + a Attn(norm(x_in) s) then + b MLP(norm(.) s)
     TwoLaneBlock    FRONTIER.md's parallel decoder: attention reads lane 0 (mixed with x0), the MLP
                     reads the old lane 1; both lanes take both outputs through r and P
+
+`lora` (the phased TTT only, model/lora.py): one block application's per-document adapters; their
+deltas go on q, k, v (before the q/k RMSNorm), on W_o's output (from u) and on the MLP's output
+(from its normed input), before the attention and MLP scales. None leaves the forward as it was.
 """
 import math
 
@@ -17,6 +21,7 @@ from torch import nn
 import kernels
 from model.config import Config
 from model.layers import CastedLinear, apply_partial_rope, rms_norm
+from model.lora import add_delta
 
 
 class Attention(nn.Module):
@@ -38,11 +43,14 @@ class Attention(nn.Module):
         return None
 
     def forward(self, h: torch.Tensor, cos, sin, ve: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, lora=None) -> torch.Tensor:
+        """lora: the phased TTT's adapters of this block application (model/lora.py), or None."""
         B, T, _ = h.shape
-        q = self.c_q(h).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(h).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(h)  # [B, T, kv_dim]
+        q, k, v = self.c_q(h), self.c_k(h), self.c_v(h)  # [B, T, dim], [B, T, kv_dim] x 2
+        if lora is not None:  # per-document deltas on the projections, before the q/k RMSNorm
+            q, k, v = add_delta(q, lora.q(h)), add_delta(k, lora.k(h)), add_delta(v, lora.v(h))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -53,7 +61,8 @@ class Attention(nn.Module):
         extras = {name: value for name, value in (("cu_seqlens", cu_seqlens), ("gate", self.output_gate(h)))
                   if value is not None}
         y = kernels.xsa_attention(q, k, v, xsa=self.xsa, **extras)  # [B, T, H, D]
-        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        return out if lora is None else add_delta(out, lora.o(h))  # the O adapter reads u, not y
 
 
 class GatedAttention(Attention):
@@ -103,20 +112,23 @@ class Block(nn.Module):
         # row 0 weighs the running stream x, row 1 the embedding stream x0
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
 
-    def attention(self, x, x0, cos, sin, ve, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, x, x0, cos, sin, ve, cu_seqlens, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x_in = m0 x + m1 x0 and attn_scale * Attn(RMSNorm(x_in) s)."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, cos, sin, ve, cu_seqlens)
+        u = rms_norm(x_in) * self.norm_scale
+        return x_in, self.attn_scale.to(x.dtype) * self.attn(u, cos, sin, ve, cu_seqlens, lora)
 
-    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """mlp_scale * MLP(RMSNorm(x) s)."""
-        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+    def mlp_branch(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """mlp_scale * MLP(RMSNorm(x) s); the phased TTT's MLP adapter reads the same normed input."""
+        u = rms_norm(x) * self.norm_scale
+        out = self.mlp(u)
+        return self.mlp_scale.to(x.dtype) * (out if lora is None else add_delta(out, lora.mlp(u)))
 
-    def forward(self, x, x0, cos, sin, ve=None, cu_seqlens=None):
-        x_in, attn_out = self.attention(x, x0, cos, sin, ve, cu_seqlens)
+    def forward(self, x, x0, cos, sin, ve=None, cu_seqlens=None, lora=None):
+        x_in, attn_out = self.attention(x, x0, cos, sin, ve, cu_seqlens, lora)
         x = x_in + attn_out
-        return x + self.mlp_branch(x)
+        return x + self.mlp_branch(x, lora)
 
 
 class TwoLaneBlock(Block):
@@ -129,9 +141,9 @@ class TwoLaneBlock(Block):
     [source (0 attention, 1 MLP), destination lane]; the model owns both and hands this block its rows.
     """
 
-    def forward(self, lane0, lane1, x0, cos, sin, resid, post, ve=None, cu_seqlens=None):
-        _, attn_out = self.attention(lane0, x0, cos, sin, ve, cu_seqlens)
-        mlp_out = self.mlp_branch(lane1)
+    def forward(self, lane0, lane1, x0, cos, sin, resid, post, ve=None, cu_seqlens=None, lora=None):
+        _, attn_out = self.attention(lane0, x0, cos, sin, ve, cu_seqlens, lora)
+        mlp_out = self.mlp_branch(lane1, lora)
         r, p = resid.to(lane0.dtype), post.to(lane0.dtype)
         return (r[0] * lane0 + p[0, 0] * attn_out + p[1, 0] * mlp_out,
                 r[1] * lane1 + p[0, 1] * attn_out + p[1, 1] * mlp_out)

@@ -178,10 +178,11 @@ class GPT(nn.Module):
             return x + weighted
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[slot]).to(x.dtype))
 
-    def hidden(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, lora=None) -> torch.Tensor:
         """Final-normed hidden states [B, T, dim] in the stream dtype. cu_seqlens: int32 offsets of
         the documents in the flattened B*T tokens, handed to attention (RoPE positions stay the
-        index within the row)."""
+        index within the row). lora: the phased TTT's per-document adapters (model/lora.py, one
+        document per row), application n of the plan gets lora.at(n); None everywhere else."""
         cfg = self.cfg
         dtype = stream_dtype(ids.device)
         T = ids.shape[1]
@@ -191,8 +192,9 @@ class GPT(nn.Module):
 
         skips = []  # the U-Net stack
         lanes = [x0]  # the residual stream: one lane, two (L0, L1) from the first two-lane block on
-        for app in self.plan():
+        for n, app in enumerate(self.plan()):
             block = self.blocks[app.block]
+            adapters = None if lora is None else lora.at(n)
             ve = None
             if app.block in self.ve_layers:
                 ve = self.ve.layer_scales[self.ve_layers.index(app.block)].to(dtype) * ve_shared
@@ -202,9 +204,9 @@ class GPT(nn.Module):
                 lanes[0] = self.merge_skip(lanes[0], skips.pop(), app.skip_slot)  # lane 0 only
             if app.two_lanes:
                 lanes = list(block(*lanes, x0, cos, sin, self.parallel_resid_lambdas[app.block],
-                                   self.parallel_post_lambdas[app.block], ve, cu_seqlens))
+                                   self.parallel_post_lambdas[app.block], ve, cu_seqlens, adapters))
             else:
-                lanes = [block(lanes[0], x0, cos, sin, ve, cu_seqlens)]
+                lanes = [block(lanes[0], x0, cos, sin, ve, cu_seqlens, adapters)]
             if app.push:
                 skips.append(lanes[0])
         return rms_norm(self.output_lane(lanes))

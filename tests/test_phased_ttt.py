@@ -339,3 +339,76 @@ def test_projection_scales_the_busiest_lane_and_the_global_steps():
     assert projection.lora_s == work.max()  # one second per token-row on the busiest lane
     assert projection.global_s == pytest.approx(global_steps(plan, cfg) * 2.0 * 2 / 8)
     assert projection.total_s == pytest.approx(30.0 + projection.lora_s + projection.global_s)
+
+
+# ----------------------------------------------------------------------------- the frontier GPT
+def tiny_frontier_config(**overrides) -> Config:
+    """FRONTIER.md's model at toy size: 4 blocks looped 0,[1,2]x3,3 (8 applications), block 3 two-lane."""
+    from model.config import PRESETS
+
+    values = dict(PRESETS["frontier"](), vocab_size=VOCAB, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1,
+                  rope_dims=8, xsa_last_n=4, num_loops=2, loop_start=1, loop_end=2, parallel_start_layer=3,
+                  gate_window=4)
+    values.update({k: v for k, v in tiny_config().__dict__.items() if k.startswith(("ttt_", "phased_", "global_"))})
+    values.update(ttt_method="phased_lora", **overrides)
+    return Config(**values)
+
+
+def frontier_model(cfg):
+    from model.gpt import GPT
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg)
+    with torch.no_grad():  # the frontier's zero-initialised outputs would hide the adapters' path
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.looping = True
+    return model
+
+
+def test_frontier_gpt_takes_an_adapter_per_application_and_fresh_ones_change_nothing():
+    cfg = tiny_frontier_config()
+    model = frontier_model(cfg)
+    assert len(model.plan()) == 8
+    tokens = make_tokens(DOC_LENGTHS)[:42].view(2, 21)
+    lora = BatchedLora(cfg, len(model.plan()), 2)
+    lora.reset_a(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model.token_losses(tokens[:, :-1], tokens[:, 1:])
+        torch.testing.assert_close(lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora.running()), base,
+                                   rtol=1e-6, atol=1e-6)
+    for kind in ("q", "k", "v", "o", "mlp"):  # each block adapter, on the last application only, moves the scores
+        with torch.no_grad():
+            lora.reset_b()
+            getattr(lora, f"{kind}_b")[-1].normal_()
+            moved = lora_token_losses(model, tokens[:, :-1], tokens[:, 1:], lora.running())
+        assert not torch.allclose(moved, base), kind
+    with pytest.raises(IndexError, match="application slots"):
+        model.hidden(tokens, lora=BatchedLora(cfg, 3, 2).running())
+
+
+def test_frontier_gpt_phased_ttt_is_legal():
+    cfg = tiny_frontier_config()
+    tokens = make_tokens(DOC_LENGTHS)
+    result, events = run(cfg=cfg, tokens=tokens, model=frontier_model(cfg))
+    positions = np.concatenate([pos for kind, pos, _ in events if kind == "score"])
+    assert np.array_equal(np.sort(positions), np.arange(1, tokens.numel()))
+    seen = set()
+    for kind, pos, _ in events:
+        if kind == "score":
+            seen.update(pos.tolist())
+        else:
+            assert set(pos.tolist()) <= seen, kind
+    assert {kind for kind, _, _ in events} == {"score", "train", "global"} and np.isfinite(result.val_bpb)
+
+
+def test_bench_ttt_smoke_prints_the_projection(capsys, monkeypatch):
+    """bench.ttt end to end at smoke size (the reference kernels: the interpreter would take minutes);
+    its figures mean nothing, only that it runs and prints every row."""
+    from bench import ttt
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ttt.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "SMOKE RUN" in out and "| total without loading |" in out
+    assert out.count("| LoRA batch ") == ttt.SAMPLE_BATCHES and "| global SGD (" in out
