@@ -235,12 +235,22 @@ def _xsa_fwd_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)  # running row sum of exp2
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
 
-    # Stage 1: key tiles wholly left of the diagonal, from the first one this tile's segments
-    # reach: no causal or bounds mask (n < start_m <= T), the segment mask where there are segments.
-    for start_n in range(_first_key_tile(SEG_START, row_base, start_m, BLOCK_N, SEGMENTS), start_m, BLOCK_N):
+    # Stage 1: key tiles wholly left of the diagonal (no causal or bounds mask: n < start_m <= T),
+    # from the first one this tile's segments reach. Only the tiles before the last row's segment
+    # start can hold keys some row must not see: they take the segment mask, the rest none.
+    unmasked_from = 0
+    if SEGMENTS:
+        last_lo = tl.load(SEG_START + row_base + tl.minimum(start_m + BLOCK_M, T) - 1)
+        unmasked_from = tl.minimum(tl.cdiv(last_lo, BLOCK_N) * BLOCK_N, start_m)
+        for start_n in range(_first_key_tile(SEG_START, row_base, start_m, BLOCK_N, SEGMENTS), unmasked_from, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, seg_lo, T, qk_scale,
+                DIAGONAL=False, SEGMENTS=True, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+            )
+    for start_n in range(unmasked_from, start_m, BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, offs_d, seg_lo, T, qk_scale,
-            DIAGONAL=False, SEGMENTS=SEGMENTS, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+            DIAGONAL=False, SEGMENTS=False, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )
     # Stage 2: the diagonal tiles: causal mask and the ragged end of the sequence. Every row sees
     # at least its own key, so no row ends all -inf.
@@ -438,6 +448,8 @@ def _xsa_bwd_dkdv_kernel(
                 stride_qt, stride_dut, stride_dqt, start_m, offs_n, offs_d, T, qk_scale, SM_SCALE,
                 DIAGONAL=True, SEGMENTS=SEGMENTS, ATOMIC_DQ=ATOMIC_DQ, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
             )
+        # One loop, segment mask on every tile: split into unmasked and masked query tiles as the
+        # forward's key tiles are, it made ptxas spill 8-32 B in three 4-stage configs.
         for start_m in range(start_n + BLOCK_N, q_end, BLOCK_M):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, q_base, du_base, dq_base, LSE + stat_base, DELTA + stat_base, SEG_START + row_base,
