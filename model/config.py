@@ -104,6 +104,8 @@ class Config:
     beta2: float = setting(0.95, "AdamW beta2", low=0, below=1)
     adam_eps: float = setting(1e-8, "AdamW epsilon", above=0)
     grad_clip_norm: float = setting(0.3, "gradient-norm clip; 0 = off", low=0)
+    grad_comm: str = setting("bf16", "dtype of the Muon gradients' reduce-scatter across ranks: bf16 (half the bytes) "
+                                     "or fp32 (exact); model/grad_sync.py")
     swa_enabled: bool = setting(True, "Tight SWA: average weight snapshots late in the warmdown")
     swa_every: int = setting(50, "steps between SWA snapshots", low=1)
     swa_threshold: float = setting(0.2, "average while the LR scale is below this", low=0)
@@ -247,7 +249,7 @@ class Config:
             problems.append(f"EVAL_ONLY={self.eval_only!r} and RESUME={self.resume!r} are both set; score an artifact "
                             f"or continue a run, not both")
         for name, allowed in (("quant", QUANTISERS), ("compressor", COMPRESSORS), ("parallel_final_lane", FINAL_LANES),
-                              ("ttt_method", TTT_METHODS)):
+                              ("ttt_method", TTT_METHODS), ("grad_comm", GRAD_COMMS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name.upper()}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.init_scheme not in INIT_SCHEMES:
@@ -287,6 +289,7 @@ QUANTISERS = ("int6", "gptq")
 INIT_SCHEMES = ("spec", "frontier")
 COMPRESSORS = ("zstd", "brotli", "pergroup")
 TTT_METHODS = ("sgd", "phased_lora")
+GRAD_COMMS = ("bf16", "fp32")  # model.grad_sync.COMM_DTYPES
 FINAL_LANES = ("mean", "attn", "mlp")
 
 

@@ -13,7 +13,7 @@ from model.config import Config
 from model.distributed import Dist, synchronize
 from model.ema import ExponentialMovingAverage
 from model.gpt import GPT, CastedLinear
-from model.grad_sync import GradientSync
+from model.grad_sync import COMM_DTYPES, GradientSync
 from model.optim import build_optimizers, set_schedule
 from model.precision import autocast
 from model.schedule import muon_momentum
@@ -158,10 +158,10 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, label: str) -
     return kept
 
 
-def build_training_state(cfg: Config, ctx: Dist, loader, grad_comm_dtype: torch.dtype = torch.bfloat16) -> TrainingState:
+def build_training_state(cfg: Config, ctx: Dist, loader, grad_comm_dtype: torch.dtype | None = None) -> TrainingState:
     """The model (seeded), its compiled forward, SPEC's three optimizers, and a fresh weight average
     and clock. On several ranks, no DDP: Muon's matrices are sharded over the ranks by a ShardPlan
-    and a GradientSync averages the gradients in grad_comm_dtype (bf16, or fp32: exact)."""
+    and a GradientSync averages the gradients in grad_comm_dtype (default GRAD_COMM: bf16, or fp32: exact)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(ctx.device)
     compiled = torch.compile(model, fullgraph=True) if cfg.compile else model
@@ -172,7 +172,7 @@ def build_training_state(cfg: Config, ctx: Dist, loader, grad_comm_dtype: torch.
         plan = ShardPlan([group["params"] for group in muon.param_groups], ctx.world_size, ctx.rank)
         muon.shard(plan)
         small = [p for opt in optimizers[1:] for group in opt.param_groups for p in group["params"]]
-        grad_sync = GradientSync(plan, small, grad_comm_dtype)
+        grad_sync = GradientSync(plan, small, grad_comm_dtype or COMM_DTYPES[cfg.grad_comm])
     ema = ExponentialMovingAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     return TrainingState(cfg, ctx, model, compiled, optimizers, loader, WeightAverage(), TrainingClock(ctx.device),
                          grad_sync=grad_sync, ema=ema)

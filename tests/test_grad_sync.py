@@ -84,10 +84,10 @@ def make_shards(folder: str) -> None:
         write_shard(os.path.join(folder, f"fineweb_train_{i:06d}.bin"), rng.integers(0, VOCAB, 3000))
 
 
-def build(settings, world: int, rank: int, data: str, comm=torch.float32):
+def build(settings, world: int, rank: int, data: str):
     cfg, _ = load_config([*TINY, *settings], environ={})
     ctx = Dist(rank, world, rank, torch.device("cpu"))
-    return build_training_state(cfg, ctx, DistributedTokenLoader(data, rank, world, VOCAB), comm)
+    return build_training_state(cfg, ctx, DistributedTokenLoader(data, rank, world, VOCAB))
 
 
 def run(state, steps: range) -> list[float]:
@@ -111,8 +111,8 @@ def assert_close_weights(actual: dict, expected: dict) -> None:
         assert_close(actual[name], expected[name], dtype=torch.float32)
 
 
-EXACT = ["--grad_accum_total", "2", "--grad_clip_norm", "0"]  # one micro-batch per rank: fp32 averages are exact
-BF16 = ["--grad_accum_total", "4", "--grad_clip_norm", "0.05"]  # two per rank, and a clip that bites
+EXACT = ["--grad_accum_total", "2", "--grad_clip_norm", "0", "--grad_comm", "fp32"]  # one micro-batch per rank: fp32 averages are exact
+BF16 = ["--grad_accum_total", "4", "--grad_clip_norm", "0.05", "--grad_comm", "bf16"]  # two per rank, and a clip that bites
 
 
 def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
@@ -135,7 +135,8 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
             run(resumed, range(2, 4))
             out["resumed"] = weights(resumed)
             # bf16, 2 micro-batches per rank, clipped: the norms each step clipped by
-            bf16 = build(BF16, world, rank, folder, torch.bfloat16)
+            bf16 = build(BF16, world, rank, folder)
+            assert (state.grad_sync.comm_dtype, bf16.grad_sync.comm_dtype) == (torch.float32, torch.bfloat16)  # GRAD_COMM
             norms, clip = [], bf16.grad_sync.clip_grad_norm_
             bf16.grad_sync.clip_grad_norm_ = lambda max_norm: norms.append(float(clip(max_norm))) or norms[-1]
             run(bf16, range(3))
