@@ -45,7 +45,8 @@ def validation_stream(cfg, smoke: bool) -> tuple[torch.Tensor, str]:
     try:
         from model.data import load_validation_tokens
 
-        return load_validation_tokens(cfg.data_path, 1, cfg.max_val_tokens, cfg.vocab_size), f"validation shards of {cfg.data_path}"
+        tokens = load_validation_tokens(cfg.data_path, 1, cfg.max_val_tokens, cfg.vocab_size)
+        return tokens, f"validation shards of {cfg.data_path}"
     except (ValueError, FileNotFoundError) as e:
         return (synthetic_stream(RECORD_DOCS, RECORD_TOKENS, cfg.vocab_size),
                 f"synthetic, the record's size ({str(e).splitlines()[0][:80]}...)")
@@ -55,8 +56,8 @@ def main(argv=None) -> None:
     bench = Bench("bench.ttt", argv)
     cfg, device = bench.cfg, torch.device(bench.device)
     from model.bpb import SidecarBytes
-    from model.phased_ttt import (_global_phase, _run_batch, compile_ttt_step, global_steps, lane_work, lora_token_losses,
-                                  lora_work, make_plan, Phase, warm_up_ttt, BatchedLora, EVAL_LIMIT_S)
+    from model.phased_ttt import (EVAL_LIMIT_S, BatchedLora, Phase, _global_phase, _run_batch, compile_ttt_step,
+                                  global_steps, lane_work, lora_token_losses, lora_work, make_plan, warm_up_ttt)
 
     if bench.smoke:  # tiny: chunks of 4 in windows of 16, batches of 3, phases early, global rows of 16
         cfg.ttt_chunk_size, cfg.ttt_eval_seq_len, cfg.ttt_batch_size, cfg.ttt_lora_rank = 4, 16, 3, 4
@@ -110,14 +111,15 @@ def main(argv=None) -> None:
     steps = _global_phase(model, tokens, plan, Phase(after=0, docs=np.array(docs)), cfg, 0, 1, None)
     synchronize(device)
     step_s = (time.perf_counter() - t0) / max(1, steps)
-    rows.append({"part": f"global SGD ({steps} steps of {cfg.global_ttt_chunk_tokens} tokens)", "seconds": step_s * steps,
-                 "token-rows": steps * cfg.global_ttt_chunk_tokens, "us per token-row": 1e6 * step_s / cfg.global_ttt_chunk_tokens})
+    chunk = cfg.global_ttt_chunk_tokens
+    rows.append({"part": f"global SGD ({steps} steps of {chunk} tokens)", "seconds": step_s * steps,
+                 "token-rows": steps * chunk, "us per token-row": 1e6 * step_s / chunk})
 
     lanes = lane_work(plan, cfg)
     lora_8 = float(lanes.max()) * rate
     global_8 = global_steps(plan, cfg) * step_s / 8
     total_8 = compile_s + lora_8 + global_8
-    print(bench.header(f"phased LoRA TTT: full-set evaluation projected on 8 GPUs"))
+    print(bench.header("phased LoRA TTT: full-set evaluation projected on 8 GPUs"))
     print(f"Plan: {source}; {len(plan.docs.start):,} documents, {len(plan.batches)} batches of {cfg.ttt_batch_size}, "
           f"phases after positions {[p.after for p in plan.phases]}, {global_steps(plan, cfg)} global steps; "
           f"lane token-rows min/max {lanes.min():,}/{lanes.max():,}.\n")

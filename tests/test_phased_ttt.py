@@ -8,7 +8,6 @@ The model is a tiny frontier-like stand-in with the hook interface the phased TT
 q/k norm, O from u, the MLP from its normed input), a looped `plan()` (blocks 0,1,2,1,2: five
 applications over three blocks), `tok_emb` tied head, `forward(ids, targets, cu_seqlens)`.
 """
-import os
 import socket
 
 import numpy as np

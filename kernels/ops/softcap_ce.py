@@ -607,7 +607,8 @@ def softcap_cross_entropy_lora(
         raise ValueError(f"softcap_cross_entropy_lora: x must be [B, T, d] and lora_a [B, r, d], got x {tuple(x.shape)} "
                          f"and lora_a {tuple(lora_a.shape)}; one adapter per document (row of x).")
     if targets.shape != x.shape[:2]:
-        raise ValueError(f"softcap_cross_entropy_lora: targets must be [B, T] = {tuple(x.shape[:2])}, got {tuple(targets.shape)}.")
+        raise ValueError(f"softcap_cross_entropy_lora: targets must be [B, T] = {tuple(x.shape[:2])}, "
+                         f"got {tuple(targets.shape)}.")
     u = (torch.bmm(x, lora_a.to(x.dtype).transpose(1, 2)) * scale).to(x.dtype)  # [B, T, r]
     loss, _lse = softcap_ce_lora_fwd_op(x.flatten(0, 1), weight, u.flatten(0, 1), lora_b, targets.reshape(-1),
                                         float(softcap))
