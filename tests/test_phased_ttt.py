@@ -276,6 +276,20 @@ def test_without_learning_the_score_is_the_base_models_per_document_score():
     assert result.val_loss == pytest.approx(float(total) / (tokens.numel() - 1), rel=1e-6)
 
 
+def test_the_adapters_learn_within_a_document():
+    """Documents that repeat a 3-token pattern: after its first chunks a document's adapters have seen
+    the pattern, so the phased TTT scores far below the same model that does not learn (lr 0)."""
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.cat([torch.tensor([BOS_ID]), torch.randint(2, VOCAB, (3,), generator=g).repeat(n)[:n - 1]])
+            for n in (40, 36, 44, 30, 38, 42)]
+    tokens = torch.cat(docs).long()
+    losses = {}
+    for lr in (0.0, 0.05):
+        cfg = tiny_config(ttt_lora_lr=lr, phased_ttt_num_phases=0, ttt_eval_seq_len=64, ttt_chunk_size=8)
+        losses[lr] = evaluate_phased_ttt(TinyLoopedLM(cfg), tokens, cfg, fake_luts()).val_loss
+    assert losses[0.05] < 0.6 * losses[0.0], losses
+
+
 # ----------------------------------------------------------------------------- ranks
 def _free_port() -> int:
     with socket.socket() as s:
