@@ -297,14 +297,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_test_config() -> Config:
+    """Batches of one document, one phase after 2: the second segment's 10 batches run on 8 lanes, so
+    lanes 0 and 1 carry A from one batch to the next, and the two ranks run different lanes."""
+    return tiny_config(ttt_batch_size=1, phased_ttt_prefix_docs=2, phased_ttt_num_phases=1)
+
+
 def _rank_worker(rank, world_size, port, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
+        lines = []
         with kernels.use_backend("reference"):
-            result = evaluate_phased_ttt(TinyLoopedLM(tiny_config()), make_tokens(DOC_LENGTHS), tiny_config(),
-                                         fake_luts(), rank, world_size)
-        torch.save(tuple(result), f"{out_path}.{rank}")
+            cfg = rank_test_config()
+            val_loss, val_bpb, _ = phased_ttt_evaluation(TinyLoopedLM(cfg), make_tokens(DOC_LENGTHS), cfg, fake_luts(),
+                                                         EvalClock(), rank, world_size, log=lines.append, compile=False)
+        torch.save((val_loss, val_bpb, lines), f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -314,11 +322,12 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_totals(tmp_path):
     out = str(tmp_path / "result")
     run_ranks(_rank_worker, 2, (2, _free_port(), out))
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
-    single, _ = run()
-    for result in ranks:
-        assert result[0] == pytest.approx(single.val_loss, rel=1e-6)
-        assert result[1] == pytest.approx(single.val_bpb, rel=1e-6)
-    assert sum(r[4] for r in ranks) == single.lora_work  # the batches split between the ranks
+    single, _ = run(cfg=rank_test_config())
+    for val_loss, val_bpb, lines in ranks:
+        assert val_loss == pytest.approx(single.val_loss, rel=1e-6)
+        assert val_bpb == pytest.approx(single.val_bpb, rel=1e-6)
+        # the batches split between the ranks, their work summed for the projection's rate
+        assert f"lora_token_rows:{single.lora_work} " in lines[0], lines[0]
 
 
 # ----------------------------------------------------------------------------- the clock
