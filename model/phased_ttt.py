@@ -322,6 +322,9 @@ def evaluate_phased_ttt(model, tokens: torch.Tensor, cfg, luts, rank: int = 0, w
     just scored and their NLL; "train" with the positions an adapter update is about to use;
     "global" with the positions a global phase is about to train on.
     """
+    if cfg.ttt_chunk_size > cfg.ttt_eval_seq_len:
+        raise ValueError(f"TTT_CHUNK_SIZE={cfg.ttt_chunk_size} exceeds TTT_EVAL_SEQ_LEN={cfg.ttt_eval_seq_len}: a chunk's "
+                         "window could not reach its first prediction; lower the chunk or lengthen the window")
     check_byte_source(luts, tokens.numel())
     device = next(model.parameters()).device
     tokens, luts = tokens.to(device), byte_source_to(luts, device)

@@ -187,6 +187,12 @@ def test_phase_sets_are_fixed_by_batch_order():
     assert all(np.all(np.diff(lengths[b]) >= 0) for b in plan.batches)
 
 
+def test_a_chunk_longer_than_its_window_is_refused():
+    cfg = tiny_config(ttt_chunk_size=16, ttt_eval_seq_len=12)
+    with pytest.raises(ValueError, match="TTT_CHUNK_SIZE=16 exceeds TTT_EVAL_SEQ_LEN=12"):
+        evaluate_phased_ttt(TinyLoopedLM(cfg), make_tokens(DOC_LENGTHS), cfg, fake_luts())
+
+
 # ----------------------------------------------------------------------------- legality
 def _scored(events):
     return [(pos, val) for kind, pos, val in events if kind == "score"]
