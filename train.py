@@ -24,20 +24,23 @@ import torch
 
 import kernels
 from kernels.ops.xsa_attention import SUPPORTED_HEAD_DIMS
-from model import evaluate, export, submission
+from model import code_package, evaluate, export, submission
 from model.atomic import atomic_write
 from model.bpb import build_byte_luts, describe_byte_source, load_tokenizer, validation_byte_source
 from model.checkpoint import TRAINING_STATE_KEYS, load_checkpoint, save_checkpoint
 from model.config import Config, help_text, load_config, setting_warnings
 from model.data import (DistributedTokenLoader, check_tokenizer_matches, check_train_shards, load_validation_tokens,
                         shard_paths)
+from model.calibration import calibrate, rehearse, with_measured_reserve
 from model.distributed import (AgreedLater, Dist, barrier, from_rank_zero, leave_process_group, mean_over_ranks,
                                setup_distributed, world_size_from_environment)
+from model.document_loader import DocumentLoader
 from model.gpt import GPT
+from model.phased_ttt import EvalClock, phased_ttt_evaluation
 from model.precision import autocast
 from model.prefetch import PrefetchLoader
 from model.runlog import RunLog
-from model.schedule import lr_scale, muon_momentum, time_is_up
+from model.schedule import looping_on, lr_scale, muon_momentum, time_is_up, training_fraction
 from model.training import ResumeRefused, TrainingState, build_training_state, training_step, warm_up
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -174,6 +177,9 @@ class Trainer:
                 self.log.log(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated")
             if self.state.swa.apply(self.state.model):
                 self.log.log(f"swa: averaged {self.state.swa.count} snapshots into the final weights")
+            if self.state.ema is not None:
+                self.state.ema.apply_to(self.state.model)
+                self.log.log(f"ema: the weights' moving average (decay {self.cfg.ema_decay}) replaces them for export and scoring")
         self.state.model.set_qat(False)
         return self.state.model
 
@@ -183,8 +189,13 @@ class Trainer:
             return  # a resumed run that had already finished training
         nonfinite_step = torch.full((), -1, dtype=torch.long, device=state.ctx.device)
         agreement = AgreedLater(state.ctx.device)  # the ranks agree to stop without the host waiting on a step
+        loop_agreed = state.model.looping
         clock.start()
         while state.step < cfg.iterations:
+            if loop_agreed and not state.model.looping:  # once, for good; its graph was compiled in the warm-up
+                state.model.looping = True
+                log.log(f"step:{state.step} depth recurrence on: {len(state.model.plan())} block applications "
+                        f"(training fraction >= ENABLE_LOOPING_AT={cfg.enable_looping_at})")
             scale = lr_scale(state.step, clock.elapsed_ms, cfg)
             if cfg.late_qat_threshold > 0 and not state.qat and scale < cfg.late_qat_threshold:
                 state.model.set_qat(True)
@@ -198,13 +209,18 @@ class Trainer:
             last = state.step == cfg.iterations
             # this step's flags are agreed while the next step runs; the loop acts on the previous
             # step's agreement, or on this step's when it pauses anyway: the stop is at most one step late
-            earlier = agreement.post(time_is_up(clock.elapsed_ms, cfg), self.interrupted) or (False, False)
+            # the loop switch rides on the same agreement, so every rank switches at the same step
+            # (the record switches at the first step with frac >= ENABLE_LOOPING_AT; here one step later)
+            wants_loop = looping_on(state.model.looping, training_fraction(state.step, clock.elapsed_ms, cfg), cfg)
+            earlier = agreement.post(time_is_up(clock.elapsed_ms, cfg), self.interrupted, wants_loop) or (False,) * 3
+            loop_agreed = loop_agreed or earlier[2]
             logging = cfg.train_log_every > 0 and (state.step % cfg.train_log_every == 0 or state.step <= 5)
             validating = cfg.val_loss_every > 0 and state.step % cfg.val_loss_every == 0
-            if not (logging or validating or last or any(earlier) or self.checkpoint_due()):
+            if not (logging or validating or last or any(earlier[:2]) or self.checkpoint_due()):
                 continue
             clock.pause()  # logging, validation and checkpoints are not training time
-            stop, interrupted = agreement.now()
+            stop, interrupted, wants_loop = agreement.now()
+            loop_agreed = loop_agreed or wants_loop
             checkpointing = interrupted or self.checkpoint_due()
             if int(nonfinite_step) >= 0:
                 saved = f"the last checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path) else "no checkpoint was saved"
@@ -234,17 +250,22 @@ class Scoring:
         self.cfg, self.ctx = cfg, ctx
         check_tokenizer_matches(cfg.data_path, cfg.tokenizer_path)
         tables = build_byte_luts(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size, ctx.device)
-        self.tokens = load_validation_tokens(cfg.data_path, max(cfg.train_seq_len, cfg.eval_seq_len), cfg.max_val_tokens,
-                                             vocab_size=cfg.vocab_size)
+        # every validation token (the phased TTT scores each document whole, FRONTIER.md section 5), or whole
+        # sequences for SPEC's windows
+        seq_len = 1 if cfg.doc_isolated_attention else max(cfg.train_seq_len, cfg.eval_seq_len)
+        self.tokens = load_validation_tokens(cfg.data_path, seq_len, cfg.max_val_tokens, vocab_size=cfg.vocab_size)
         # CaseOps shards carry the original text's bytes per token (FRONTIER.md section 1): they score when present
         self.luts = validation_byte_source(cfg.data_path, self.tokens.numel(), tables)
         self.share = dict(rank=ctx.rank, world_size=ctx.world_size)
 
     def contiguous(self, model: GPT) -> tuple[float, float]:
+        """Non-overlapping TRAIN_SEQ_LEN windows; with document isolation, rows of VAL_BATCH_SIZE /
+        WORLD_SIZE tokens whose documents attend only to themselves (FRONTIER's diagnostic)."""
         cfg = self.cfg
         batch_seqs = max(1, cfg.val_batch_size // cfg.train_seq_len // self.ctx.world_size)
+        score = evaluate.evaluate_documents if cfg.doc_isolated_attention else evaluate.evaluate_contiguous
         with autocast(self.ctx.device):
-            return evaluate.evaluate_contiguous(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
+            return score(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
 
     def during_training(self, log: RunLog, model: GPT, step: int, train_time_ms: float) -> None:
         val_loss, val_bpb = self.contiguous(model)
@@ -252,19 +273,30 @@ class Scoring:
         log.log(f"step:{step} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_time_ms:.0f}ms")
         log.metric(kind="val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_time_ms)
 
-    def final(self, log: RunLog, model: GPT) -> dict:
+    def final(self, log: RunLog, model: GPT, clock: EvalClock, reload) -> dict:
+        """Every final score of the artifact loaded into `model`. The phased LoRA TTT (the frontier's
+        score) comes first, on `clock`, which started before the artifact was read; it adapts the
+        model, so the diagnostics then score a fresh copy from reload(). A document-isolated model
+        has no sliding-window score (its attention never crosses a document; FRONTIER.md section 5)."""
         cfg, results = self.cfg, {}
+        if cfg.ttt_enabled and cfg.ttt_method == "phased_lora":
+            loss, bpb, times = phased_ttt_evaluation(model, self.tokens, cfg, self.luts, clock, log=log.log, **self.share)
+            results.update(ttt_val_loss=loss, ttt_val_bpb=bpb, eval_seconds=times["total"],
+                           eval_projected_8gpu_seconds=times["projected_8gpu"])
+            model = reload()
         t0 = time.perf_counter()
         results["val_loss"], results["val_bpb"] = self.contiguous(model)
         log.log(f"final_roundtrip val_loss:{results['val_loss']:.4f} val_bpb:{results['val_bpb']:.4f} "
                 f"eval_time:{time.perf_counter() - t0:.1f}s")
+        if cfg.doc_isolated_attention:
+            return results
         with autocast(self.ctx.device):
             t0 = time.perf_counter()
             results["sliding_val_loss"], results["sliding_val_bpb"] = evaluate.evaluate_sliding(
                 model, self.tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, self.luts, **self.share)
             log.log(f"final_sliding val_loss:{results['sliding_val_loss']:.4f} val_bpb:{results['sliding_val_bpb']:.4f} "
                     f"(window {cfg.eval_seq_len}, stride {cfg.eval_stride}) eval_time:{time.perf_counter() - t0:.1f}s")
-            if cfg.ttt_enabled:
+            if cfg.ttt_enabled and cfg.ttt_method == "sgd":
                 t0 = time.perf_counter()
                 results["ttt_val_loss"], results["ttt_val_bpb"] = evaluate.evaluate_ttt(model, self.tokens, cfg, self.luts, **self.share)
                 log.log(f"final_ttt val_loss:{results['ttt_val_loss']:.4f} val_bpb:{results['ttt_val_bpb']:.4f} "
@@ -272,41 +304,77 @@ class Scoring:
         return results
 
 
-def export_artifact(model: GPT, cfg: Config, ctx: Dist, log: RunLog) -> str:
-    """Write the artifact (rank 0); every rank returns its path."""
+def export_artifact(state: TrainingState, log: RunLog) -> str:
+    """Write the artifact (rank 0); every rank returns its path. Under QUANT=gptq rank 0 first
+    calibrates on the training batches after the last step, in the time the run reserved for it."""
+    model, cfg, ctx = state.model, state.cfg, state.ctx
     path = log.path(ARTIFACT)
     if ctx.is_main:
+        hessians = None
+        if cfg.quant == "gptq":
+            hessians, seconds = calibrate(model, state.loader, cfg, ctx.device)
+            used_s = state.clock.elapsed_ms / 1000 + seconds
+            cap = f" of the {cfg.max_wallclock_seconds:.0f}s cap" if cfg.max_wallclock_seconds > 0 else ""
+            log.log(f"gptq: calibration on {cfg.gptq_calibration_batches} training batches took {seconds:.2f}s of the "
+                    f"{cfg.gptq_reserve_seconds:.2f}s reserved; training + calibration {used_s:.1f}s{cap}")
+            if cfg.max_wallclock_seconds > 0 and used_s > cfg.max_wallclock_seconds:
+                log.log(f"WARNING: training + calibration passed the cap by {used_s - cfg.max_wallclock_seconds:.2f}s; "
+                        f"raise GPTQ_RESERVE_SECONDS (the rehearsal measured less than the calibration took)")
         t0, report = time.perf_counter(), {}
-        size = export.write_artifact(model.state_dict(), path, fp32_names=model.control_tensor_names(),
-                                     int6_names=model.int6_matrix_names(), level=cfg.zstd_level, report=report)
-        for line in export.format_report(report, size):
+        size = export.write_model_artifact(model, path, cfg, hessians=hessians, code_bytes=counted_code_bytes(cfg),
+                                           report=report)
+        for line in export.format_report(report, size, compressor=cfg.compressor):
             log.log(line)
-        log.log(f"export: {path} written in {time.perf_counter() - t0:.1f}s (zstd level {cfg.zstd_level})")
+        log.log(f"export: {path} written in {time.perf_counter() - t0:.1f}s (QUANT={cfg.quant}, COMPRESSOR={cfg.compressor})")
     barrier()
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def packaged_code() -> bytes:
+    """The run's sources as one self-extracting file (model/code_package.py), packed once, the first
+    time it is asked for (the run calls it at its start): the record holds these very bytes."""
+    return code_package.build(source_files(), REPO)
+
+
+def counted_code_bytes(cfg: Config) -> int:
+    """The code the artifact's budget counts: for the frontier (QUANT=gptq) the size of the packed
+    file the record holds, so the count is a file's size; for SPEC's system its raw source files."""
+    return len(packaged_code()) if cfg.quant == "gptq" else export.code_bytes(source_files())
+
+
+def load_artifact(path: str, cfg: Config, ctx: Dist, compiled: bool) -> GPT:
+    """A fresh model holding the artifact's weights, looped when the config loops (every frontier
+    evaluation runs looped); `compiled`: its scoring entry points compiled."""
+    fresh = GPT(cfg).to(ctx.device)
+    fresh.load_state_dict(export.read_artifact(path))
+    fresh.looping = cfg.num_loops > 0
+    if compiled and cfg.compile:  # scoring 62M tokens through 2048-token windows is worth a compiled graph
+        evaluate.compile_for_eval(fresh)
+    return fresh
 
 
 def score_artifact(path: str, cfg: Config, ctx: Dist, log: RunLog, scoring: Scoring, **run_facts) -> None:
     """Load the artifact into a fresh model, score it every way, check the byte budget and write
     the record: every reported score comes from this round trip."""
-    artifact_bytes, code_bytes = os.path.getsize(path), export.code_bytes(source_files())
+    artifact_bytes, code_bytes = os.path.getsize(path), counted_code_bytes(cfg)
     log.log(f"artifact_bytes:{artifact_bytes} code_bytes:{code_bytes} total_bytes:{artifact_bytes + code_bytes} "
             f"budget:{cfg.artifact_budget_bytes}")
     try:
         export.check_budget(artifact_bytes, code_bytes, cfg.artifact_budget_bytes)
     except ValueError as e:
         log.log(f"WARNING: {e} (evaluating anyway; the run will end with an error)")
-    fresh = GPT(cfg).to(ctx.device)
-    fresh.load_state_dict(export.read_artifact(path))
-    if cfg.compile:  # scoring 62M tokens through 2048-token windows is worth a compiled graph
-        evaluate.compile_for_eval(fresh)
-    results = scoring.final(log, fresh)
+    clock = EvalClock()  # the evaluation's clock starts before the artifact is read
+    phased = cfg.ttt_enabled and cfg.ttt_method == "phased_lora"  # the phased TTT compiles its own forward
+    fresh = load_artifact(path, cfg, ctx, compiled=not phased)
+    results = scoring.final(log, fresh, clock, functools.partial(load_artifact, path, cfg, ctx, True))
     results.update(run_facts, artifact_bytes=artifact_bytes, code_bytes=code_bytes,
                    total_bytes=artifact_bytes + code_bytes, seed=cfg.seed)
     log.metric(kind="final", **results)
     export.check_budget(artifact_bytes, code_bytes, cfg.artifact_budget_bytes)
     if ctx.is_main:
-        log.log(f"record: {submission.write_record(log.folder, source_files())}")
+        package = packaged_code() if cfg.quant == "gptq" else False
+        log.log(f"record: {submission.write_record(log.folder, source_files(), package=package)}")
 
 
 def trained_so_far(folder: str) -> dict:
@@ -366,6 +434,8 @@ def run(cfg: Config, ctx: Dist) -> None:
     # Data named by DATA_PATH is read and checked before the run folder is touched, so a failed start
     # leaves nothing behind; the smoke preset's generated data lives in the folder, so it comes after.
     data = checked_data(cfg, ctx) if cfg.data_path else None
+    if cfg.quant == "gptq" and ctx.is_main:
+        packaged_code()  # the sources as they are now, when this process imported them
     claim_run_folder(cfg, folder, ctx)
     log = RunLog(folder, ctx.is_main)
     cfg = prepare_data(cfg, log, ctx)
@@ -387,16 +457,23 @@ def run(cfg: Config, ctx: Dist) -> None:
     log.log(f"data: {len(shard_paths(cfg.data_path, 'train'))} train shards ({train_tokens:,} tokens), "
             f"{scoring.tokens.numel() - 1:,} validation targets; bytes from the {describe_byte_source(scoring.luts)}")
 
-    # read one batch ahead on a thread: the same batches in the same order, and exact resume (model/prefetch.py)
-    loader = PrefetchLoader(DistributedTokenLoader(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size))
+    # FRONTIER's document-aligned rows with their cu_seqlens, or SPEC's token stream; read one batch
+    # ahead on a thread: the same batches in the same order, and exact resume (model/prefetch.py)
+    kind = DocumentLoader if cfg.doc_isolated_attention else DistributedTokenLoader
+    loader = PrefetchLoader(kind(cfg.data_path, ctx.rank, ctx.world_size, vocab_size=cfg.vocab_size))
     state = build_training_state(cfg, ctx, loader)
     if resume_state is not None:
         state.check_resumable(resume_state, f"checkpoint {cfg.resume}")  # its contents, before the warm-up
     log.log(f"model_params:{sum(p.numel() for p in state.model.parameters())}")
+    if cfg.quant == "gptq":  # GPTQ reads training data: its calibration is timed now and reserved from the clock
+        seconds = from_rank_zero(rehearse(state.model, loader, cfg, ctx.device) if ctx.is_main else 0.0)
+        state.cfg = cfg = with_measured_reserve(cfg, seconds)
+        log.log(f"gptq: a calibration rehearsal took {seconds:.2f}s; training stops {cfg.gptq_reserve_seconds:.2f}s "
+                f"before the cap to leave it that time")
     model = Trainer(state, log, functools.partial(scoring.during_training, log)).run(resume=resume_state)
     with interrupts_explained(f"the final training state is {log.path('checkpoint.pt')}: RESUME={log.path('checkpoint.pt')} "
                               f"exports and scores it again"):
-        path = export_artifact(model, cfg, ctx, log)
+        path = export_artifact(state, log)
     with interrupts_explained(f"the artifact is complete: score it with --eval-only {path}"):
         score_artifact(path, cfg, ctx, log, scoring, steps=state.step, train_time_ms=state.clock.elapsed_ms)
 

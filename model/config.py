@@ -136,6 +136,7 @@ class Config:
     ttt_grad_clip: float = setting(1.0, "TTT gradient-norm clip; 0 = off", low=0)
     ttt_freeze_blocks: int = setting(0, "TTT leaves the first this many blocks frozen", low=0)
     ttt_batch_seqs: int = setting(32, "TTT sequences per batch", low=1)
+
     # evaluation, the frontier's phased LoRA TTT (FRONTIER.md section 5; model/phased_ttt.py)
     ttt_method: str = setting("sgd", "TTT: sgd (SPEC's chunked SGD over the stream) or phased_lora (FRONTIER.md's "
                                      "per-document LoRA with global SGD phases)")
@@ -161,7 +162,6 @@ class Config:
     global_ttt_grad_clip: float = setting(1.0, "phased TTT: global SGD gradient-norm clip; 0 = off", low=0)
     global_ttt_momentum: float = setting(0.9, "phased TTT: global SGD momentum", low=0, below=1)
     global_ttt_lr: float = setting(1e-3, "phased TTT: global SGD peak learning rate (cosine to 0 over a phase)", low=0)
-
 
     # export (SPEC.md "Export")
     artifact_budget_bytes: int = setting(16_000_000, "artifact + code bytes allowed", low=1)

@@ -81,14 +81,16 @@ def plot_losses(run_folder: str, out_path: str) -> str:
     return f"loss plot: {out_path}"
 
 
-def write_record(run_folder: str, code_files: list[str], package: bool = False) -> str:
+def write_record(run_folder: str, code_files: list[str], package: bool | bytes = False) -> str:
     """runs/<id>/record/: README.md, submission.json, train.log, the artifact and the loss plot.
     Built in record.tmp/ and renamed, so a half-written record never exists: on an OSError the
     temp folder is removed and one WriteFailed line names the file.
 
     package: the record also holds train_gpt.py, code_files (train.py first; the others under its
     folder) packed into one self-extracting file by model.code_package, and the run's counted
-    code bytes must be that file's size (ValueError otherwise: the count would not be honest)."""
+    code bytes must be that file's size (ValueError otherwise: the count would not be honest).
+    package may also be those bytes themselves, packed when the run started (sources edited during
+    a run do not change the code it ran)."""
     final = final_result(run_folder)
     headline(final)  # no score: raise before any folder exists
     missing = [name for name in RECORD_FILES if not os.path.isfile(os.path.join(run_folder, name))]
@@ -113,10 +115,13 @@ def write_record(run_folder: str, code_files: list[str], package: bool = False) 
     return out
 
 
-def _fill_record(tmp: str, run_folder: str, final: dict, config: dict, code_files: list[str], package: bool) -> None:
+def _fill_record(tmp: str, run_folder: str, final: dict, config: dict, code_files: list[str], package: bool | bytes) -> None:
     bpb, loss, what = headline(final)
-    if package:
+    if isinstance(package, bytes):  # the run's own packed sources, built when it started
+        size = atomic_write(os.path.join(tmp, PACKAGE_NAME), package, fsync=False)
+    elif package:
         size = code_package.write(os.path.join(tmp, PACKAGE_NAME), code_files, root=os.path.dirname(code_files[0]))
+    if package:
         if size != final["code_bytes"]:
             raise ValueError(f"the run counted {final['code_bytes']:,} code bytes but the packaged {PACKAGE_NAME} holds "
                              f"{size:,}; count len(model.code_package.build(files, root)) for the same files")

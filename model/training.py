@@ -212,9 +212,10 @@ def training_step(state: TrainingState, lr_scale: float, momentum: float) -> tor
     return total / accum
 
 
-# cu_seqlens lengths the warm-up compiles (torch.compile specialises on the length; the document
-# loader pads to multiples of 64): FRONTIER.md section 3 primes these four, which cover rows of up to
-# 254 documents and cuts (a 98,304-token row of FineWeb holds about 100).
+# cu_seqlens lengths the warm-up runs (the document loader pads to multiples of 64), as FRONTIER.md
+# section 3 primes them: torch.compile specialises on the first length it meets and, meeting a
+# second, recompiles with the length dynamic (automatic dynamic shapes), so after these no length
+# compiles again inside the timed run (a 98,304-token row of FineWeb holds about 100 documents).
 PRIMED_SEGMENT_COUNTS = (64, 128, 192, 256)
 
 
