@@ -142,6 +142,14 @@ class GPT(nn.Module):
         if cfg.sparse_attn_gate_init_std and cfg.sparse_attn_gate_enabled:
             for block in self.blocks:
                 nn.init.normal_(block.attn.attn_gate_w, std=cfg.sparse_attn_gate_init_std)
+        # SPEC's BigramHash and value embeddings, when turned on with this init, as SPEC initialises them
+        projection_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.table)
+            nn.init.orthogonal_(self.bigram.proj.weight, gain=projection_scale)
+        if self.ve_layers:
+            nn.init.normal_(self.ve.table, std=cfg.ve_table_init_std)
+            nn.init.orthogonal_(self.ve.proj.weight, gain=projection_scale)
         for p in self.parameters():
             p.copy_(p.to(torch.bfloat16))
 

@@ -195,6 +195,22 @@ def test_init_draws_in_frontier_rng_order():
         assert torch.equal(params[name], value.to(torch.bfloat16).to(params[name].dtype)), name
 
 
+@torch.no_grad()
+def test_frontier_init_with_spec_tables_turned_on():
+    """BigramHash and value embeddings turned on under the frontier's init get SPEC's init (they held
+    uninitialised memory before): a zero bigram table, a VE table of std VE_TABLE_INIT_STD, and their
+    projections orthogonal scaled by 1/sqrt(2 L); every parameter finite."""
+    cfg = dataclasses.replace(TINY, bigram_enabled=True, ve_enabled=True, ve_layers="4,5", vocab_size=512)
+    m = build(cfg)
+    assert all(torch.isfinite(p.float()).all() for p in m.parameters())
+    assert torch.count_nonzero(m.bigram.table) == 0
+    assert abs(m.ve.table.float().std().item() - cfg.ve_table_init_std) < 0.1 * cfg.ve_table_init_std
+    scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+    for proj in (m.bigram.proj.weight, m.ve.proj.weight):  # orthogonal rows (the wide side) of norm `scale`
+        w = proj.float() if proj.shape[0] <= proj.shape[1] else proj.float().T
+        assert_close(w @ w.T, scale**2 * torch.eye(w.shape[0]), atol=2e-3, rtol=0)
+
+
 def test_loss_at_init_is_close_to_ln_vocab():
     with torch.no_grad():
         loss = build()(*batch())
