@@ -2,7 +2,7 @@
 # One GPU visit, in parts, each output kept in OUT_DIR:
 #   bash bench/gpu_session.sh OUT_DIR [PART ...]
 # PART: tests-gpu (the @pytest.mark.gpu tests), tests-all (the whole suite, natively on the GPU),
-# a benchmark name (fakequant bigram newton_schulz softcap_ce relu2_mlp xsa_attention step export), or
+# a benchmark name (fakequant bigram newton_schulz softcap_ce relu2_mlp xsa_attention step export ttt), or
 # step-distributed (bench.step --distributed under torchrun over every GPU of the machine).
 # Default: tests-gpu, then every benchmark. The whole call stops by DEADLINE_S seconds (default
 # 560, under a 600 s remote-command limit); parts it did not reach are listed in summary.txt, so
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_session}}"
 shift || true
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests-gpu fakequant bigram newton_schulz softcap_ce relu2_mlp xsa_attention step export)
+[ ${#parts[@]} -eq 0 ] && parts=(tests-gpu fakequant bigram newton_schulz softcap_ce relu2_mlp xsa_attention step export ttt)
 deadline=$((SECONDS + ${DEADLINE_S:-560}))
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
