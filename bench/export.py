@@ -103,11 +103,11 @@ def main(argv=None) -> int:
     if "--smoke" in argv:  # after SMOKE_ARGS, before the caller's settings (which still win)
         argv = ["--smoke", *SMOKE_VOCAB, *(a for a in argv if a != "--smoke")]
     cfg, smoke = bench_config("bench.export", argv)
-    torch.set_grad_enabled(False)
-    model = build_model(cfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    payload, report, quant_s = quantised_payload(cfg, model)
+    with torch.no_grad():  # not torch.set_grad_enabled(False): main() is also called in-process (by tests)
+        model = build_model(cfg)
+        if state is not None:
+            model.load_state_dict(state["model"])
+        payload, report, quant_s = quantised_payload(cfg, model)
     print(header("Artifact compressors on one quantised payload"))
     origin = "trained (checkpoint)" if state is not None else f"at initialisation (seed {cfg.seed})"
     print(f"Weights: {describe(cfg)}, {origin}; QUANT={cfg.quant} in {quant_s:.1f}s, "
