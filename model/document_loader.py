@@ -8,16 +8,14 @@ shard's first BOS (after the last shard, the first again). No shuffling.
 
 Next to (x, y) each call returns cu_seqlens, int32 offsets into x's B*T tokens taken row by row
 (kernels.reference.check_cu_seqlens): every row start, every BOS, a cut every seq_len tokens inside
-a document counted from the document's own start (which may lie in an earlier row, or before the
-span: the loader finds it in the shard), and the end; padded with the end to a multiple of 64
-entries, so that torch.compile sees few distinct lengths. `document_cu_seqlens` is that rule as a
-pure function of the tokens.
+a document counted from its start within the row (the record's rule: its builder sees only the row,
+so the fragment of a document the row starts inside is cut from the row start), and the end; padded
+with the end to a multiple of 64 entries, so that torch.compile sees few distinct lengths.
+`document_cu_seqlens` is that rule as a pure function of the tokens.
 
 x has one row of tokens_per_rank tokens (the record's layout) unless row_len is set: then rows of
 row_len tokens, consecutive pieces of the span (row starts are cuts as well).
 """
-import bisect
-
 import numpy as np
 import torch
 
@@ -106,8 +104,7 @@ class DocumentLoader:
         tokens, bos, start = self._next_span_start(span)
         start += self.rank * span
         local = tokens[start:start + span].astype(np.int64)
-        doc_start = int(bos[bisect.bisect_right(bos, start) - 1])  # the last BOS at or before the span
-        cu_seqlens = document_cu_seqlens(local[:-1].reshape(-1, row_len), seq_len, first_doc_offset=start - doc_start)
+        cu_seqlens = document_cu_seqlens(local[:-1].reshape(-1, row_len), seq_len)
         self.position += self.world_size * span
         local, cu_seqlens = _to_device(torch.from_numpy(local), device), _to_device(cu_seqlens, device)
         return local[:-1].view(-1, row_len), local[1:].view(-1, row_len), cu_seqlens

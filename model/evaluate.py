@@ -191,10 +191,10 @@ def evaluate_sliding(model, tokens, window: int, stride: int, batch_seqs: int, l
 def evaluate_documents(model, tokens, seq_len: int, batch_seqs: int, luts, rank: int = 0, world_size: int = 1):
     """FRONTIER.md section 5's diagnostic evaluation: non-overlapping rows of seq_len * batch_seqs
     tokens (65,536 in the record), each scored in one pass with document-isolated attention
-    (cu_seqlens: a query sees only its own document, cut every seq_len tokens from the document's
-    start, as in training). Each rank scores a contiguous range of whole rows; targets past the
+    (cu_seqlens as in training: a query sees only its own document, cut every seq_len tokens from
+    its start within the row). Each rank scores a contiguous range of whole rows; targets past the
     last whole row are left out."""
-    from model.document_loader import BOS_ID, document_cu_seqlens
+    from model.document_loader import document_cu_seqlens
 
     tokens, luts = _prepare(model, tokens, luts)
     row_len = seq_len * batch_seqs
@@ -204,14 +204,11 @@ def evaluate_documents(model, tokens, seq_len: int, batch_seqs: int, luts, rank:
                          f"pass more tokens or lower EVAL_BATCH_SEQS")
     device = _model_device(model)
     stream = tokens.cpu().numpy()
-    bos = np.flatnonzero(stream == BOS_ID)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with _eval_mode(model), torch.no_grad():
         for row in range(num_rows)[_rank_share(num_rows, rank, world_size)]:
             start = row * row_len
-            earlier = bos[bos <= start]  # the document the row starts inside began at its last BOS
-            offset = start - int(earlier[-1]) if earlier.size else start
-            cu_seqlens = document_cu_seqlens(stream[start : start + row_len], seq_len, offset).to(device)
+            cu_seqlens = document_cu_seqlens(stream[start : start + row_len], seq_len).to(device)
             index = torch.arange(start, start + row_len + 1, device=device)[None]  # [1, row_len + 1]
             inputs, targets = tokens[index[:, :-1]], tokens[index[:, 1:]]
             with autocast(device):

@@ -576,16 +576,15 @@ def documents_stream(num_tokens: int, seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("seq_len, batch_seqs", [(8, 2), (5, 3)])
 def test_documents_rows_match_direct_computation(seq_len, batch_seqs):
     """Every target of every whole row scored from its own segment alone: the segment starts at the
-    row start, a BOS, or a multiple of seq_len from its document's start (found before the row)."""
+    row start, a BOS, or a multiple of seq_len from its document's start within the row."""
     tokens, model, luts = documents_stream(90), TinySegmentLM(), synthetic_luts()
     row_len = seq_len * batch_seqs
     bos = [p for p in range(tokens.numel()) if int(tokens[p]) == 1]
 
     def context_start(j):  # the first input position of target j's segment
         row_start = j - j % row_len
-        doc_start = max([p for p in bos if p <= j], default=0)
-        cut = doc_start + (j - doc_start) // seq_len * seq_len
-        return max(row_start, doc_start, cut)
+        doc_start = max([p for p in bos if p <= j] + [row_start])  # in the row
+        return doc_start + (j - doc_start) // seq_len * seq_len
 
     num_scored = (tokens.numel() - 1) // row_len * row_len
     want_loss, want_bpb = direct_scores(model, tokens[: num_scored + 1], context_start, luts)
