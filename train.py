@@ -141,11 +141,13 @@ class Trainer:
         self.last_checkpoint_ms, self.saved_step = state.clock.elapsed_ms, state.step
         barrier()
 
-    def checkpoint_due(self) -> bool:
-        cfg, state = self.cfg, self.state
-        by_steps = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
-        by_time = cfg.checkpoint_minutes > 0 and state.clock.elapsed_ms - self.last_checkpoint_ms >= cfg.checkpoint_minutes * 60_000
-        return by_steps or by_time
+    def checkpoint_due_by_steps(self) -> bool:
+        return self.cfg.checkpoint_every > 0 and self.state.step % self.cfg.checkpoint_every == 0
+
+    def checkpoint_due_by_time(self) -> bool:
+        """By this rank's clock: the ranks agree on it before acting (saving is a collective)."""
+        minutes = self.cfg.checkpoint_minutes
+        return minutes > 0 and self.state.clock.elapsed_ms - self.last_checkpoint_ms >= minutes * 60_000
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
@@ -207,21 +209,24 @@ class Trainer:
             if cfg.swa_enabled and scale < cfg.swa_threshold and state.step % cfg.swa_every == 0:
                 state.swa.add(state.model)
             last = state.step == cfg.iterations
-            # this step's flags are agreed while the next step runs; the loop acts on the previous
-            # step's agreement, or on this step's when it pauses anyway: the stop is at most one step late
-            # the loop switch rides on the same agreement, so every rank switches at the same step
-            # (the record switches at the first step with frac >= ENABLE_LOOPING_AT; here one step later)
+            # Whatever rests on a rank's own clock or signals (the stop, an interrupt, the loop switch, a
+            # checkpoint by minutes) is agreed by every rank: this step's flags while the next step runs.
+            # The loop acts on the previous step's agreement, or on this step's when it pauses anyway:
+            # the stop is at most one step late, and every rank pauses, saves and switches at the same
+            # step (the record switches at the first step with frac >= ENABLE_LOOPING_AT; here one later).
             wants_loop = looping_on(state.model.looping, training_fraction(state.step, clock.elapsed_ms, cfg), cfg)
-            earlier = agreement.post(time_is_up(clock.elapsed_ms, cfg), self.interrupted, wants_loop) or (False,) * 3
+            earlier = agreement.post(time_is_up(clock.elapsed_ms, cfg), self.interrupted, wants_loop,
+                                     self.checkpoint_due_by_time()) or (False,) * 4
             loop_agreed = loop_agreed or earlier[2]
             logging = cfg.train_log_every > 0 and (state.step % cfg.train_log_every == 0 or state.step <= 5)
             validating = cfg.val_loss_every > 0 and state.step % cfg.val_loss_every == 0
-            if not (logging or validating or last or any(earlier[:2]) or self.checkpoint_due()):
+            by_steps = self.checkpoint_due_by_steps()
+            if not (logging or validating or last or by_steps or earlier[0] or earlier[1] or earlier[3]):
                 continue
             clock.pause()  # logging, validation and checkpoints are not training time
-            stop, interrupted, wants_loop = agreement.now()
+            stop, interrupted, wants_loop, by_time = agreement.now()
             loop_agreed = loop_agreed or wants_loop
-            checkpointing = interrupted or self.checkpoint_due()
+            checkpointing = interrupted or by_steps or by_time
             if int(nonfinite_step) >= 0:
                 saved = f"the last checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path) else "no checkpoint was saved"
                 raise TrainingError(f"training loss became non-finite at step {int(nonfinite_step) + 1} ({saved}); lower the "
@@ -259,13 +264,16 @@ class Scoring:
         self.share = dict(rank=ctx.rank, world_size=ctx.world_size)
 
     def contiguous(self, model: GPT) -> tuple[float, float]:
-        """Non-overlapping TRAIN_SEQ_LEN windows; with document isolation, rows of VAL_BATCH_SIZE /
-        WORLD_SIZE tokens whose documents attend only to themselves (FRONTIER's diagnostic)."""
+        """Non-overlapping TRAIN_SEQ_LEN windows; with document isolation, FRONTIER's diagnostic:
+        rows of TRAIN_SEQ_LEN x EVAL_BATCH_SEQS tokens (65,536, whatever the number of GPUs: RoPE
+        positions run along the row) whose documents attend only to themselves."""
         cfg = self.cfg
-        batch_seqs = max(1, cfg.val_batch_size // cfg.train_seq_len // self.ctx.world_size)
-        score = evaluate.evaluate_documents if cfg.doc_isolated_attention else evaluate.evaluate_contiguous
         with autocast(self.ctx.device):
-            return score(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
+            if cfg.doc_isolated_attention:
+                return evaluate.evaluate_documents(model, self.tokens, cfg.train_seq_len, cfg.eval_batch_seqs, self.luts,
+                                                   **self.share)
+            batch_seqs = max(1, cfg.val_batch_size // cfg.train_seq_len // self.ctx.world_size)
+            return evaluate.evaluate_contiguous(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
 
     def during_training(self, log: RunLog, model: GPT, step: int, train_time_ms: float) -> None:
         val_loss, val_bpb = self.contiguous(model)
@@ -307,27 +315,41 @@ class Scoring:
 def export_artifact(state: TrainingState, log: RunLog) -> str:
     """Write the artifact (rank 0); every rank returns its path. Under QUANT=gptq rank 0 first
     calibrates on the training batches after the last step, in the time the run reserved for it."""
-    model, cfg, ctx = state.model, state.cfg, state.ctx
-    path = log.path(ARTIFACT)
+    ctx, path, failure = state.ctx, log.path(ARTIFACT), None
     if ctx.is_main:
-        hessians = None
-        if cfg.quant == "gptq":
-            hessians, seconds = calibrate(model, state.loader, cfg, ctx.device)
-            used_s = state.clock.elapsed_ms / 1000 + seconds
-            cap = f" of the {cfg.max_wallclock_seconds:.0f}s cap" if cfg.max_wallclock_seconds > 0 else ""
-            log.log(f"gptq: calibration on {cfg.gptq_calibration_batches} training batches took {seconds:.2f}s of the "
-                    f"{cfg.gptq_reserve_seconds:.2f}s reserved; training + calibration {used_s:.1f}s{cap}")
-            if cfg.max_wallclock_seconds > 0 and used_s > cfg.max_wallclock_seconds:
-                log.log(f"WARNING: training + calibration passed the cap by {used_s - cfg.max_wallclock_seconds:.2f}s; "
-                        f"raise GPTQ_RESERVE_SECONDS (the rehearsal measured less than the calibration took)")
-        t0, report = time.perf_counter(), {}
-        size = export.write_model_artifact(model, path, cfg, hessians=hessians, code_bytes=counted_code_bytes(cfg),
-                                           report=report)
-        for line in export.format_report(report, size, compressor=cfg.compressor):
-            log.log(line)
-        log.log(f"export: {path} written in {time.perf_counter() - t0:.1f}s (QUANT={cfg.quant}, COMPRESSOR={cfg.compressor})")
-    barrier()
+        try:
+            _write_artifact(state, log, path)
+        except (ValueError, OSError) as e:  # over the budget, a failed write, a refused Hessian: one line
+            failure = e
+    # every rank learns how rank 0's export went (a barrier too), so none waits for a rank that failed
+    message = from_rank_zero(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise TrainingError(f"rank 0's export failed: {message}")
     return path
+
+
+def _write_artifact(state: TrainingState, log: RunLog, path: str) -> None:
+    """Rank 0's export: under QUANT=gptq, calibrate on the training batches after the last step, in the
+    time the run reserved for it; then quantise, compress and write the artifact."""
+    model, cfg, ctx = state.model, state.cfg, state.ctx
+    hessians = None
+    if cfg.quant == "gptq":
+        hessians, seconds = calibrate(model, state.loader, cfg, ctx.device)
+        used_s = state.clock.elapsed_ms / 1000 + seconds
+        cap = f" of the {cfg.max_wallclock_seconds:.0f}s cap" if cfg.max_wallclock_seconds > 0 else ""
+        log.log(f"gptq: calibration on {cfg.gptq_calibration_batches} training batches took {seconds:.2f}s of the "
+                f"{cfg.gptq_reserve_seconds:.2f}s reserved; training + calibration {used_s:.1f}s{cap}")
+        if cfg.max_wallclock_seconds > 0 and used_s > cfg.max_wallclock_seconds:
+            log.log(f"WARNING: training + calibration passed the cap by {used_s - cfg.max_wallclock_seconds:.2f}s; "
+                    f"raise GPTQ_RESERVE_SECONDS (the rehearsal measured less than the calibration took)")
+    t0, report = time.perf_counter(), {}
+    size = export.write_model_artifact(model, path, cfg, hessians=hessians, code_bytes=counted_code_bytes(cfg),
+                                       report=report)
+    for line in export.format_report(report, size, compressor=cfg.compressor):
+        log.log(line)
+    log.log(f"export: {path} written in {time.perf_counter() - t0:.1f}s (QUANT={cfg.quant}, COMPRESSOR={cfg.compressor})")
 
 
 @functools.lru_cache(maxsize=1)
@@ -357,7 +379,8 @@ def load_artifact(path: str, cfg: Config, ctx: Dist, compiled: bool) -> GPT:
 def score_artifact(path: str, cfg: Config, ctx: Dist, log: RunLog, scoring: Scoring, **run_facts) -> None:
     """Load the artifact into a fresh model, score it every way, check the byte budget and write
     the record: every reported score comes from this round trip."""
-    artifact_bytes, code_bytes = os.path.getsize(path), counted_code_bytes(cfg)
+    # rank 0's count (of the sources it packed at the start) on every rank: one budget verdict for all
+    artifact_bytes, code_bytes = os.path.getsize(path), from_rank_zero(counted_code_bytes(cfg) if ctx.is_main else None)
     log.log(f"artifact_bytes:{artifact_bytes} code_bytes:{code_bytes} total_bytes:{artifact_bytes + code_bytes} "
             f"budget:{cfg.artifact_budget_bytes}")
     try:
@@ -465,7 +488,10 @@ def run(cfg: Config, ctx: Dist) -> None:
     if resume_state is not None:
         state.check_resumable(resume_state, f"checkpoint {cfg.resume}")  # its contents, before the warm-up
     log.log(f"model_params:{sum(p.numel() for p in state.model.parameters())}")
-    if cfg.quant == "gptq":  # GPTQ reads training data: its calibration is timed now and reserved from the clock
+    if cfg.quant == "gptq" and resume_state is not None:  # the reserve the run measured, so its schedule stays put
+        state.cfg = cfg = dataclasses.replace(cfg, gptq_reserve_seconds=resume_state["config"]["gptq_reserve_seconds"])
+        log.log(f"gptq: keeping the checkpoint's reserve of {cfg.gptq_reserve_seconds:.2f}s for calibration")
+    elif cfg.quant == "gptq":  # GPTQ reads training data: its calibration is timed now and reserved from the clock
         seconds = from_rank_zero(rehearse(state.model, loader, cfg, ctx.device) if ctx.is_main else 0.0)
         state.cfg = cfg = with_measured_reserve(cfg, seconds)
         log.log(f"gptq: a calibration rehearsal took {seconds:.2f}s; training stops {cfg.gptq_reserve_seconds:.2f}s "

@@ -6,6 +6,7 @@ rank orthogonalises both ranks' matrices in one call) and fp32 matmul bits depen
 With bf16 communication, within a stated bound. Checkpoints move between 2 ranks and 1; the clip
 uses the global norm of the averaged gradient."""
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -14,11 +15,13 @@ import torch
 import torch.distributed as dist
 
 import kernels
+import train
 from model.config import load_config
 from model.data import DistributedTokenLoader, write_shard
 from model.distributed import AgreedLater, Dist, leave_process_group
 from model.gpt import GPT
 from model.shard_plan import ShardPlan, newton_schulz_cost, wide_shape
+from model.runlog import RunLog
 from model.training import build_training_state, training_step
 from tests.multiprocess import run_ranks
 from tests.tolerances import assert_close
@@ -143,6 +146,14 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
             out["bf16"], out["bf16_norms"] = weights(bf16), norms
         agreement = AgreedLater("cpu")  # the stop decision: only rank 1 raises its flag, at step 2
         out["agreed"] = [agreement.post(rank == 1 and step >= 2) for step in range(4)] + [agreement.now()]
+        # an export that fails on rank 0 (over the byte budget) ends every rank with its line, none waits
+        over = dataclasses.replace(state.cfg, artifact_budget_bytes=1000)
+        log = RunLog(os.path.join(folder, "export_run"), rank == 0)
+        try:
+            train.export_artifact(dataclasses.replace(state, cfg=over), log)
+            out["export"] = "no error"
+        except (ValueError, train.TrainingError) as e:
+            out["export"] = f"{type(e).__name__}: {e}"
         if rank == 0:
             out["checkpoint"] = checkpoint
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
@@ -248,3 +259,11 @@ def test_two_ranks_agree_to_stop_one_step_later(two_ranks):
     _, (rank0, rank1) = two_ranks
     expected = [None, (False,), (False,), (True,), (True,)]  # step 2's flag arrives with step 3's post
     assert rank0["agreed"] == rank1["agreed"] == expected
+
+
+def test_an_export_failing_on_rank_0_ends_every_rank(two_ranks):
+    """Rank 0's export stops over the byte budget; rank 1 learns it from rank 0 instead of waiting at a
+    barrier rank 0 never reaches (on 8 GPUs: seven hung processes until NCCL's timeout)."""
+    _, (rank0, rank1) = two_ranks
+    assert rank0["export"].startswith("ValueError: ") and "budget" in rank0["export"], rank0["export"]
+    assert rank1["export"] == f"TrainingError: rank 0's export failed: {rank0['export'][len('ValueError: '):]}"
