@@ -235,7 +235,7 @@ def _trainable_parameters(model, freeze_blocks: int) -> list[torch.nn.Parameter]
     return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
 
-def _all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Sum every rank's (already share-weighted) gradient, through one flat buffer."""
     for p in params:
         if p.grad is None:  # a rank with no sequences in this batch still joins the reduction
@@ -270,7 +270,7 @@ def _adapt_on_chunk(model, tokens, first_target: int, num_targets: int, seq_len:
                     loss = model(seqs[:, :-1], seqs[:, 1:])
                 # Weight the local mean by the local share so the summed gradient is the batch mean.
                 (loss * (local / batch_size)).backward()
-            _all_reduce_gradients(params, world_size)
+            all_reduce_gradients(params, world_size)
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
             optimizer.step()
 

@@ -208,14 +208,19 @@ def quantize_state_dict(sd: dict, *, fp32_names, int6_names) -> tuple[dict, dict
                 entry.update(data=t.cpu().contiguous())
             entry["class"] = cls
             entries[name] = entry
-            stored = sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
-            for key in (cls, "total"):
-                row = report[key]
-                row["tensors"] += 1
-                row["elements"] += t.numel()
-                row["bytes_before"] += t.numel() * t.element_size()
-                row["bytes_after"] += stored
+            _account(report, cls, t, entry)
     return {"format": FORMAT, "tensors": entries}, report
+
+
+def _account(report: dict, cls: str, t: torch.Tensor, entry: dict) -> None:
+    """Add tensor t, stored as `entry`, to its class's row and the total row of the export report."""
+    stored = sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+    for key in (cls, "total"):
+        row = report[key]
+        row["tensors"] += 1
+        row["elements"] += t.numel()
+        row["bytes_before"] += t.numel() * t.element_size()
+        row["bytes_after"] += stored
 
 
 def dequantize_state_dict(payload: dict) -> dict:
@@ -358,13 +363,7 @@ def quantize_state_dict_gptq(sd: dict, *, fp32_names, int6_names, hessians: dict
             entry.update(data=t.to(torch.float16).cpu().contiguous())
         entry["class"] = cls
         entries[name] = entry
-        stored = sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
-        for key in (cls, "total"):
-            row = report[key]
-            row["tensors"] += 1
-            row["elements"] += t.numel()
-            row["bytes_before"] += t.numel() * t.element_size()
-            row["bytes_after"] += stored
+        _account(report, cls, t, entry)
     report["lqer"] = list(corrections)
     report["seconds"] = dict(gptq=gptq_seconds, lqer=lqer_seconds)
     return {"format": FORMAT_FRONTIER, "tensors": entries}, report

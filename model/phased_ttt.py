@@ -48,6 +48,7 @@ import kernels
 from model.bpb import bits_per_byte, byte_source_to, check_byte_source, scored_bytes
 from model.distributed import sum_over_ranks
 from model.document_loader import document_cu_seqlens
+from model.evaluate import all_reduce_gradients
 from model.lora import AdapterView, BatchedLora
 from model.precision import autocast
 
@@ -233,19 +234,6 @@ def _run_batch(model, step_fn, tokens, doc_ids, plan: Plan, lora: BatchedLora, c
 
 
 # ----------------------------------------------------------------------------- global phases
-def _all_reduce_gradients(params, world_size: int) -> None:
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if world_size > 1:
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        sum_over_ranks(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-
-
 def global_lr(cfg, c: int, chunks: int) -> float:
     return cfg.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(1, chunks - 1)))
 
@@ -283,7 +271,7 @@ def _global_phase(model, tokens, plan: Plan, phase: Phase, cfg, rank: int, world
                 with autocast(device):
                     loss = model(inputs, rows[:, 1:], cu_seqlens)
                 (loss * (len(seqs) / count)).backward()  # summed over ranks: the mean over all sequences
-            _all_reduce_gradients(params, world_size)
+            all_reduce_gradients(params, world_size)
             if cfg.global_ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.global_ttt_grad_clip)
             for group in optimizer.param_groups:
