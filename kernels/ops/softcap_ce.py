@@ -53,21 +53,28 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _accumulate_products(
+    a_ptr, b_ptr, rows, row_mask, cols, col_mask, K, acc, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """acc + A[rows] @ B[cols]^T over K, for row-major [*, K] operands; B is cast to A's dtype for the
+    product, as the reference casts the weight to x's."""
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        dk = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = dk < K
+        a_tile = tl.load(a_ptr + rows[:, None] * K + dk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b_tile = tl.load(b_ptr + cols[:, None] * K + dk[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _dot(a_tile, tl.trans(b_tile.to(a_tile.dtype)), acc, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _capped_logits_tile(
     x_ptr, w_ptr, rows, cols, N, V, D, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Capped logits [BLOCK_N, BLOCK_V] (fp32) of rows x cols and 1 - tanh^2 of the same tile."""
-    row_mask = rows < N
-    col_mask = cols < V
     raw = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_D)):
-        dk = k * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = dk < D
-        x_tile = tl.load(x_ptr + rows[:, None] * D + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w_tile = tl.load(w_ptr + cols[:, None] * D + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        # The weight is cast to x's dtype for the product, as the reference does.
-        raw = _dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), raw, INPUT_PRECISION)
+    raw = _accumulate_products(x_ptr, w_ptr, rows, rows < N, cols, cols < V, D, raw, BLOCK_D, INPUT_PRECISION)
     return _soft_cap(raw, softcap)
 
 
@@ -80,18 +87,8 @@ def _lora_capped_logits_tile(
     accumulator; u [rows, R] (x's dtype, scale included), lb_ptr at the document's B [V, R]."""
     col_mask = cols < V
     raw = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_D)):
-        dk = k * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = dk < D
-        x_tile = tl.load(x_ptr + rows[:, None] * D + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w_tile = tl.load(w_ptr + cols[:, None] * D + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        raw = _dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), raw, INPUT_PRECISION)
-    for k in range(0, tl.cdiv(R, BLOCK_D)):
-        rk = k * BLOCK_D + tl.arange(0, BLOCK_D)
-        r_mask = rk < R
-        u_tile = tl.load(u_ptr + rows[:, None] * R + rk[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        b_tile = tl.load(lb_ptr + cols[:, None] * R + rk[None, :], mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-        raw = _dot(u_tile, tl.trans(b_tile.to(u_tile.dtype)), raw, INPUT_PRECISION)
+    raw = _accumulate_products(x_ptr, w_ptr, rows, row_mask, cols, col_mask, D, raw, BLOCK_D, INPUT_PRECISION)
+    raw = _accumulate_products(u_ptr, lb_ptr, rows, row_mask, cols, col_mask, R, raw, BLOCK_D, INPUT_PRECISION)
     return _soft_cap(raw, softcap)
 
 
