@@ -496,7 +496,7 @@ def run(cfg: Config, ctx: Dist) -> None:
         state.cfg = cfg = with_measured_reserve(cfg, seconds)
         log.log(f"gptq: a calibration rehearsal took {seconds:.2f}s; training stops {cfg.gptq_reserve_seconds:.2f}s "
                 f"before the cap to leave it that time")
-    model = Trainer(state, log, functools.partial(scoring.during_training, log)).run(resume=resume_state)
+    Trainer(state, log, functools.partial(scoring.during_training, log)).run(resume=resume_state)  # the final weights in state.model
     with interrupts_explained(f"the final training state is {log.path('checkpoint.pt')}: RESUME={log.path('checkpoint.pt')} "
                               f"exports and scores it again"):
         path = export_artifact(state, log)
