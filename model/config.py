@@ -373,6 +373,10 @@ def _frontier_smoke() -> dict:
         _frontier(), **{name: smoke[name] for name in sizes},
         vocab_size=1024, num_layers=4, model_dim=192, num_heads=6, num_kv_heads=3, rope_dims=16, xsa_last_n=4,
         num_loops=2, loop_start=1, loop_end=2, parallel_start_layer=3, gptq_calibration_batches=2,
+        # the phased TTT at smoke size: windows of the smoke's sequence length, small batches and
+        # adapters, one global phase after two documents in chunks the sample's documents fill
+        ttt_eval_seq_len=128, ttt_batch_size=4, ttt_lora_rank=8, phased_ttt_prefix_docs=2, phased_ttt_num_phases=1,
+        global_ttt_chunk_tokens=512, global_ttt_batch_seqs=2,
     )
 
 
