@@ -9,8 +9,18 @@ packed all-reduce (mean), in fp32: a few percent of the bytes, and AdamW sees th
 
 Buckets are launched strictly in the plan's order (a complete bucket waits for earlier ones), so
 every rank issues the same collectives in the same order whatever the autograd engine does.
-Under torch.compile the backward is one autograd node and the hooks fire when it ends; in eager
-mode they fire as layers finish, and the communication overlaps the rest of the backward.
+
+What overlaps what. A bucket holds one shape group of every layer (as the record's banks do), so
+it is complete only once layer 0's backward has produced its member: even in eager mode the
+reduce-scatters start during the last layer's backward, and under torch.compile(fullgraph=True),
+whose backward is one autograd node, they start when it ends. They then run back to back with the
+small all-reduce; Muon's all-gather of one stack overlaps the Newton-Schulz of the next
+(model/muon.py). Starting them earlier would need smaller buckets (layer ranges, with more padding
+on 8 ranks) and a backward split into several compiled graphs, for little: on 8 ranks each
+rank's padded bf16 buffer is 69 MB for SPEC's model and 78 MB for FRONTIER's (bytes_per_step()),
+whose wire time at NVLink's 450 GB/s per direction (the H100 datasheet) is about 0.15 ms per
+collective against a step of 60-120 ms. `bench.step --distributed` reports these bytes beside the
+exposed communication time it measures, so a GPU run shows what is left to win.
 
 comm_dtype: bf16 (the record's choice: half the bytes, gradients rounded to bf16 before
 averaging) or fp32 (exact: with W ranks of one micro-batch each the average equals one rank's
@@ -29,6 +39,10 @@ from model.shard_plan import ShardPlan
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 COMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (norm + 1e-6), at most 1
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class GradientSync:
@@ -117,6 +131,17 @@ class GradientSync:
             at += p.numel()
         self.handles[unit] = dist.all_reduce(send, op=dist.ReduceOp.AVG, async_op=True)
 
+    def bytes_per_step(self, gather_dtype: torch.dtype) -> dict[str, int]:
+        """Bytes each rank puts into the collectives of one step: the reduce-scatter's and the
+        all-gather's whole padded buffers (gather_dtype: Muon's Newton-Schulz dtype) and the small
+        all-reduce's."""
+        padded = sum(self.world * bucket.slot * bucket.numel for bucket in self.plan.buckets)
+        return {
+            "reduce-scatter": padded * _itemsize(self.comm_dtype),
+            "all-gather": padded * _itemsize(gather_dtype),
+            "all-reduce": sum(p.numel() for p in self.small) * 4,
+        }
+
     # ---------------------------------------------------------------- after backward
     def finish(self) -> None:
         """Launch what has not been launched (gradients that never arrived count as zeros), wait,
@@ -128,6 +153,12 @@ class GradientSync:
             self._launch(self.launched)
         for unit, bucket in enumerate(self.plan.buckets):
             self.handles[unit].wait()
+            if not all(self.had_grad[unit]):
+                # the owner would see zeros and decay the matrix, where one process skips it: refuse
+                missing = bucket.params[self.had_grad[unit].index(False)]
+                raise RuntimeError(f"GradientSync: a Muon matrix of shape {tuple(missing.shape)} got no gradient this step; "
+                                   f"on several ranks every Muon matrix must take part in every step (give a frozen "
+                                   f"matrix to no optimizer)")
             recv = self.recv[unit]
             for i in bucket.owned(self.rank):
                 p = bucket.params[i]

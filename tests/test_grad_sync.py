@@ -20,6 +20,7 @@ from model.config import load_config
 from model.data import DistributedTokenLoader, write_shard
 from model.distributed import AgreedLater, Dist, leave_process_group
 from model.gpt import GPT
+from model.grad_sync import GradientSync
 from model.shard_plan import ShardPlan, newton_schulz_cost, wide_shape
 from model.runlog import RunLog
 from model.training import build_training_state, training_step
@@ -144,6 +145,17 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
             bf16.grad_sync.clip_grad_norm_ = lambda max_norm: norms.append(float(clip(max_norm))) or norms[-1]
             run(bf16, range(3))
             out["bf16"], out["bf16_norms"] = weights(bf16), norms
+        # a Muon matrix without a gradient: the owner would decay it where one process skips it, so it is refused
+        used, unused = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4, 4))
+        sync = GradientSync(ShardPlan([[used, unused]], world, rank), [])
+        sync.arm()
+        (used * 2.0).sum().backward()
+        try:
+            sync.finish()
+            out["gradless"] = "no error"
+        except RuntimeError as e:
+            out["gradless"] = str(e)
+        sync.close()
         agreement = AgreedLater("cpu")  # the stop decision: only rank 1 raises its flag, at step 2
         out["agreed"] = [agreement.post(rank == 1 and step >= 2) for step in range(4)] + [agreement.now()]
         # an export that fails on rank 0 (over the byte budget) ends every rank with its line, none waits
@@ -252,6 +264,25 @@ def test_bf16_communication_and_the_global_norm_clip(two_ranks, monkeypatch):
         assert drift[name] <= BF16_DRIFT * moved[name], (name, float(drift[name]), float(moved[name]))
     total = lambda norms: torch.stack(list(norms.values())).norm()  # noqa: E731
     assert total(drift) <= BF16_DRIFT * total(moved)  # and the whole model
+
+
+@pytest.mark.slow
+def test_a_muon_matrix_without_a_gradient_is_refused_on_every_rank(two_ranks):
+    for out in two_ranks[1]:
+        assert out["gradless"].startswith("GradientSync: a Muon matrix of shape (4, 4) got no gradient this step"), out["gradless"]
+
+
+def test_bytes_per_step_count_the_padded_buckets():
+    matrices = spec_matrices()
+    small = [torch.nn.Parameter(torch.empty(10, device="meta")), torch.nn.Parameter(torch.empty(3, 5, device="meta"))]
+    sync = GradientSync(ShardPlan([matrices], world=8, rank=0), small, torch.bfloat16)
+    try:
+        sent = sync.bytes_per_step(torch.float32)
+    finally:
+        sync.close()
+    padded = sum(8 * bucket.slot * bucket.numel for bucket in sync.plan.buckets)
+    assert padded >= sum(p.numel() for p in matrices)  # every matrix has a slot
+    assert sent == {"reduce-scatter": 2 * padded, "all-gather": 4 * padded, "all-reduce": 4 * 25}
 
 
 @pytest.mark.slow
