@@ -11,6 +11,7 @@ import kernels
 from kernels import reference
 from model.distributed import leave_process_group
 from model.muon import Muon, normalize_rows
+from model.shard_plan import ShardPlan
 from tests.multiprocess import run_ranks
 from tests.tolerances import assert_close
 
@@ -29,10 +30,17 @@ def set_grads(params, seed: int) -> None:
         p.grad = torch.randn(p.shape, generator=g)
 
 
-def run_steps(params, steps: int, **muon_kwargs) -> None:
+def run_steps(params, steps: int, plan: ShardPlan | None = None, **muon_kwargs) -> None:
+    """`steps` Muon steps on seeded gradients; with a plan, sharded as GradientSync leaves it: a rank
+    holds the (already averaged) gradients of its own matrices only."""
     opt = Muon(params, **muon_kwargs)
+    opt.shard(plan)
     for step in range(steps):
         set_grads(params, seed=100 + step)
+        if plan is not None:
+            for p in params:
+                if not plan.owns(p):
+                    p.grad = None
         opt.step()
 
 
@@ -183,9 +191,11 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         with kernels.use_backend("reference"):
-            # same weights and (already averaged, as DDP leaves them) gradients on every rank
+            # the same weights everywhere; each rank orthogonalises its own matrices, all-gathers the rest
             params = make_params(SHAPES, seed=3)
-            run_steps(params, 3, **DIST_KWARGS)
+            plan = ShardPlan([params], world, rank)
+            assert 0 < len([p for p in params if plan.owns(p)]) < len(params)  # both ranks have work and need the other's
+            run_steps(params, 3, plan=plan, **DIST_KWARGS)
         torch.save([p.detach() for p in params], os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         leave_process_group()  # train.py's teardown, pause included
