@@ -488,6 +488,10 @@ def run(cfg: Config, ctx: Dist) -> None:
     if resume_state is not None:
         state.check_resumable(resume_state, f"checkpoint {cfg.resume}")  # its contents, before the warm-up
     log.log(f"model_params:{sum(p.numel() for p in state.model.parameters())}")
+    if state.grad_sync is not None:  # no DDP: what each rank's gradient communication moves per step
+        sent = state.grad_sync.bytes_per_step(state.optimizers[0].param_groups[0]["compute_dtype"])
+        log.log("grad_comm: " + ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in sent.items())
+                + f" per step per rank ({cfg.grad_comm} gradients, {len(state.grad_sync.plan.buckets)} Muon buckets)")
     if cfg.quant == "gptq" and resume_state is not None:  # the reserve the run measured, so its schedule stays put
         state.cfg = cfg = dataclasses.replace(cfg, gptq_reserve_seconds=resume_state["config"]["gptq_reserve_seconds"])
         log.log(f"gptq: keeping the checkpoint's reserve of {cfg.gptq_reserve_seconds:.2f}s for calibration")

@@ -40,6 +40,8 @@ synchronisations (no per-step sync, as in training); ms/step is the slowest rank
 rank 0: the kernels (on the CPU: the innermost ops) whose names say nccl/gloo/c10d are communication,
 the rest compute; "comm ms/step" is the union of the communication intervals, "exposed comm
 ms/step" the part of it that no compute interval overlaps (the time communication adds to the step).
+"MB sent/step": each rank's buffers of the reduce-scatter, the all-gather and the small all-reduce
+(GradientSync.bytes_per_step: exact, padding included), to read the communication times against.
 
 Evaluation (--skip-eval leaves it out): the triton backend, the eval model compiled as train.py
 compiles it. Sliding-window scoring (evaluate_sliding, window eval_seq_len, stride eval_stride,
@@ -407,6 +409,9 @@ def measure_distributed_step(cfg: Config, ctx: Dist, steps: int, warm_steps: int
     tokens_per_s = cfg.train_batch_tokens / (ms / 1e3)
     achieved = flops_per_token(cfg, matrix_params(state.model)) * tokens_per_s
     micro_seqs = cfg.train_batch_tokens // cfg.grad_accum_total // cfg.train_seq_len
+    sent = {}  # one rank: nothing is communicated
+    if state.grad_sync is not None:
+        sent = state.grad_sync.bytes_per_step(state.optimizers[0].param_groups[0]["compute_dtype"])
     return {
         "GPUs": ctx.world_size if ctx.device.type == "cuda" else f"{ctx.world_size} CPU ranks",
         "micro-batches per rank": f"{cfg.grad_accum_steps(ctx.world_size)} x {micro_seqs} x {cfg.train_seq_len}",
@@ -415,6 +420,7 @@ def measure_distributed_step(cfg: Config, ctx: Dist, steps: int, warm_steps: int
         "MFU %": 100 * achieved / (H100_BF16_PEAK_FLOPS * ctx.world_size),
         "comm ms/step": comm_us / 1e3 / PROFILED_STEPS,
         "exposed comm ms/step": exposed_us / 1e3 / PROFILED_STEPS,
+        "MB sent/step (RS + AG + AR)": " + ".join(f"{sent[k] / 1e6:.3g}" for k in sent) if sent else "0",
     }
 
 

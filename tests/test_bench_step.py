@@ -173,3 +173,5 @@ def test_distributed_smoke_under_torchrun(tmp_path):
     assert cells["GPUs"] == "2 CPU ranks" and cells["micro-batches per rank"] == "1 x 2 x 32"
     assert float(cells["ms/step"]) > 0 and float(cells["MFU %"]) > 0
     assert 0 <= float(cells["exposed comm ms/step"]) <= float(cells["comm ms/step"])
+    sent = [float(mb) for mb in cells["MB sent/step (RS + AG + AR)"].split(" + ")]
+    assert len(sent) == 3 and all(mb > 0 for mb in sent)

@@ -181,15 +181,17 @@ def test_tokenizer_vocab_mismatch(tmp_path, shared_data):
 
 @pytest.mark.slow  # two processes under torchrun with gloo: about 30 s on two cores
 def test_two_ranks_follow_the_one_rank_run(tmp_path):
-    """DDP + distributed Muon + the rank-sliced loader: 2 ranks x 2 micro-batches see the same tokens
-    per step as 1 rank x 4, so the losses agree up to summation order."""
+    """No DDP (GradientSync's reduce-scatter, sharded Muon) + the rank-sliced loader: 2 ranks x 2
+    micro-batches see the same tokens per step as 1 rank x 4, so the losses agree up to summation
+    order and bf16 communication."""
     args = [*TINY, "--iterations", "6", "--warmdown_iters", "3", "--swa_every", "2", "--val_loss_every", "0",
             "--ttt_enabled", "0", "--train_log_every", "1"]
     train(tmp_path, *args, "--run_id", "one")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
                              *args, "--run_id", "two"], cwd=tmp_path, env=cpu_environ(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world_size 2" in (tmp_path / "runs" / "two" / "train.log").read_text()
+    log = (tmp_path / "runs" / "two" / "train.log").read_text()
+    assert "world_size 2" in log and "grad_comm: reduce-scatter " in log
 
     def losses(run):
         lines = (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()
