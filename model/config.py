@@ -346,7 +346,7 @@ def _frontier() -> dict:
     """FRONTIER.md: the 1.0611 record's values (its runs' command over its script's defaults)."""
     return dict(
         vocab_size=8192, mlp_mult=4, mlp_leaky_slope=0.5, xsa_last_n=11, qk_gain_init=5.0,
-        bigram_enabled=False, ve_enabled=False, rope_yarn=False, rope_direction=-1, init_scheme="frontier",
+        bigram_enabled=False, ve_enabled=False, rope_yarn=False, rope_train_len=2048, rope_direction=-1, init_scheme="frontier",
         smear_gate_enabled=True, gate_window=12,
         sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, sparse_attn_gate_init_std=0.0,
         skip_gates_enabled=True, parallel_start_layer=8, parallel_final_lane="mean",

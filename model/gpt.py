@@ -59,6 +59,7 @@ class GPT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         L, d = cfg.num_layers, cfg.model_dim
+        rng_before_build = torch.random.get_rng_state()  # FRONTIER's init replays its record's draws from here
         self.tok_emb = nn.Embedding(cfg.vocab_size, d, dtype=torch.bfloat16)
         self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_scale_init) if cfg.bigram_enabled else None
         self.smear = BosSmearGate(cfg.gate_window) if cfg.smear_gate_enabled else SmearGate(d)
@@ -84,6 +85,8 @@ class GPT(nn.Module):
         self.plans = {looping: build_plan(cfg, looping) for looping in (False, True)}
         self.looping = False
         self.rope_rescale_beyond = cfg.rope_train_len if cfg.rope_yarn else None
+        if cfg.init_scheme == "frontier":  # undo the draws of our modules' default inits (the record has other modules)
+            torch.random.set_rng_state(rng_before_build)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -128,8 +131,16 @@ class GPT(nn.Module):
 
         The record casts the model to bf16 and back after building it, so every initial value is
         bf16-rounded, also where it is stored in fp32 (r starts at 1.1015625); the table is bf16.
+
+        "RNG order, after the embedding and smear linear are built": the record's module
+        constructors draw first, and only those two do (its banks are made empty): a default
+        nn.Embedding's N(0, 1) table and a 12 -> 1 nn.Linear's Kaiming-uniform row. Drawing the
+        same numbers here (GPT's constructor has put the generator back to where it found it) gives
+        the record's initial weights bit for bit from the same seed, on the CPU where both build.
         """
         cfg = self.cfg
+        nn.init.normal_(torch.empty(cfg.vocab_size, cfg.model_dim))  # nn.Embedding(vocab, dim)
+        nn.init.kaiming_uniform_(torch.empty(1, cfg.gate_window), a=math.sqrt(5))  # nn.Linear(12, 1, bias=False)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         for block in self.blocks:
             nn.init.orthogonal_(block.attn.c_q.weight, gain=1.0)
