@@ -7,6 +7,9 @@ depth recurrence repeats accumulate once per application. The tied embedding's H
 from the final-normed hidden state (the input of the head, which multiplies by tok_emb). An MLP
 whose kernel never calls its fc/proj modules (the fused relu^2 op) is caught by a hook on the MLP
 itself, which recomputes fc's output and the activation. H is divided by the number of batches.
+The caller may run the forward under bf16 autocast (the export does: model/calibration.py); the
+hooks see its bf16 activations but turn autocast off for their own products, so every XᵀX, every
+sum and the MLP hook's fc output and activation are fp32.
 
 Quantiser: `gptq_quantize(W, H, bits, sigma)`, batched over a leading layer dimension:
 1. dead columns (diag H = 0) get H_dd = 1 and a zero weight column; then H += 0.01 mean(diag H) I;
@@ -36,6 +39,11 @@ EMBED_NAME = "tok_emb.weight"
 # --------------------------------------------------------------------------- calibration
 
 
+def _without_autocast(x: torch.Tensor):
+    """Autocast off on x's device: the hooks' own products stay fp32 inside the caller's bf16 autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class _Accumulator:
     """Sums XᵀX per name; consecutive hooks handed the same tensor (c_q, c_k, c_v share u) reuse one product."""
 
@@ -46,7 +54,8 @@ class _Accumulator:
     def add(self, name: str, x: torch.Tensor) -> None:
         if x is not self._last_input:
             flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self._last_input, self._last_product = x, flat.T @ flat  # [cols, cols] fp32
+            with _without_autocast(flat):  # else the enclosing bf16 autocast makes the product bf16
+                self._last_input, self._last_product = x, flat.T @ flat  # [cols, cols] fp32
         if name in self.hessians:
             self.hessians[name] += self._last_product
         else:
@@ -85,8 +94,9 @@ def collect_hessians(model: nn.Module, batches, names) -> tuple[dict[str, torch.
         def hook(module, args):
             x = args[0]
             fused.add(f"{prefix}.fc.weight", x)
-            z = F.linear(x.float(), mlp.fc.weight.float())
-            fused.add(f"{prefix}.proj.weight", activation(z))
+            with _without_autocast(x):  # phi(z) in fp32 from the bf16 input, as the fp32 H wants
+                z = F.linear(x.float(), mlp.fc.weight.float())
+                fused.add(f"{prefix}.proj.weight", activation(z))
         return hook
 
     for name in names - {EMBED_NAME}:

@@ -241,3 +241,43 @@ def test_gpu_gptq_and_sort_equal_the_cpu():
     assert (q_gpu.cpu() != q_cpu).float().mean() < 2e-3  # other fp32 summation orders may flip a rare tie
     rows = torch.randint(-3, 4, (2, 300, 64), dtype=torch.int8)
     assert torch.equal(pergroup.l1_chain(rows, device="cuda"), pergroup.l1_chain(rows, device="cpu"))
+
+
+def test_calibration_under_bf16_autocast_keeps_the_hessians_fp32(monkeypatch):
+    """The export calibrates inside the run's bf16 autocast (model/calibration.py): the forward is bf16
+    there, but H = sum XᵀX, its sums and the fused MLP hook's phi(z) must stay fp32 (FRONTIER.md 4).
+    CPU autocast makes matmuls bf16 like CUDA's, so a product left to it fails here."""
+    cfg = Config(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
+                 xsa_last_n=1, bigram_vocab_size=17, bigram_dim=8, ve_enabled=False, train_seq_len=16)
+    torch.manual_seed(0)
+    with kernels.use_backend("reference"):
+        model = GPT(cfg)
+        for block in model.blocks:  # non-zero outputs, so proj's inputs are not all zero
+            nn.init.normal_(block.attn.proj.weight, std=0.05)
+            nn.init.normal_(block.mlp.proj.weight, std=0.05)
+        names = sorted(model.int6_matrix_names()) + ["tok_emb.weight"]
+        modules = dict(model.named_modules())
+        seen = {name: [] for name in names}  # the inputs the calibration's hooks are handed, in the same run
+        for name in names[:-1]:
+            path = name.rpartition(".")[0]
+            hooked = path.rpartition(".")[0] if path.endswith(("mlp.fc", "mlp.proj")) else path  # the fused MLP
+            modules[hooked].register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0]))
+        hidden = model.hidden
+
+        def hidden_seen(ids):  # the head's input, which the embedding's Hessian is built from
+            seen["tok_emb.weight"].append(hidden(ids))
+            return seen["tok_emb.weight"][-1]
+        monkeypatch.setattr(model, "hidden", hidden_seen)
+        batches = [torch.randint(0, 64, (2, 16)) for _ in range(2)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            H, _ = gptq.collect_hessians(model, batches, names)
+    assert seen["tok_emb.weight"][0].dtype == torch.bfloat16  # the forward did run in bf16
+    for name in names:
+        X = [x.double().reshape(-1, x.shape[-1]) for x in seen[name]]
+        if name.endswith("mlp.proj.weight"):  # phi(z) of the fused MLP, z = fc(x), from the bf16 input
+            fc = modules[name.replace("proj.weight", "fc")].weight.double()
+            X = [F.leaky_relu(x @ fc.T, cfg.mlp_leaky_slope).square() for x in X]
+        expected = sum(x.T @ x for x in X) / len(batches)
+        assert H[name].dtype == torch.float32, name
+        torch.testing.assert_close(H[name].double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
