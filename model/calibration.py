@@ -20,7 +20,9 @@ from model.export import gptq_names
 from model.gptq import collect_hessians
 from model.precision import autocast
 
-RESERVE_MARGIN = 1.25  # the real calibration runs after training on a warm device; the rehearsal is the first
+# The reserve is this much more than the warm rehearsal: run-to-run noise of the same work (a busy
+# page cache, the GPU's clocks), so that the calibration after the last step fits in it.
+RESERVE_MARGIN = 1.1
 
 
 def calibration_batches(loader, cfg: Config, device) -> list[torch.Tensor]:
@@ -48,11 +50,15 @@ def calibrate(model, loader, cfg: Config, device) -> tuple[dict[str, torch.Tenso
 
 
 def rehearse(model, loader, cfg: Config, device) -> float:
-    """Seconds a calibration takes (reading the batches included), measured on `model` now; the
-    loader is put back where it was, so training sees the same data."""
+    """Seconds a calibration takes (reading the batches included) on a warm device, as after the
+    last step: the first of two runs compiles and autotunes the kernels at the calibration's
+    shapes (tens of seconds on a fresh process, which would come off training), the second is
+    timed. The loader is put back where it was each time, so training sees the same data."""
     saved = loader.state_dict()
-    _, seconds = calibrate(model, loader, cfg, device)
-    loader.load_state_dict(saved)
+    seconds = None
+    for _ in range(2):
+        _, seconds = calibrate(model, loader, cfg, device)
+        loader.load_state_dict(saved)
     return seconds
 
 
