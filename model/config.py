@@ -168,6 +168,7 @@ class Config:
     zstd_level: int = setting(22, "zstd compression level of the artifact", low=1, high=22)
     quant: str = setting("int6", "quantiser: int6 (SPEC's per-row rounding) or gptq (FRONTIER.md section 4)")
     compressor: str = setting("zstd", "artifact compressor: zstd, brotli or pergroup")
+    pergroup_coder: str = setting("brotli", "COMPRESSOR=pergroup: the coder of each group, brotli, zstd or lrzip (the lrzip program, optional)")
     gptq_calibration_batches: int = setting(16, "training batches whose activations build GPTQ's Hessians", low=1)
     gptq_reserve_seconds: float = setting(0.0, "seconds of the training clock reserved for GPTQ calibration", low=0)
     mlp_clip_sigmas: float = setting(11.5, "GPTQ scale = this x row std / qmax, MLP matrices", above=0)
@@ -249,7 +250,8 @@ class Config:
             problems.append(f"EVAL_ONLY={self.eval_only!r} and RESUME={self.resume!r} are both set; score an artifact "
                             f"or continue a run, not both")
         for name, allowed in (("quant", QUANTISERS), ("compressor", COMPRESSORS), ("parallel_final_lane", FINAL_LANES),
-                              ("ttt_method", TTT_METHODS), ("grad_comm", GRAD_COMMS)):
+                              ("ttt_method", TTT_METHODS), ("grad_comm", GRAD_COMMS),
+                              ("pergroup_coder", PERGROUP_CODERS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name.upper()}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.init_scheme not in INIT_SCHEMES:
@@ -288,6 +290,7 @@ class Config:
 QUANTISERS = ("int6", "gptq")
 INIT_SCHEMES = ("spec", "frontier")
 COMPRESSORS = ("zstd", "brotli", "pergroup")
+PERGROUP_CODERS = ("brotli", "zstd", "lrzip")  # model.compressors.CODERS
 TTT_METHODS = ("sgd", "phased_lora")
 GRAD_COMMS = ("bf16", "fp32")  # model.grad_sync.COMM_DTYPES
 FINAL_LANES = ("mean", "attn", "mlp")

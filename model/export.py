@@ -536,7 +536,7 @@ def write_artifact(
     _check_level(level)
     if compressor == "pergroup" and group_coder == "lrzip" and not compressors.lrzip_available():
         raise ValueError("export: the lrzip group coder was asked for but lrzip is not on PATH; install it "
-                         "(apt-get install lrzip) or use group_coder='brotli'")
+                         "(apt-get install lrzip) or set PERGROUP_CODER=brotli")
     payload, class_report = _quantize(sd, fp32_names=fp32_names, int6_names=int6_names, quant=quant,
                                       hessians=hessians, gate_names=gate_names, cfg=cfg)
     if report is not None:
@@ -550,16 +550,16 @@ def write_artifact(
 
 
 def write_model_artifact(model, path: str, cfg: Config, *, hessians: dict | None = None, code_bytes: int | None = None,
-                         report: dict | None = None, group_coder: str = "brotli") -> int:
+                         report: dict | None = None, group_coder: str | None = None) -> int:
     """write_artifact for a model under its config: the declarations from the model (control
-    tensors, int6 matrices, and the int8-row gate when it declares one), QUANT, COMPRESSOR and
-    ZSTD_LEVEL from cfg. Under QUANT=gptq pass `hessians` from model.gptq.collect_hessians(model,
+    tensors, int6 matrices, and the int8-row gate when it declares one), QUANT, COMPRESSOR,
+    PERGROUP_CODER (unless group_coder says otherwise) and ZSTD_LEVEL from cfg. Under QUANT=gptq pass `hessians` from model.gptq.collect_hessians(model,
     batches, gptq_names(model.state_dict(), fp32_names=model.control_tensor_names()))."""
     gates = model.int8_row_matrix_names() if hasattr(model, "int8_row_matrix_names") else ()
     return write_artifact(model.state_dict(), path, fp32_names=model.control_tensor_names(),
                           int6_names=model.int6_matrix_names(), level=cfg.zstd_level, report=report, quant=cfg.quant,
                           compressor=cfg.compressor, hessians=hessians, gate_names=gates, cfg=cfg,
-                          group_coder=group_coder, code_bytes=code_bytes, budget=cfg.artifact_budget_bytes)
+                          group_coder=group_coder or cfg.pergroup_coder, code_bytes=code_bytes, budget=cfg.artifact_budget_bytes)
 
 
 def artifact_from_bytes(blob: bytes) -> dict:

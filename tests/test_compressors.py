@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import compressors, export, pergroup
-from model.config import Config
+from model.config import PERGROUP_CODERS, Config
 
 
 def brute_force_chain(rows: list[list[int]]) -> list[int]:
@@ -51,6 +51,29 @@ def test_lrzip_only_when_on_path(monkeypatch):
     with pytest.raises(ValueError, match="lrzip group coder was asked for but lrzip is not on PATH"):
         export.write_artifact({}, "/nonexistent/a.ptz", fp32_names=(), int6_names=(), compressor="pergroup",
                               group_coder="lrzip")
+
+
+def test_the_config_offers_every_group_coder():
+    assert set(PERGROUP_CODERS) == set(compressors.CODERS)
+
+
+def test_the_trainer_codes_groups_with_pergroup_coder(monkeypatch):
+    class Model:  # what write_model_artifact reads of a model
+        def state_dict(self):
+            return {}
+
+        def control_tensor_names(self):
+            return set()
+
+        def int6_matrix_names(self):
+            return set()
+
+    seen = []
+    monkeypatch.setattr(export, "write_artifact", lambda *args, **kwargs: seen.append(kwargs["group_coder"]) or 0)
+    cfg = Config(compressor="pergroup", pergroup_coder="zstd")
+    export.write_model_artifact(Model(), "unused.ptz", cfg)
+    export.write_model_artifact(Model(), "unused.ptz", cfg, group_coder="brotli")  # an explicit coder wins
+    assert seen == ["zstd", "brotli"]
 
 
 @pytest.mark.skipif(not compressors.lrzip_available(), reason="lrzip is not on PATH")

@@ -53,6 +53,7 @@ def test_every_field_has_an_env_name():
     ([], {"RUN_ID": "a/b"}, "must be a plain folder name"),
     ([], {"RUN_ID": "/"}, "must be a plain folder name"),
     ([], {"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE=1 is out of range; it must lie in [2, inf)"),
+    ([], {"PERGROUP_CODER": "xz"}, "PERGROUP_CODER='xz' is not one of brotli, zstd, lrzip"),
 ])
 def test_bad_settings_get_one_line(argv, environ, message):
     with pytest.raises(ValueError, match=None) as err:
