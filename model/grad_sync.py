@@ -74,7 +74,7 @@ class GradientSync:
 
     def _reset(self) -> None:
         self.pending = [len(params) for params in self.members]  # gradients still to arrive per unit
-        self.handles, self.had_grad = [None] * len(self.members), [None] * len(self.members)
+        self.handles = [None] * len(self.members)
         self.launched = 0  # units launched so far, in order
 
     def close(self) -> None:
@@ -98,7 +98,6 @@ class GradientSync:
     def _launch(self, unit: int) -> None:
         self.launched += 1
         params = self.members[unit]
-        self.had_grad[unit] = [p.grad is not None for p in params]
         if unit == len(self.plan.buckets):
             self._launch_small(unit, params)
             return
@@ -144,8 +143,14 @@ class GradientSync:
 
     # ---------------------------------------------------------------- after backward
     def finish(self) -> None:
-        """Launch what has not been launched (gradients that never arrived count as zeros), wait,
-        and put the averaged gradients in place."""
+        """Launch what has not been launched, wait, and put the averaged gradients in place.
+
+        A gradient that did not arrive on a rank counts as zeros there (as DDP treats unused
+        parameters), and every rank takes the average for every parameter it steps: the ranks
+        step identically even if a parameter's use depended on the data, with no host-side
+        agreement (which would wait on the device every step). A parameter no rank used is then
+        stepped with a zero gradient (its momentum and weight decay still act) where one process
+        would skip it; every parameter of the models here is used in every step."""
         if not self.armed:
             raise RuntimeError("GradientSync.finish() without arm(): call arm() before the step's last backward")
         self.armed = False
@@ -153,12 +158,6 @@ class GradientSync:
             self._launch(self.launched)
         for unit, bucket in enumerate(self.plan.buckets):
             self.handles[unit].wait()
-            if not all(self.had_grad[unit]):
-                # the owner would see zeros and decay the matrix, where one process skips it: refuse
-                missing = bucket.params[self.had_grad[unit].index(False)]
-                raise RuntimeError(f"GradientSync: a Muon matrix of shape {tuple(missing.shape)} got no gradient this step; "
-                                   f"on several ranks every Muon matrix must take part in every step (give a frozen "
-                                   f"matrix to no optimizer)")
             recv = self.recv[unit]
             for i in bucket.owned(self.rank):
                 p = bucket.params[i]
@@ -171,9 +170,12 @@ class GradientSync:
         if self.handles[small] is not None:
             self.handles[small].wait()
             at = 0
-            for p, had in zip(self.small, self.had_grad[small]):
-                if had:  # a parameter no rank computed a gradient for keeps none (AdamW skips it)
-                    p.grad.copy_(self.send[small][at:at + p.numel()].view(p.shape))
+            for p in self.small:
+                averaged = self.send[small][at:at + p.numel()].view(p.shape)
+                if p.grad is None:
+                    p.grad = averaged.to(p.dtype, copy=True)  # send is reused by the next step
+                else:
+                    p.grad.copy_(averaged)
                 at += p.numel()
 
     def owned_grads(self) -> list[torch.Tensor]:
