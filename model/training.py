@@ -225,18 +225,21 @@ def warm_up(state: TrainingState) -> float:
     EMA, loader, loop flag). Returns the seconds it took.
 
     The graphs: the plain one first (the run starts with it), then from half-way the late-QAT one
-    (SPEC) and the looped one (FRONTIER's recurrence: one graph per value of `model.looping`), and
-    with document isolation one forward and backward per cu_seqlens length in PRIMED_SEGMENT_COUNTS
-    and loop state, so no recompilation falls inside the timed run."""
+    (SPEC), or with FRONTIER's recurrence WARMUP_STEPS plain steps and as many looped ones (one
+    graph per value of `model.looping`), and with document isolation one forward and backward per
+    cu_seqlens length in PRIMED_SEGMENT_COUNTS and loop state, so no recompilation falls inside
+    the timed run."""
     cfg = state.cfg
     if cfg.warmup_steps <= 0:
         return 0.0
     saved = copy.deepcopy(state.state_dict())
-    second_half = max(1, cfg.warmup_steps // 2)  # one step primes only the plain graph
-    qat_from = second_half if cfg.late_qat_threshold > 0 else cfg.warmup_steps
-    loop_from = second_half if cfg.num_loops > 0 else cfg.warmup_steps
+    loops = cfg.num_loops > 0
+    steps = 2 * cfg.warmup_steps if loops else cfg.warmup_steps  # FRONTIER: 20 unlooped, then 20 looped
+    second_half = max(1, steps // 2)  # one step primes only the plain graph
+    qat_from = second_half if cfg.late_qat_threshold > 0 else steps
+    loop_from = cfg.warmup_steps if loops else steps
     t0 = time.perf_counter()
-    for step in range(cfg.warmup_steps):
+    for step in range(steps):
         state.model.set_qat(step >= qat_from)
         state.model.looping = step >= loop_from
         training_step(state, 1.0, muon_momentum(0, cfg))

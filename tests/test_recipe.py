@@ -537,6 +537,21 @@ def no_trace_config() -> Config:
                        muon_momentum_warmup_steps=4, muon_row_normalize=True, muon_polar_express=True)
 
 
+@pytest.mark.parametrize("recipe, expected", [
+    (dict(late_qat_threshold=0.15), [(False, False)] * 2 + [(True, False)] * 2),  # SPEC: QAT from half-way
+    (dict(late_qat_threshold=0.0, num_loops=1, loop_start=0, loop_end=0),  # FRONTIER: 4 plain steps, 4 looped
+     [(False, False)] * 4 + [(False, True)] * 4),
+])
+def test_the_warm_up_primes_each_graph(monkeypatch, recipe, expected):
+    seen = []
+    monkeypatch.setattr(model.training, "training_step",
+                        lambda state, scale, momentum: seen.append((state.qat, state.model.looping)))
+    with kernels.use_backend("reference"):
+        state = build_training_state(tiny_config(warmup_steps=4, **recipe), Dist.single(), CountingBatches(64))
+        warm_up(state)
+    assert seen == expected and (state.qat, state.model.looping) == (False, False)  # and put back
+
+
 def test_warm_up_leaves_no_trace_on_one_rank():
     cfg = no_trace_config()
     with kernels.use_backend("reference"):
