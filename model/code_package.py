@@ -17,7 +17,12 @@ goes into linecache, so inspect and Triton's JIT can read it), then runs `train`
 
 Imported with runpy.run_path (any other run name) it only installs the hook, so a caller can
 import the packaged `model` and `kernels` modules itself (the fresh-process test does).
+
+Run from the package, the counted code is the package itself: the launcher reads its own file
+before train.py takes over __file__ and sys.argv[0], and keeps the bytes on the hook as `own`;
+running_package() returns them, so the run counts and records the very file it runs.
 """
+import ast
 import base64
 import functools
 import glob
@@ -45,6 +50,7 @@ class F:
  def create_module(c,s):return None
  @classmethod
  def exec_module(c,m):X(m.__spec__.origin[len(R):],m.__dict__)
+F.own=open(__file__,"rb").read()
 sys.meta_path.insert(0,F)
 if __name__=="__main__":sys.argv[0]=R+"%s.py";X("%s.py",globals())
 ''' % (ORIGIN, ENTRY, ENTRY)
@@ -109,6 +115,26 @@ def _build(stamps: tuple, root: str) -> bytes:
     payload = json.dumps(package_sources([s[0] for s in stamps], root), sort_keys=True, separators=(",", ":")).encode()
     packed = base64.b85encode(brotli.compress(payload, quality=11, lgwin=24)).decode("ascii")
     return f"P={packed!r}\n{LAUNCHER}".encode("ascii")
+
+
+def running_package() -> bytes | None:
+    """The bytes of the self-extracting file this process runs from, or None when this module was
+    imported from the repository. Served by the package's hook, this module's __loader__ is that
+    hook, which holds its launcher's file as read at start (sources edited later change nothing)."""
+    return getattr(__loader__, "own", None)
+
+
+def unpack(package: bytes) -> dict[str, str]:
+    """{relative path: packed source} of a self-extracting file's bytes (what build wrote)."""
+    first = package.split(b"\n", 1)[0].decode("ascii")
+    if not first.startswith("P="):
+        raise ValueError("code package: these bytes are not a file code_package.build wrote (no P= payload line)")
+    return json.loads(brotli.decompress(base64.b85decode(ast.literal_eval(first[2:]))))
+
+
+def packed_names(package: bytes) -> list[str]:
+    """The relative paths a package holds, its entry point first (the record lists them)."""
+    return sorted(unpack(package), key=lambda name: (name != f"{ENTRY}.py", name))
 
 
 def write(path: str, files, root: str) -> int:

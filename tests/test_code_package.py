@@ -25,7 +25,7 @@ SCORE = """
 import json, runpy, sys
 runpy.run_path(sys.argv[1])  # installs the package's import hook; train.py does not run under this name
 import torch
-from model import export, config, gpt
+from model import code_package, export, config, gpt
 modules = [m for name, m in sys.modules.items() if name.split(".")[0] in ("model", "kernels", "train")]
 assert modules and all(m.__file__.startswith("{origin}") for m in modules), [m.__file__ for m in modules]
 losses = []
@@ -37,7 +37,9 @@ for case in json.loads(sys.argv[2]):
     tokens = torch.load(case["tokens"])
     with torch.no_grad():
         losses.append(model.eval().token_losses(tokens[:, :-1], tokens[:, 1:]).mean().item())
-print(json.dumps({{"losses": losses, "origin": export.__file__}}))
+with open(sys.argv[1], "rb") as f:
+    own = code_package.running_package() == f.read()  # the hook holds the file it was launched from
+print(json.dumps({{"losses": losses, "origin": export.__file__, "own": own}}))
 """.format(origin=code_package.ORIGIN)
 
 
@@ -130,9 +132,23 @@ def test_the_package_scores_saved_artifacts_in_a_fresh_process(package, tmp_path
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got["origin"].startswith(code_package.ORIGIN)
+    assert got["origin"].startswith(code_package.ORIGIN) and got["own"]
     assert got["losses"] == pytest.approx([case["after"] for case in scored], abs=1e-6)
 
+
+def test_running_package_is_none_outside_a_package():
+    assert code_package.running_package() is None  # imported from the repository: the run builds from the sources
+
+
+def test_unpack_returns_the_packed_sources(tmp_path):
+    (tmp_path / "train.py").write_text("print(1)\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.py").write_text("x = 1\n")
+    package = code_package.build([str(tmp_path / "model" / "a.py"), str(tmp_path / "train.py")], str(tmp_path))
+    assert code_package.unpack(package) == {"train.py": code_package.minify("print(1)\n"), "model/a.py": code_package.minify("x = 1\n")}
+    assert code_package.packed_names(package) == ["train.py", "model/a.py"]  # the entry point first
+    with pytest.raises(ValueError, match="not a file code_package.build wrote"):
+        code_package.unpack(b"print(1)\n")
 
 
 def test_build_is_deterministic_and_follows_edits(tmp_path):
