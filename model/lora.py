@@ -20,9 +20,17 @@ kernels.softcap_cross_entropy_lora applies it without the batch's logits).
 so a fresh adapter changes nothing. The products are batched matmuls over the documents
 (torch.bmm: each document its own A and B); the parameters are fp32, cast to the input's dtype.
 
-The model's hook: `model.hidden(ids, lora=view)`, view = adapters.running(first) (the documents
-first.. of the batch, one per row of ids), hands application n `view.at(n)`, an ApplicationLora
-whose q/k/v/o/mlp(x) return the delta [n, T, out] or None (that adapter off).
+The model's hook: `model.hidden(ids, lora=view)`, view = adapters.running(first).gathered() (the
+documents first.. of the batch, one per row of ids), hands application n `view.at(n)`, an
+ApplicationLora whose q/k/v/o/mlp(x) return the delta [n, T, out] or None (that adapter off).
+
+Compiled (dynamic shapes), one graph must serve every step of the evaluation, so what a step hands
+the compiled function looks the same whichever documents still run: running(first) holds
+full-size aliases of the parameters and the running rows as an index tensor; gathered(), called
+INSIDE the compiled function, selects them (the gather fuses with the cast to the compute dtype,
+and its backward scatters into the parameters' gradients). No view with a varying offset or
+stride reaches the graph's guards, and the row count is a plain dynamic size. A batch holds at
+least two slots (MIN_SLOTS), so the slot dimension is never 1 (dynamo specialises sizes 0 and 1).
 """
 import math
 
@@ -30,6 +38,7 @@ import torch
 from torch import nn
 
 KINDS = ("q", "k", "v", "o", "mlp")
+MIN_SLOTS = 2  # a batch of one document still has two slots (the second never runs)
 
 
 def lora_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -43,8 +52,9 @@ def lora_shapes(cfg) -> dict[str, tuple[int, int]]:
 class BatchedLora(nn.Module):
     """The adapters of `docs` documents on `applications` block applications and the head.
 
-    Parameters (fp32): `{kind}_a` [applications, docs, r, in], `{kind}_b` [applications, docs, out, r],
-    `head_a` [docs, r, d], `head_b` [docs, vocab, r].
+    Parameters (fp32), slots = max(docs, MIN_SLOTS): `{kind}_a` [applications, slots, r, in],
+    `{kind}_b` [applications, slots, out, r], `head_a` [slots, r, d], `head_b` [slots, vocab, r];
+    document b is slot b (a spare slot of a one-document batch is never read).
     """
 
     def __init__(self, cfg, applications: int, docs: int, device=None):
@@ -52,12 +62,12 @@ class BatchedLora(nn.Module):
         self.rank, self.scale = cfg.ttt_lora_rank, cfg.ttt_lora_alpha / cfg.ttt_lora_rank
         self.applications, self.docs = applications, docs
         self.shapes = lora_shapes(cfg)
-        r = self.rank
+        r, slots = self.rank, max(docs, MIN_SLOTS)
         for kind, (fan_in, fan_out) in self.shapes.items():
-            self.register_parameter(f"{kind}_a", nn.Parameter(torch.zeros(applications, docs, r, fan_in, device=device)))
-            self.register_parameter(f"{kind}_b", nn.Parameter(torch.zeros(applications, docs, fan_out, r, device=device)))
-        self.head_a = nn.Parameter(torch.zeros(docs, r, cfg.model_dim, device=device))
-        self.head_b = nn.Parameter(torch.zeros(docs, cfg.vocab_size, r, device=device))
+            self.register_parameter(f"{kind}_a", nn.Parameter(torch.zeros(applications, slots, r, fan_in, device=device)))
+            self.register_parameter(f"{kind}_b", nn.Parameter(torch.zeros(applications, slots, fan_out, r, device=device)))
+        self.head_a = nn.Parameter(torch.zeros(slots, r, cfg.model_dim, device=device))
+        self.head_b = nn.Parameter(torch.zeros(slots, cfg.vocab_size, r, device=device))
 
     def a_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.endswith("_a")]
@@ -79,22 +89,41 @@ class BatchedLora(nn.Module):
 
     def running(self, first: int = 0) -> "AdapterView":
         """The adapters of documents first.. (the batch's shorter documents have dropped out; rows are
-        sorted by length, so the running ones are a suffix): what the model's forward reads."""
-        tensors = {kind: (getattr(self, f"{kind}_a")[:, first:], getattr(self, f"{kind}_b")[:, first:]) for kind in self.shapes}
-        return AdapterView(tensors, (self.head_a[first:], self.head_b[first:]), self.scale, self.applications)
+        sorted by length, so the running ones are a suffix): what the model's forward reads, after
+        gathered(). The tensors are whole-parameter aliases (view_as: not nn.Parameters, whose
+        shapes dynamo would make static) and the rows an index, so every step looks alike to a
+        compiled function."""
+        if not 0 <= first < self.docs:
+            raise IndexError(f"running({first}): the batch has documents 0..{self.docs - 1}")
+        alias = lambda name: getattr(self, name).view_as(getattr(self, name))  # noqa: E731
+        tensors = {kind: (alias(f"{kind}_a"), alias(f"{kind}_b")) for kind in self.shapes}
+        rows = torch.arange(first, self.docs, device=self.head_a.device)
+        return AdapterView(tensors, (alias("head_a"), alias("head_b")), self.scale, self.applications, rows)
 
 
 class AdapterView:
-    """Views of a BatchedLora's running documents (autograd reaches the parameters through them).
-    A plain object of tensors, so a compiled forward takes them as inputs (no guard on which rows)."""
+    """A BatchedLora's adapters as a compiled forward takes them: a plain object of tensors (autograd
+    reaches the parameters through them) and, until gathered(), the index of the running rows."""
 
-    def __init__(self, tensors: dict, head: tuple, scale: float, applications: int):
-        self.tensors, self.head, self.scale, self.applications = tensors, head, scale, applications
+    def __init__(self, tensors: dict, head: tuple, scale: float, applications: int, rows: torch.Tensor | None = None):
+        self.tensors, self.head, self.scale, self.applications, self.rows = tensors, head, scale, applications, rows
+
+    def gathered(self) -> "AdapterView":
+        """The running rows' adapters, contiguous, one per row of the model's input (call it inside
+        the compiled step: the gather is then part of the graph)."""
+        if self.rows is None:
+            return self
+        rows = self.rows
+        tensors = {kind: (a.index_select(1, rows), b.index_select(1, rows)) for kind, (a, b) in self.tensors.items()}
+        head = tuple(t.index_select(0, rows) for t in self.head)
+        return AdapterView(tensors, head, self.scale, self.applications)
 
     def at(self, application: int) -> "ApplicationLora":
         if not 0 <= application < self.applications:
             raise IndexError(f"the adapters have {self.applications} application slots, asked for {application}; "
                              "build them with the looped model's number of block applications (len(model.plan()))")
+        if self.rows is not None:
+            raise ValueError("the model reads gathered() adapters: call view.gathered() first (inside the compiled step)")
         return ApplicationLora(self, application)
 
     def delta(self, application: int, kind: str, x: torch.Tensor) -> torch.Tensor | None:

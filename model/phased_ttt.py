@@ -46,7 +46,7 @@ import torch
 
 import kernels
 from model.bpb import bits_per_byte, byte_source_to, check_byte_source, scored_bytes
-from model.distributed import sum_over_ranks
+from model.distributed import barrier, sum_over_ranks, synchronize
 from model.document_loader import document_cu_seqlens
 from model.evaluate import all_reduce_gradients
 from model.lora import AdapterView, BatchedLora
@@ -56,6 +56,7 @@ BOS_ID = 1  # FRONTIER.md section 1: every document starts with it
 LORA_LANES = 8  # the record's 8 ranks: adapters' A is carried along this many lanes, whatever the world size
 ADAM_EPS = 1e-10  # FRONTIER.md: the LoRA AdamW's eps
 EVAL_LIMIT_S = 600.0  # the challenge's evaluation limit
+MIN_WIDTH = 2  # windows are right-padded to at least this (dynamo specialises sizes 0 and 1)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -163,7 +164,7 @@ def lora_work(plan: Plan, positions, cfg) -> int:
         for c in range(num_chunks(int(predictions[-1]), cfg.ttt_chunk_size)):
             active = predictions[predictions > cfg.ttt_chunk_size * c]
             ends = np.minimum(cfg.ttt_chunk_size * (c + 1), active)
-            width = int((ends - np.maximum(0, ends - cfg.ttt_eval_seq_len)).max())
+            width = max(int((ends - np.maximum(0, ends - cfg.ttt_eval_seq_len)).max()), MIN_WIDTH)
             work += len(active) * width
     return work
 
@@ -179,8 +180,10 @@ def global_steps(plan: Plan, cfg) -> int:
 
 # ----------------------------------------------------------------------------- one batch
 def lora_token_losses(model, ids: torch.Tensor, targets: torch.Tensor, lora: AdapterView) -> torch.Tensor:
-    """Per-token NLL [n, T] (fp32) of the running documents with their adapters: the model's trunk
-    with the block adapters, the head's adapter inside the soft-capped CE."""
+    """Per-token NLL [n, T] (fp32) of the running documents with their adapters (lora =
+    BatchedLora.running(first)): the model's trunk with the block adapters, the head's adapter
+    inside the soft-capped CE."""
+    lora = lora.gathered()  # the running rows' adapters, gathered inside the (compiled) step
     h = model.hidden(ids, lora=lora)  # [n, T, d], final-normed
     head_a, head_b = lora.head
     return kernels.softcap_cross_entropy_lora(h, model.tok_emb.weight, targets, head_a, head_b, lora.scale,
@@ -200,7 +203,7 @@ def _run_batch(model, step_fn, tokens, doc_ids, plan: Plan, lora: BatchedLora, c
         ends = np.minimum(cfg.ttt_chunk_size * (c + 1), predictions[first:])
         window_starts = np.maximum(0, ends - cfg.ttt_eval_seq_len)
         widths = ends - window_starts
-        width = int(widths.max())
+        width = max(int(widths.max()), MIN_WIDTH)  # padded: a compiled step never meets a 1-wide window
         column = np.arange(width)
         inside = column[None, :] < widths[:, None]  # [m, width]
         position = (starts[first:] + window_starts)[:, None] + column[None, :]  # of each input in the stream
@@ -342,13 +345,19 @@ def evaluate_phased_ttt(model, tokens: torch.Tensor, cfg, luts, rank: int = 0, w
                 _run_batch(model, step_fn, tokens, doc_ids, plan, lora, cfg, luts, sums, trace)
             work += lora_work(plan, mine, cfg)
             lanes.clear()
+            synchronize(device)  # the host clock must not run ahead of the GPU
             lora_s += clock() - started
             if phase is not None:
+                # every rank's LoRA batches done before the phase's clock starts: its first gradient
+                # all-reduce would otherwise wait for the slower ranks inside the timed phase
+                if world_size > 1:
+                    barrier()
                 started = clock()
                 model.train()
                 for p in model.parameters():
                     p.requires_grad_(True)
                 steps += _global_phase(model, tokens, plan, phase, cfg, rank, world_size, trace)
+                synchronize(device)
                 global_s += clock() - started
     finally:
         model.train(was_training)
@@ -380,30 +389,50 @@ class EvalClock:
         return self.last - self.start
 
 
-def compile_ttt_step(step_fn: Callable = lora_token_losses) -> Callable:
-    """The TTT forward compiled as the record does: dynamic shapes (rows and window widths vary), not fullgraph."""
-    return torch.compile(step_fn, dynamic=True)
+def compile_ttt_step(step_fn: Callable = lora_token_losses, backend="inductor") -> Callable:
+    """The TTT forward compiled as the record does: dynamic shapes (rows and window widths vary), not
+    fullgraph. Duck shaping off: sizes that happen to be equal when a graph is compiled (a window
+    as wide as the LoRA rank) must not become guards that a later step fails. After warm_up_ttt,
+    every step of the evaluation reuses its graphs (tests/test_phased_ttt.py counts them)."""
+    compiled = torch.compile(step_fn, dynamic=True, backend=backend)
+
+    def step(model, ids, targets, lora):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(model, ids, targets, lora)
+
+    return step
 
 
 def warm_up_ttt(model, step_fn: Callable, cfg) -> None:
-    """Forward, backward and an AdamW step on random tokens, TTT_BATCH_SIZE rows of TTT_CHUNK_SIZE
-    and of TTT_EVAL_SEQ_LEN tokens, on scratch adapters: compiles step_fn's graphs; the model is unchanged."""
+    """Forward, backward and an AdamW step on random tokens through every graph the evaluation's
+    steps need, on scratch adapters of TTT_BATCH_SIZE documents: windows of TTT_CHUNK_SIZE and of
+    TTT_EVAL_SEQ_LEN tokens, with all rows but the first running (the general graph: any number of
+    rows >= 2, any width >= 2, any batch size) and with one row (dynamo's size-1 specialisation),
+    the model in its evaluation state (eval mode, frozen). The model is unchanged."""
     device = next(model.parameters()).device
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
     generator = torch.Generator(device=device).manual_seed(0)
+    docs = max(cfg.ttt_batch_size, 3)  # two rows or more while one has dropped out
     try:
+        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        for width in sorted({cfg.ttt_chunk_size, cfg.ttt_eval_seq_len}):
-            lora = BatchedLora(cfg, len(model.plan()), cfg.ttt_batch_size, device=device)
-            lora.reset_a(generator)
-            optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr, eps=ADAM_EPS)
-            ids = torch.randint(2, cfg.vocab_size, (cfg.ttt_batch_size, width + 1), generator=generator, device=device)
-            with autocast(device):
-                nll = step_fn(model, ids[:, :-1], ids[:, 1:], lora.running())
-            nll.mean().backward()
-            optimizer.step()
+        lora = BatchedLora(cfg, len(model.plan()), docs, device=device)
+        lora.reset_a(generator)
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr, eps=ADAM_EPS)
+        for first in (1, docs - 1):
+            for width in sorted({max(cfg.ttt_chunk_size, MIN_WIDTH), max(cfg.ttt_eval_seq_len, MIN_WIDTH)}):
+                # fresh contiguous tensors, as the loop's (not views: a view's base would be guarded on)
+                inputs, targets = (torch.randint(2, cfg.vocab_size, (docs - first, width), generator=generator,
+                                                 device=device) for _ in range(2))
+                with autocast(device):
+                    nll = step_fn(model, inputs, targets, lora.running(first))
+                optimizer.zero_grad(set_to_none=False)
+                nll.mean().backward()
+                optimizer.step()
     finally:
+        model.train(was_training)
         for p, flag in requires_grad:
             p.requires_grad_(flag)
 
@@ -460,10 +489,10 @@ def phased_ttt_evaluation(model, tokens: torch.Tensor, cfg, luts, clock: EvalClo
     if compile:
         step_fn = compile_ttt_step()
         warm_up_ttt(model, step_fn, cfg)
-    _synchronize(device)
+    synchronize(device)
     clock.lap("compile")
     result = evaluate_phased_ttt(model, tokens, cfg, luts, rank, world_size, step_fn=step_fn, clock=clock.clock)
-    _synchronize(device)
+    synchronize(device)
     clock.lap("ttt")
     summed = result
     if world_size > 1:  # the rates from all ranks' seconds and work
@@ -485,7 +514,3 @@ def phased_ttt_evaluation(model, tokens: torch.Tensor, cfg, luts, clock: EvalClo
     times = dict(clock.parts, total=clock.total(), projected_8gpu=projection.total_s)
     return result.val_loss, result.val_bpb, times
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
