@@ -2,6 +2,8 @@
 token count, zeros), then the tokens as little-endian uint16; the training stream that ranks share,
 and the validation tokens. Also the tokenizer manifest that data/prepare.py and data/download.py
 leave beside the shards, so a run with another tokenizer stops at start-up."""
+import concurrent.futures
+import functools
 import glob
 import hashlib
 import json
@@ -68,6 +70,86 @@ def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
     return tokens
 
 
+def open_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
+    """Tokens of one shard memory-mapped (uint16, read-only), after checking its header against its
+    size and, when vocab_size is given, every id against it. One pass over the whole shard, which
+    also pulls it into the page cache: a background thread's job (ShardPreparer), so the batches
+    later sliced from it read memory, not disk."""
+    count = shard_token_count(path)
+    if count == 0:  # nothing to map (mmap refuses a length of 0)
+        tokens = np.empty(0, dtype=np.uint16)
+        tokens.flags.writeable = False
+        return tokens
+    tokens = np.asarray(np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4, shape=(count,)))
+    if vocab_size is None:
+        tokens.max()  # no ids to check: the pass only reads every page in
+    else:
+        check_vocab(tokens, vocab_size, path)
+    return tokens
+
+
+class ShardPreparer:
+    """Shards made ready one ahead of the stream, on a background thread.
+
+    get(i) returns prepare(paths[i]) (open, check, index: whatever the loader needs of a whole
+    shard) and queues the next shard that holds tokens (after the last, the first), so a stream
+    that reaches it finds it ready and the batch path never does whole-shard work. An error from
+    prepare (a bad header, an id beyond the vocabulary) is raised as it was raised, by the get()
+    of that shard, in the caller's thread; a later get() of it prepares it again. The shard asked
+    for before the current one stays held as well (memory-mapped: page cache, not a copy), so a
+    loader put back across a shard end (PrefetchLoader's undo) does not prepare it again. One
+    caller at a time; close() drops every shard and stops the thread, and a later get() starts again.
+    """
+
+    def __init__(self, paths: list[str], counts: list[int], prepare):
+        self.paths, self.counts, self.prepare = list(paths), list(counts), prepare
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._shards: dict[int, concurrent.futures.Future] = {}
+        self._current = self._previous = None  # the shard get() was last asked for, and the one before it
+
+    def next_index(self, index: int) -> int:
+        """The next shard after `index` that holds tokens, wrapping around (index itself if none)."""
+        for step in range(1, len(self.paths) + 1):
+            following = (index + step) % len(self.paths)
+            if self.counts[following]:
+                return following
+        return index
+
+    def prefetch(self, index: int) -> concurrent.futures.Future:
+        """Start preparing shard `index` (unless it is held already) without waiting for it."""
+        if index not in self._shards:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard")
+            self._shards[index] = self._pool.submit(self.prepare, self.paths[index])
+        return self._shards[index]
+
+    def ready(self, index: int) -> bool:
+        """Whether shard `index` is held and its preparation over: a get() of it would not wait."""
+        shard = self._shards.get(index)
+        return shard is not None and shard.done()
+
+    def get(self, index: int):
+        shard, following = self.prefetch(index), self.next_index(index)
+        self.prefetch(following)
+        if index != self._current:
+            self._previous, self._current = self._current, index
+        for other in [i for i in self._shards if i not in (self._previous, index, following)]:
+            self._shards.pop(other).cancel()
+        try:
+            return shard.result()
+        except BaseException:
+            self._shards.pop(index, None)
+            raise
+
+    def close(self) -> None:
+        shards, self._shards, self._current, self._previous = self._shards, {}, None, None
+        for shard in shards.values():
+            shard.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # a preparation under way finishes; its shard is dropped with it
+            self._pool = None
+
+
 def shard_paths(data_path: str, split: str) -> list[str]:
     """Sorted paths of `data_path`/fineweb_{split}_*.bin (shard order is the token order); byte
     sidecars (fineweb_val_bytes_*.bin, which the pattern also matches) are not token shards."""
@@ -93,8 +175,9 @@ def check_train_shards(data_path: str) -> int:
 class TokenStream:
     """The tokens of `paths` one after the other, wrapping around to the first shard at the end.
 
-    The state is (shard_index, position): the next token to read. Only the shards being read
-    are held in memory (at most two: the current one and the next while a read crosses over).
+    The state is (shard_index, position): the next token to read. Shards are memory-mapped and
+    checked on a background thread (ShardPreparer), the next one as soon as the stream enters
+    the current one, so a read that crosses a shard end only slices memory.
     """
 
     def __init__(self, paths: list[str], vocab_size: int | None = None):
@@ -102,19 +185,12 @@ class TokenStream:
         if not self.paths:
             raise ValueError("TokenStream needs at least one shard path; pass shard_paths(data_path, 'train')")
         # Every header now (1 KiB each), so a broken shard fails at start-up; the ids of a shard are
-        # checked against vocab_size when it is read.
+        # checked against vocab_size when it is prepared.
         self.counts = [shard_token_count(p) for p in self.paths]
         if sum(self.counts) == 0:
             raise ValueError(f"the {len(self.paths)} shards starting with {self.paths[0]} hold no tokens; re-export them")
         self.shard_index, self.position = 0, 0
-        self._loaded: dict[int, np.ndarray] = {}
-
-    def _tokens(self, index: int) -> np.ndarray:
-        if index not in self._loaded:
-            # Keep the shard the stream stands in; drop any other before loading a new one.
-            self._loaded = {i: t for i, t in self._loaded.items() if i == self.shard_index}
-            self._loaded[index] = read_shard(self.paths[index], self.vocab_size)
-        return self._loaded[index]
+        self.shards = ShardPreparer(self.paths, self.counts, functools.partial(open_shard, vocab_size=vocab_size))
 
     def read(self, count: int, advance: int = None) -> np.ndarray:
         """The next `count` tokens (uint16 [count]); the stream then moves on by `advance` (default
@@ -126,13 +202,13 @@ class TokenStream:
         shard, pos, filled = self.shard_index, self.position, 0
         state_after = (shard, pos) if advance == 0 else None
         while filled < count or state_after is None:
-            tokens = self._tokens(shard)
-            take = min(count - filled, len(tokens) - pos)
-            out[filled:filled + take] = tokens[pos:pos + take]
+            take = min(count - filled, self.counts[shard] - pos)
+            if take > 0:  # a shard the read only passes (empty, or ended where the last read stopped) is not opened
+                out[filled:filled + take] = self.shards.get(shard)[pos:pos + take]
             if state_after is None and filled + take >= advance:
                 state_after = (shard, pos + advance - filled)
             filled, pos = filled + take, pos + take
-            if pos >= len(tokens) and filled < count:
+            if pos >= self.counts[shard] and filled < count:
                 shard, pos = (shard + 1) % len(self.paths), 0
         self.shard_index, self.position = state_after
         return out
@@ -150,6 +226,10 @@ class TokenStream:
         if not 0 <= index < len(self.paths) or not 0 <= position <= self.counts[index]:
             raise ValueError(f"loader state (shard {index}, position {position}) lies outside the shards at {self.paths[0]}")
         self.shard_index, self.position = index, position
+
+    def close(self) -> None:
+        """Drop the shards held and stop the preparing thread (the stream stays usable)."""
+        self.shards.close()
 
 
 class DistributedTokenLoader:
@@ -190,6 +270,9 @@ class DistributedTokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def load_validation_tokens(data_path: str, seq_len: int, max_tokens: int = 0, vocab_size: int | None = None) -> torch.Tensor:

@@ -13,13 +13,19 @@ so the fragment of a document the row starts inside is cut from the row start), 
 with the end to a multiple of 64 entries, so that torch.compile sees few distinct lengths.
 `document_cu_seqlens` is that rule as a pure function of the tokens.
 
+Shards are memory-mapped, checked and their BOS positions found on a background thread
+(model.data.ShardPreparer), the next one as soon as the stream enters the current one, so moving
+to the next shard costs a batch nothing but a slice.
+
 x has one row of tokens_per_rank tokens (the record's layout) unless row_len is set: then rows of
 row_len tokens, consecutive pieces of the span (row starts are cuts as well).
 """
+import functools
+
 import numpy as np
 import torch
 
-from model.data import read_shard, shard_paths, shard_token_count
+from model.data import ShardPreparer, open_shard, shard_paths, shard_token_count
 
 BOS_ID = 1  # FRONTIER.md section 1: a document is [BOS] + its tokens, no EOS
 CU_SEQLENS_MULTIPLE = 64  # cu_seqlens padded (with its last offset) to a multiple of this many entries
@@ -56,6 +62,13 @@ def document_cu_seqlens(
     return torch.from_numpy(padded)
 
 
+def prepare_document_shard(path: str, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the shard's tokens memory-mapped and checked, the positions of its BOS tokens): the
+    whole-shard work the loader leaves to the background thread."""
+    tokens = open_shard(path, vocab_size)
+    return tokens, np.flatnonzero(tokens == BOS_ID)
+
+
 class DocumentLoader:
     """FRONTIER.md's sequential loader; next_batch, state_dict and load_state_dict as
     model.data.DistributedTokenLoader has them, but next_batch also returns cu_seqlens."""
@@ -68,26 +81,20 @@ class DocumentLoader:
             raise ValueError(f"DocumentLoader: row_len={row_len} must be 0 (one row per rank) or a row length")
         self.rank, self.world_size, self.vocab_size, self.row_len = rank, world_size, vocab_size, row_len
         self.paths = shard_paths(data_path, "train")
-        for path in self.paths:  # every header now: a truncated shard fails at start-up
-            shard_token_count(path)
+        self.counts = [shard_token_count(p) for p in self.paths]  # every header now: a truncated shard fails at start-up
         self.shard_index, self.position = 0, None  # None: at the shard's first BOS, found when it is read
-        self._shard = None  # (index, tokens, BOS positions) of the shard being read
-
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._shard is None or self._shard[0] != index:
-            tokens = read_shard(self.paths[index], self.vocab_size)
-            self._shard = (index, tokens, np.flatnonzero(tokens == BOS_ID))
-        return self._shard[1], self._shard[2]
+        self.shards = ShardPreparer(self.paths, self.counts, functools.partial(prepare_document_shard, vocab_size=vocab_size))
 
     def _next_span_start(self, span: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The shard and position where this call's world_size spans start, moving past shard
         tails (and shards without a BOS) that cannot supply them."""
         for _ in range(len(self.paths) + 1):
-            tokens, bos = self._load(self.shard_index)
-            if self.position is None and bos.size:
-                self.position = int(bos[0])
-            if self.position is not None and self.position + self.world_size * span <= len(tokens):
-                return tokens, bos, self.position
+            if self.counts[self.shard_index]:  # an empty shard is passed without opening it
+                tokens, bos = self.shards.get(self.shard_index)
+                if self.position is None and bos.size:
+                    self.position = int(bos[0])
+                if self.position is not None and self.position + self.world_size * span <= len(tokens):
+                    return tokens, bos, self.position
             self.shard_index, self.position = (self.shard_index + 1) % len(self.paths), None
         raise ValueError(f"no train shard in {self.paths[0]}'s folder holds {self.world_size} spans of {span} tokens after "
                          f"its first BOS (id {BOS_ID}); use fewer tokens per step or bigger shards")
@@ -117,9 +124,13 @@ class DocumentLoader:
             raise ValueError(f"loader state was saved over {state.get('num_shards')} shards but {len(self.paths)} are present; "
                              f"resume with the same DATA_PATH contents")
         index, position = int(state["shard_index"]), state["position"]
-        if not 0 <= index < len(self.paths) or not (position is None or 0 <= int(position) <= shard_token_count(self.paths[index])):
+        if not 0 <= index < len(self.paths) or not (position is None or 0 <= int(position) <= self.counts[index]):
             raise ValueError(f"loader state (shard {index}, position {position}) lies outside the shards at {self.paths[0]}")
         self.shard_index, self.position = index, None if position is None else int(position)
+
+    def close(self) -> None:
+        """Drop the shards held and stop the preparing thread (the loader stays usable)."""
+        self.shards.close()
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -3,9 +3,11 @@
 PrefetchLoader wraps any loader with next_batch(batch_tokens, seq_len, device), state_dict() and
 load_state_dict() (the token stream's DistributedTokenLoader, a document loader returning
 (x, y, cu_seqlens), any tuple). After handing out a batch it asks the wrapped loader for the next
-one on a background thread, on the CPU, and pins it when the device is a GPU: the read (crossing
-into the next shard when the stream gets there), the int64 conversion and the staging all overlap
-the step the GPU is running; next_batch then only starts an asynchronous host-to-device copy.
+one on a background thread, on the CPU, and pins it when the device is a GPU: the read, the int64
+conversion and the staging all overlap the step the GPU is running; next_batch then only starts
+an asynchronous host-to-device copy. The read itself never does whole-shard work: the loaders
+prepare the next shard (memory-map, vocabulary check, BOS index) on their own thread as soon as
+the stream enters the current one (model.data.ShardPreparer), so a shard end costs no step.
 
 Same batches, same order, exact resume: the wrapped loader is called with the same arguments in
 the same sequence as without the wrapper (a read-ahead made for other arguments is undone by
@@ -41,18 +43,24 @@ class PrefetchLoader:
         """(the wrapped loader's state before this read, the next batch on the host, pinned for a GPU)."""
         batch_tokens, seq_len, device = key
         state = copy.deepcopy(self.loader.state_dict())
-        batch = self.loader.next_batch(batch_tokens, seq_len, torch.device("cpu"))
+        try:
+            batch = self.loader.next_batch(batch_tokens, seq_len, torch.device("cpu"))
+        except BaseException:
+            # A failed read (a bad shard) leaves the stream where it was; its error reaches the
+            # trainer with the batch that needed that shard, not with a checkpoint's state_dict.
+            self.loader.load_state_dict(state)
+            raise
         if device.type == "cuda":
             batch = type(batch)(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in batch)
         return state, batch
 
     def _undo(self, ahead) -> None:
-        state, _ = ahead[1].result()
-        self.loader.load_state_dict(state)
+        if ahead[1].exception() is None:  # a failed read has put the stream back already
+            self.loader.load_state_dict(ahead[1].result()[0])
 
     def state_dict(self) -> dict:
         """The state before the next batch next_batch will hand out."""
-        if self._ahead is not None:
+        if self._ahead is not None and self._ahead[1].exception() is None:
             return copy.deepcopy(self._ahead[1].result()[0])
         return self.loader.state_dict()
 
@@ -63,7 +71,11 @@ class PrefetchLoader:
         self.loader.load_state_dict(state)
 
     def close(self) -> None:
+        """Put the unread batch back, stop the read-ahead thread and close the wrapped loader (its
+        shard thread and memory maps), so no thread or file handle outlives the loader."""
         if self._ahead is not None:
             self._undo(self._ahead)
             self._ahead = None
         self._pool.shutdown(wait=True)
+        if hasattr(self.loader, "close"):
+            self.loader.close()

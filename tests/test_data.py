@@ -4,6 +4,7 @@ against the vocabulary, the tokenizer the shards were made with); then the real 
 import errno
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from model.atomic import WriteFailed
 from model.data import (
     TOKENIZER_MANIFEST,
     DistributedTokenLoader,
+    ShardPreparer,
     TokenStream,
     check_tokenizer_matches,
     check_train_shards,
@@ -274,6 +276,69 @@ def test_check_train_shards_empty_or_missing(tmp_path):
     write_shard(str(tmp_path / "fineweb_train_000000.bin"), np.zeros(0, dtype=np.int64))
     with pytest.raises(ValueError, match="hold no tokens"):
         check_train_shards(str(tmp_path))
+
+
+# -- shards prepared ahead on a thread (the loaders' ShardPreparer; with the loaders in test_prefetch.py) --
+
+
+def wait_ready(preparer, index):
+    for _ in range(5000):
+        if preparer.ready(index):
+            return
+        threading.Event().wait(0.002)
+    raise AssertionError(f"shard {index} was never prepared")
+
+
+def test_shard_preparer_readies_the_next_shard_and_holds_the_previous():
+    prepared = []
+
+    def prepare(path):
+        prepared.append((path, threading.current_thread().name))
+        return path.upper()
+
+    threads_before = set(threading.enumerate())
+    preparer = ShardPreparer(list("abcde"), [5, 0, 5, 5, 5], prepare)  # shard 1 is empty: never prepared
+    assert preparer.get(0) == "A" and preparer.next_index(0) == 2 and preparer.next_index(4) == 0
+    wait_ready(preparer, 2)  # queued when shard 0 was asked for
+    assert preparer.get(2) == "C" and preparer.ready(0)  # the shard before stays held (a put-back batch needs it)
+    assert preparer.get(0) == "A" and preparer.get(2) == "C"
+    wait_ready(preparer, 3)
+    preparer.get(3)
+    assert not preparer.ready(0)  # two shards back: dropped
+    wait_ready(preparer, 4)
+    preparer.get(4)
+    wait_ready(preparer, 0)  # after the last shard, the first again
+    assert [path for path, _ in prepared] == ["a", "c", "d", "e", "a"]
+    assert all(name.startswith("shard") for _, name in prepared)
+    preparer.close()
+    assert not any(preparer.ready(i) for i in range(5)) and set(threading.enumerate()) <= threads_before
+    assert preparer.get(3) == "D"  # usable after close: a fresh thread
+    preparer.close()
+
+
+def test_shard_preparer_raises_in_the_caller_and_prepares_again():
+    attempts = []
+
+    def prepare(path):
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise ValueError(f"{path}: broken")
+        return path
+
+    preparer = ShardPreparer(["x"], [3], prepare)
+    with pytest.raises(ValueError, match="^x: broken$"):
+        preparer.get(0)
+    assert preparer.get(0) == "x" and attempts == ["x", "x"]  # a failure is not kept: the shard is read again
+    preparer.close()
+
+
+def test_open_shard_maps_the_tokens_read_shard_reads(train_dir):
+    folder, _ = train_dir
+    for path in shard_paths(folder, "train"):
+        mapped = data.open_shard(path, vocab_size=5000)
+        assert mapped.dtype == np.uint16 and not mapped.flags.writeable and (mapped == read_shard(path)).all()
+    with pytest.raises(ValueError, match=r"fineweb_train_000003\.bin: token id 4000 at position 0 is not below VOCAB_SIZE=3005"):
+        data.open_shard(os.path.join(folder, "fineweb_train_000003.bin"), vocab_size=3005)
 
 
 def test_write_shard_failure_leaves_the_old_shard(tmp_path, monkeypatch):
