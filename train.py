@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from kernels.ops.xsa_attention import SUPPORTED_HEAD_DIMS
-from model import code_package, evaluate, export, submission
+from model import code_package, compressors, evaluate, export, submission
 from model.atomic import atomic_write
 from model.bpb import build_byte_luts, describe_byte_source, load_tokenizer, validation_byte_source
 from model.checkpoint import TRAINING_STATE_KEYS, load_checkpoint, save_checkpoint
@@ -43,7 +43,7 @@ from model.runlog import RunLog
 from model.schedule import looping_on, lr_scale, muon_momentum, time_is_up, training_fraction
 from model.training import ResumeRefused, TrainingState, build_training_state, training_step, warm_up
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.abspath(__file__))  # run from the packed train_gpt.py: code_package.ORIGIN, no folder
 ARTIFACT = "final_model.int6.ptz"
 
 
@@ -56,7 +56,11 @@ class Interrupted(Exception):
 
 
 def source_files() -> list[str]:
-    """Every source file a run needs: what the artifact's code bytes count."""
+    """Every source file a run needs: what the artifact's code bytes count. Run from the packed
+    train_gpt.py, the names of the files it holds (for the record's list; none exists on disk)."""
+    package = code_package.running_package()
+    if package is not None:
+        return [os.path.join(REPO, name) for name in code_package.packed_names(package)]
     files = [os.path.join(REPO, "train.py")]
     for package in ("kernels", "model"):
         files += sorted(glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True))
@@ -144,6 +148,19 @@ class Trainer:
     def checkpoint_due_by_steps(self) -> bool:
         return self.cfg.checkpoint_every > 0 and self.state.step % self.cfg.checkpoint_every == 0
 
+    def flags(self, steps_ahead: int, running: int) -> tuple[bool, bool, bool, bool]:
+        """This rank's (stop, interrupted, loop, checkpoint by minutes) for the step boundary
+        `steps_ahead` steps after the last step queued, `running` of the queued steps not finished:
+        the clock then reads the end of step state.step - running - 1, and the time at the boundary
+        is estimated with the mean step time so far. stop: the boundary ends a step that reaches
+        the budget (stop after it); loop: the step starting there runs the depth recurrence."""
+        cfg, state = self.cfg, self.state
+        now_ms, finished = state.clock.elapsed_ms, state.step - running
+        then_ms = now_ms + (running + steps_ahead) * (now_ms / finished if finished > 0 else 0.0)
+        starting = state.step + steps_ahead  # the step that starts at the boundary
+        wants_loop = looping_on(state.model.looping, training_fraction(starting, then_ms, cfg), cfg)
+        return time_is_up(then_ms, cfg), self.interrupted, wants_loop, self.checkpoint_due_by_time()
+
     def checkpoint_due_by_time(self) -> bool:
         """By this rank's clock: the ranks agree on it before acting (saving is a collective)."""
         minutes = self.cfg.checkpoint_minutes
@@ -190,7 +207,7 @@ class Trainer:
         if state.step >= cfg.iterations or time_is_up(clock.elapsed_ms, cfg):
             return  # a resumed run that had already finished training
         nonfinite_step = torch.full((), -1, dtype=torch.long, device=state.ctx.device)
-        agreement = AgreedLater(state.ctx.device)  # the ranks agree to stop without the host waiting on a step
+        agreement = AgreedLater(state.ctx.device)  # the ranks agree without the host waiting on the step it queued
         loop_agreed = state.model.looping
         clock.start()
         while state.step < cfg.iterations:
@@ -210,13 +227,9 @@ class Trainer:
                 state.swa.add(state.model)
             last = state.step == cfg.iterations
             # Whatever rests on a rank's own clock or signals (the stop, an interrupt, the loop switch, a
-            # checkpoint by minutes) is agreed by every rank: this step's flags while the next step runs.
-            # The loop acts on the previous step's agreement, or on this step's when it pauses anyway:
-            # the stop is at most one step late, and every rank pauses, saves and switches at the same
-            # step (the record switches at the first step with frac >= ENABLE_LOOPING_AT; here one later).
-            wants_loop = looping_on(state.model.looping, training_fraction(state.step, clock.elapsed_ms, cfg), cfg)
-            earlier = agreement.post(time_is_up(clock.elapsed_ms, cfg), self.interrupted, wants_loop,
-                                     self.checkpoint_due_by_time()) or (False,) * 4
+            # checkpoint by minutes) is agreed by every rank, on the flags of the step before while this
+            # one runs, so those flags look one step ahead; a pause agrees on exact ones (flags()).
+            earlier = agreement.post(lambda: self.flags(steps_ahead=1, running=agreement.lag)) or (False,) * 4
             loop_agreed = loop_agreed or earlier[2]
             logging = cfg.train_log_every > 0 and (state.step % cfg.train_log_every == 0 or state.step <= 5)
             validating = cfg.val_loss_every > 0 and state.step % cfg.val_loss_every == 0
@@ -224,19 +237,23 @@ class Trainer:
             if not (logging or validating or last or by_steps or earlier[0] or earlier[1] or earlier[3]):
                 continue
             clock.pause()  # logging, validation and checkpoints are not training time
-            stop, interrupted, wants_loop, by_time = agreement.now()
+            stop, interrupted, wants_loop, by_time, nonfinite = agreement.now(
+                lambda: (*self.flags(steps_ahead=0, running=0), int(nonfinite_step) >= 0),
+                lambda: self.flags(steps_ahead=1, running=0))
             loop_agreed = loop_agreed or wants_loop
             checkpointing = interrupted or by_steps or by_time
-            if int(nonfinite_step) >= 0:
+            if nonfinite:  # every rank stops here with its line, none waits in a collective
+                seen = int(nonfinite_step)
+                at = f"at step {seen + 1}" if seen >= 0 else "on another rank"
                 saved = f"the last checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path) else "no checkpoint was saved"
-                raise TrainingError(f"training loss became non-finite at step {int(nonfinite_step) + 1} ({saved}); lower the "
+                raise TrainingError(f"training loss became non-finite {at} ({saved}); lower the "
                                     f"learning rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
             if logging or last or stop:
                 train_loss = mean_over_ranks(loss)
                 log.log(f"step:{state.step}/{cfg.iterations} train_loss:{train_loss:.4f} lr_scale:{scale:.3f} "
                         f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / state.step:.2f}ms")
                 log.metric(kind="train", step=state.step, train_loss=train_loss, lr_scale=scale, train_time_ms=clock.elapsed_ms)
-            if validating:
+            if validating or last or stop:  # VAL_LOSS_EVERY=0: once, at the end (both records)
                 self.validate(state.model, state.step, clock.elapsed_ms)
             if checkpointing:
                 self.save()
@@ -275,6 +292,14 @@ class Scoring:
             batch_seqs = max(1, cfg.val_batch_size // cfg.train_seq_len // self.ctx.world_size)
             return evaluate.evaluate_contiguous(model, self.tokens, cfg.train_seq_len, batch_seqs, self.luts, **self.share)
 
+    def pre_quantisation(self, log: RunLog, model: GPT) -> None:
+        """FRONTIER's "pre-quant EMA" diagnostic: the weights the export will quantise, scored as
+        the periodic validation scores."""
+        val_loss, val_bpb = self.contiguous(model)
+        model.train()
+        log.log(f"final_prequant_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}")
+        log.metric(kind="prequant_ema", val_loss=val_loss, val_bpb=val_bpb)
+
     def during_training(self, log: RunLog, model: GPT, step: int, train_time_ms: float) -> None:
         val_loss, val_bpb = self.contiguous(model)
         model.train()
@@ -288,7 +313,8 @@ class Scoring:
         has no sliding-window score (its attention never crosses a document; FRONTIER.md section 5)."""
         cfg, results = self.cfg, {}
         if cfg.ttt_enabled and cfg.ttt_method == "phased_lora":
-            loss, bpb, times = phased_ttt_evaluation(model, self.tokens, cfg, self.luts, clock, log=log.log, **self.share)
+            loss, bpb, times = phased_ttt_evaluation(model, self.tokens, cfg, self.luts, clock, log=log.log,
+                                                     compile=None if cfg.compile else False, **self.share)
             results.update(ttt_val_loss=loss, ttt_val_bpb=bpb, eval_seconds=times["total"],
                            eval_projected_8gpu_seconds=times["projected_8gpu"])
             model = reload()
@@ -355,14 +381,19 @@ def _write_artifact(state: TrainingState, log: RunLog, path: str) -> None:
 @functools.lru_cache(maxsize=1)
 def packaged_code() -> bytes:
     """The run's sources as one self-extracting file (model/code_package.py), packed once, the first
-    time it is asked for (the run calls it at its start): the record holds these very bytes."""
-    return code_package.build(source_files(), REPO)
+    time it is asked for (the run calls it at its start): the record holds these very bytes. Run
+    from that file (python train_gpt.py ...), its own bytes: the code that runs is the code counted."""
+    package = code_package.running_package()
+    return package if package is not None else code_package.build(source_files(), REPO)
 
 
 def counted_code_bytes(cfg: Config) -> int:
     """The code the artifact's budget counts: for the frontier (QUANT=gptq) the size of the packed
-    file the record holds, so the count is a file's size; for SPEC's system its raw source files."""
-    return len(packaged_code()) if cfg.quant == "gptq" else export.code_bytes(source_files())
+    file the record holds, so the count is a file's size; for SPEC's system its raw source files;
+    run from the packed file, whatever QUANT, that file's size (no other code runs)."""
+    if cfg.quant == "gptq" or code_package.running_package() is not None:
+        return len(packaged_code())
+    return export.code_bytes(source_files())
 
 
 def load_artifact(path: str, cfg: Config, ctx: Dist, compiled: bool) -> GPT:
@@ -396,7 +427,7 @@ def score_artifact(path: str, cfg: Config, ctx: Dist, log: RunLog, scoring: Scor
     log.metric(kind="final", **results)
     export.check_budget(artifact_bytes, code_bytes, cfg.artifact_budget_bytes)
     if ctx.is_main:
-        package = packaged_code() if cfg.quant == "gptq" else False
+        package = packaged_code() if cfg.quant == "gptq" or code_package.running_package() is not None else False
         log.log(f"record: {submission.write_record(log.folder, source_files(), package=package)}")
 
 
@@ -454,6 +485,9 @@ def run(cfg: Config, ctx: Dist) -> None:
     if cfg.eval_only:
         checked_artifact(cfg)
     resume_state = checked_resume(cfg, ctx.device)
+    if cfg.compressor == "pergroup" and cfg.pergroup_coder == "lrzip" and not compressors.lrzip_available():
+        raise TrainingError("PERGROUP_CODER=lrzip: the lrzip program is not on PATH (apt-get install lrzip); "
+                            "install it or use PERGROUP_CODER=brotli")  # said now, not after ten minutes of training
     # Data named by DATA_PATH is read and checked before the run folder is touched, so a failed start
     # leaves nothing behind; the smoke preset's generated data lives in the folder, so it comes after.
     data = checked_data(cfg, ctx) if cfg.data_path else None
@@ -503,6 +537,8 @@ def run(cfg: Config, ctx: Dist) -> None:
     Trainer(state, log, functools.partial(scoring.during_training, log)).run(resume=resume_state)  # the final weights in state.model
     with interrupts_explained(f"the final training state is {log.path('checkpoint.pt')}: RESUME={log.path('checkpoint.pt')} "
                               f"exports and scores it again"):
+        if state.ema is not None:
+            scoring.pre_quantisation(log, state.model)
         path = export_artifact(state, log)
     with interrupts_explained(f"the artifact is complete: score it with --eval-only {path}"):
         score_artifact(path, cfg, ctx, log, scoring, steps=state.step, train_time_ms=state.clock.elapsed_ms)

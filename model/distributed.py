@@ -108,37 +108,55 @@ def any_rank(*flags: bool, device: torch.device) -> tuple[bool, ...]:
 class AgreedLater:
     """any_rank, read one step late, so the host never waits on the step it just queued.
 
-    post(*flags) starts the agreement on this step's flags (an asynchronous all-reduce MAX; on a
-    GPU the flags go up and the result comes back through pinned memory, its arrival marked by an
-    event) and returns the agreement on the flags posted the step before (None at the first post):
-    by then that reduce has long finished, while the GPU is busy with the step just queued. A
-    decision such as the wall-clock stop therefore takes effect one step after the step that
-    triggered it. now() waits for the pending agreement (the loop is paused anyway)."""
+    post(flags_now) first waits for the agreement started at the step before: on a GPU that means
+    until the device has finished the step queued before the one just queued (an event follows
+    each step's agreement, on one GPU too), so the host runs at most one step ahead; on the CPU a
+    step is done when it returns. It then calls flags_now() — a clock read there reads the end of
+    that earlier step, and `lag` says how many queued steps are still running: 1 on a GPU, 0 on
+    the CPU — starts agreeing on its flags (an asynchronous all-reduce MAX; on a GPU through pinned
+    memory) and returns the earlier agreement (None when there is none). Flags posted at one step
+    are thus acted on at the next: whoever posts them says what they will mean by then (train.py
+    looks one step ahead).
+
+    now(flags_now, flags_next) is for a pause (the device idle): the pending agreement is dropped,
+    flags_now() (to act on at once) and flags_next() (what the next post will return) are agreed
+    on in one all-reduce, and flags_now()'s agreement returned."""
 
     def __init__(self, device: torch.device | str):
         self.device, self.pending = torch.device(device), None
+        self.lag = 1 if self.device.type == "cuda" else 0
 
-    def post(self, *flags: bool) -> tuple[bool, ...] | None:
-        previous, self.pending = self.pending, self._start(flags)
-        return self._read(previous)
+    def post(self, flags_now) -> tuple[bool, ...] | None:
+        earlier = self._read(self.pending)
+        self.pending = self._start(flags_now())
+        return earlier
 
-    def now(self) -> tuple[bool, ...] | None:
-        pending, self.pending = self.pending, None
-        return self._read(pending)
+    def now(self, flags_now, flags_next) -> tuple[bool, ...]:
+        self._read(self.pending)  # its collective is paired on every rank: finish it
+        here, after = tuple(flags_now()), tuple(flags_next())
+        agreed = any_rank(*here, *after, device=self.device)
+        self.pending = torch.tensor(agreed[len(here):], dtype=torch.int32), None  # agreed already
+        return agreed[:len(here)]
 
     def _start(self, flags):
         host = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        cuda = self.device.type == "cuda"
         if not is_distributed():
-            return host, None
-        if self.device.type != "cuda":
+            return host, self._event() if cuda else None
+        if not cuda:
             return host, dist.all_reduce(host, op=dist.ReduceOp.MAX, async_op=True).wait  # gloo: CPU tensors
         agreed = host.pin_memory().to(self.device, non_blocking=True)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, async_op=True).wait()  # the stream waits, not the host
         back = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
         back.copy_(agreed, non_blocking=True)
+        return back, self._event()
+
+    @staticmethod
+    def _event():
+        """The wait for the device to reach this point of its queue."""
         arrived = torch.cuda.Event()
         arrived.record()
-        return back, arrived.synchronize
+        return arrived.synchronize
 
     @staticmethod
     def _read(pending) -> tuple[bool, ...] | None:

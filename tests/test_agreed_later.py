@@ -1,7 +1,11 @@
-"""The stop decision read one step late (model.distributed.AgreedLater and train.py's loop): the ranks
-agree on a step's flags while the next step runs, and the wall-clock stop lands at most one step
-after the step that reached the cap (exactly on it when the loop pauses there anyway). Two ranks
-agreeing: tests/test_grad_sync.py (its ranks are spawned once for all its checks)."""
+"""The decisions agreed one step late (model.distributed.AgreedLater and train.py's loop): the ranks
+agree on a step's flags while the next step runs, so train.py posts flags that look one step ahead
+(the clock plus the mean step time). With a steady step time the wall-clock stop lands on the
+first step that reaches the cap and the depth recurrence starts at the first step whose fraction
+reaches ENABLE_LOOPING_AT, on the CPU (a step is done when it returns) and on an emulated GPU
+(the host one step ahead of the device). Two ranks agreeing: tests/test_grad_sync.py (its ranks
+are spawned once for all its checks)."""
+import pytest
 import torch
 
 import kernels
@@ -24,48 +28,89 @@ CAP_STEPS = 13
 
 def test_one_rank_returns_the_previous_posts_flags():
     agreement = AgreedLater("cpu")
-    assert agreement.post(False, False) is None  # nothing posted before
-    assert agreement.post(True, False) == (False, False)
-    assert agreement.now() == (True, False)  # the pending one, read at once
-    assert agreement.now() is None and agreement.post(False, True) is None
+    assert agreement.lag == 0  # on the CPU a step is done when it returns
+    assert agreement.post(lambda: (False, False)) is None  # nothing posted before
+    assert agreement.post(lambda: (True, False)) == (False, False)
+    # a pause drops the pending flags, agrees on its own at once and on those the next post returns
+    assert agreement.now(lambda: (False, True), lambda: (True, True)) == (False, True)
+    assert agreement.post(lambda: (False, False)) == (True, True)
 
 
-class FakeTime:
-    def __init__(self):
-        self.now = 100.0
+def test_the_flags_are_read_after_the_wait_for_the_step_before(monkeypatch):
+    events = []
+    monkeypatch.setattr(AgreedLater, "_start", lambda self, flags: (torch.tensor(flags), lambda: events.append("wait")))
+    agreement = AgreedLater("cpu")
+    agreement.post(lambda: events.append("flags 0") or (0,))
+    agreement.post(lambda: events.append("flags 1") or (1,))
+    assert events == ["flags 0", "wait", "flags 1"]
+
+
+class FakeDevice:
+    """A fake clock and device queue: each queued step takes STEP_S of device time. On the CPU a
+    step runs when it is queued; on the emulated GPU it runs when the host waits for it (an
+    agreement's event, or a synchronisation), so a clock read between waits lags the queue."""
+
+    def __init__(self, gpu: bool):
+        self.gpu, self.now, self.queued, self.done = gpu, 100.0, 0, 0
 
     def perf_counter(self) -> float:
         return self.now
 
+    def queue(self) -> None:
+        self.queued += 1
+        if not self.gpu:
+            self.finish(self.queued)
 
-def run_to_the_cap(tmp_path, monkeypatch, *settings) -> tuple[int, float, list[str]]:
-    """Trainer.run() with steps of STEP_S on a fake clock against a cap of CAP_STEPS steps; returns
-    the steps taken, the training time and the log lines."""
-    cfg, _ = load_config([*TINY, "--iterations", "100", "--max_wallclock_seconds", str(CAP_STEPS * STEP_S), *settings],
-                         environ={})
-    fake = FakeTime()
-    monkeypatch.setattr(model.training, "time", fake)
+    def finish(self, upto: int) -> None:
+        while self.done < upto:
+            self.now += STEP_S
+            self.done += 1
+
+
+def run_to_the_cap(tmp_path, monkeypatch, gpu: bool, *settings) -> tuple[int, float, list[bool], list[str]]:
+    """Trainer.run() with steps of STEP_S on a fake clock and device against a cap of CAP_STEPS
+    steps; returns the steps taken, the training time, whether each step ran looped, and the log."""
+    cfg, _ = load_config([*TINY, "--iterations", "100", "--max_wallclock_seconds", str(CAP_STEPS * STEP_S),
+                          "--num_loops", "1", "--loop_start", "0", "--loop_end", "0", "--enable_looping_at", "0.5",
+                          *settings], environ={})
+    device, looped = FakeDevice(gpu), []
+    monkeypatch.setattr(model.training, "time", device)
+    monkeypatch.setattr(model.training, "synchronize", lambda _: device.finish(device.queued))
 
     def step(state, scale, momentum):
-        fake.now += STEP_S
+        looped.append(state.model.looping)
+        device.queue()
         return torch.zeros(())
 
+    class EmulatedGpuAgreement(AgreedLater):
+        def __init__(self, where):
+            super().__init__(where)
+            self.lag = 1  # the step just queued is still running when the flags are read
+
+        def _start(self, flags):
+            mark = device.queued  # the event recorded after the step just queued
+            return torch.tensor([int(f) for f in flags], dtype=torch.int32), lambda: device.finish(mark)
+
     monkeypatch.setattr(train, "training_step", step)
+    if gpu:
+        monkeypatch.setattr(train, "AgreedLater", EmulatedGpuAgreement)
     with kernels.use_backend("reference"):
         state = build_training_state(cfg, Dist.single(), CountingBatches(cfg.vocab_size))
         log = RunLog(str(tmp_path / "run"), is_main=True)
         train.Trainer(state, log, validate=lambda *args: None).run()
     lines = (tmp_path / "run" / "train.log").read_text().splitlines()
-    return state.step, state.clock.elapsed_ms, lines
+    return state.step, state.clock.elapsed_ms, looped, lines
 
 
-def test_the_cap_stops_the_run_at_most_one_step_late(tmp_path, monkeypatch):
-    steps, elapsed_ms, lines = run_to_the_cap(tmp_path, monkeypatch, "--train_log_every", "1000")
-    cap_ms = CAP_STEPS * STEP_S * 1000
-    assert steps == CAP_STEPS + 1 and cap_ms <= elapsed_ms <= cap_ms + STEP_S * 1000  # read one step later
-    assert any(line.endswith(f"stopping at step {CAP_STEPS + 1}: the 2s wall-clock cap is reached") for line in lines)
-
-
-def test_the_cap_is_exact_when_the_loop_pauses_at_it_anyway(tmp_path, monkeypatch):
-    steps, elapsed_ms, _ = run_to_the_cap(tmp_path, monkeypatch, "--train_log_every", str(CAP_STEPS))
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "emulated-gpu"])
+@pytest.mark.parametrize("log_every", [1000, 6, CAP_STEPS], ids=["no-pause", "pause-before-the-switch", "pause-at-the-cap"])
+def test_the_stop_and_the_loop_switch_land_on_their_steps(tmp_path, monkeypatch, gpu, log_every):
+    """Step s starts at s x STEP_S: the recurrence is on from the first step whose fraction of the cap
+    reaches 0.5 (step 7: 7/13), and the run stops after the first step ending at the cap (step 13).
+    The loop pauses at steps 1-5 (they are always logged) and every log_every steps."""
+    steps, elapsed_ms, looped, lines = run_to_the_cap(tmp_path, monkeypatch, gpu, "--train_log_every", str(log_every))
     assert steps == CAP_STEPS and elapsed_ms == CAP_STEPS * STEP_S * 1000
+    assert looped == [False] * 7 + [True] * (CAP_STEPS - 7)
+    assert any(line.endswith(f"stopping at step {CAP_STEPS}: the 2s wall-clock cap is reached") for line in lines)
+    assert any(line.endswith("step:7 depth recurrence on: 3 block applications (training fraction >= ENABLE_LOOPING_AT=0.5)")
+               for line in lines)

@@ -3,6 +3,7 @@ and that file, run in a fresh process, loads a saved artifact and scores it exac
 trainer's process does, from its own packaged modules."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import kernels
+from data.synthetic import make_smoke_dataset
 from model import code_package, export, gptq
 from model.config import PRESETS, Config
 from model.gpt import GPT
@@ -134,6 +136,39 @@ def test_the_package_scores_saved_artifacts_in_a_fresh_process(package, tmp_path
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["origin"].startswith(code_package.ORIGIN) and got["own"]
     assert got["losses"] == pytest.approx([case["after"] for case in scored], abs=1e-6)
+
+
+# frontier-smoke (QUANT=gptq) at a size that trains 2 steps in seconds; model_dim 160 still sends the MLP
+# and embedding through GPTQ; the phased TTT is off (test_frontier_run scores it through train.py)
+PACKED_RUN = ["--preset", "frontier-smoke", "--model_dim", "160", "--num_heads", "4", "--num_kv_heads", "2",
+              "--rope_dims", "8", "--iterations", "2", "--val_loss_every", "0", "--ttt_enabled", "0",
+              "--max_val_tokens", "2048", "--val_batch_size", "2048", "--run_id", "packed"]
+
+
+@pytest.mark.slow
+def test_the_package_runs_the_frontier_as_its_entry_point(package, tmp_path):
+    """python train_gpt.py, as the record's README says: a tiny QUANT=gptq run trains, exports and
+    scores, then --eval-only scores its artifact again, each a fresh process running the packed
+    modules; both count the running file's own bytes and the record holds that file."""
+    path, size = package
+    data = tmp_path / "data"
+    make_smoke_dataset(str(data), vocab_size=1024, num_docs=400, val_docs=40)  # frontier-smoke's vocabulary
+    args = [*PACKED_RUN, "--data_path", str(data), "--tokenizer_path", str(data / "tokenizer.model")]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(KERNELS="reference", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    run = tmp_path / "runs" / "packed"
+    for extra in ([], ["--eval-only", str(run / "final_model.int6.ptz")]):
+        result = subprocess.run([sys.executable, "-I", str(path), *args, *extra], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"train_gpt.py {' '.join(extra)} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    log = (run / "train.log").read_text()
+    assert "eval-only: scoring" in log and "export pergroup:" in log
+    assert [int(n) for n in re.findall(r"code_bytes:(\d+)", log)] == [size, size]  # the run's count, then --eval-only's
+    assert (run / "record" / "train_gpt.py").read_bytes() == path.read_bytes()
+    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert [f["code_bytes"] for f in finals] == [size, size] and finals[0]["val_bpb"] == finals[1]["val_bpb"]
+    readme = (run / "record" / "README.md").read_text()
+    assert "- `train.py`\n- `kernels/__init__.py`" in readme and "- `model/code_package.py`" in readme  # what the file holds
 
 
 def test_running_package_is_none_outside_a_package():

@@ -51,7 +51,7 @@ def test_frontier_smoke_pipeline_end_to_end(tmp_path, shared_data):
     for line in ("gptq: a calibration rehearsal took", "warmup:", "depth recurrence on: 8 block applications",
                  "ema: the weights' moving average", "gptq: calibration on 2 training batches",
                  "export pergroup:", "phased_ttt val_loss:", "eval_time load:", "eval_time_projected",
-                 "final_roundtrip val_loss:", "record:"):
+                 "step:12 val_loss:", "final_prequant_ema val_loss:", "final_roundtrip val_loss:", "record:"):
         assert line in log, f"{line!r} missing from the frontier smoke log:\n{log}"
     assert "final_sliding" not in log  # a document-isolated model has no sliding-window score
     global_steps = int(re.search(r"phased_ttt .* global_steps:(\d+)", log).group(1))

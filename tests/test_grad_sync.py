@@ -158,8 +158,10 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
         out["partial"] = {"owned": [plan.owns(p) for p in (used, sometimes)], "scalar": scalar.grad.clone(),
                           "matrices": [None if p.grad is None else p.grad.clone() for p in (used, sometimes)]}
         sync.close()
-        agreement = AgreedLater("cpu")  # the stop decision: only rank 1 raises its flag, at step 2
-        out["agreed"] = [agreement.post(rank == 1 and step >= 2) for step in range(4)] + [agreement.now()]
+        agreement = AgreedLater("cpu")  # the stop decision: only rank 1 raises its flag, at step 2; then a pause's own
+        out["agreed"] = [agreement.post(lambda: (rank == 1 and step >= 2,)) for step in range(4)]
+        out["agreed"].append(agreement.now(lambda: (rank == 1,), lambda: (rank == 0,)))
+        out["agreed"].append(agreement.post(lambda: (False,)))
         # an export that fails on rank 0 (over the byte budget) ends every rank with its line, none waits
         over = dataclasses.replace(state.cfg, artifact_budget_bytes=1000)
         log = RunLog(os.path.join(folder, "export_run"), rank == 0)
@@ -297,7 +299,8 @@ def test_bytes_per_step_count_the_padded_buckets():
 @pytest.mark.slow
 def test_two_ranks_agree_to_stop_one_step_later(two_ranks):
     _, (rank0, rank1) = two_ranks
-    expected = [None, (False,), (False,), (True,), (True,)]  # step 2's flag arrives with step 3's post
+    # step 2's flag arrives with step 3's post; a pause's own flags at once, its next ones with the next post
+    expected = [None, (False,), (False,), (True,), (True,), (True,)]
     assert rank0["agreed"] == rank1["agreed"] == expected
 
 

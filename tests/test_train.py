@@ -49,11 +49,12 @@ def test_smoke_pipeline_end_to_end(tmp_path, data, request):
     else:
         extra = ["--data_path", "", "--vocab_size", "512"]  # the trainer builds its own corpus and tokenizer
     result = train(tmp_path, *TINY, *extra, "--iterations", "12", "--warmdown_iters", "6", "--swa_every", "2",
-                   "--val_loss_every", "6", "--run_id", "smoke")
+                   "--val_loss_every", "5", "--run_id", "smoke")
     run = tmp_path / "runs" / "smoke"
     log = (run / "train.log").read_text()
     for line in ("warmup:", "late QAT on", "swa: averaged", "artifact_bytes:", "final_roundtrip val_loss:",
-                 "final_sliding val_loss:", "final_ttt val_loss:", "record:"):
+                 "final_sliding val_loss:", "final_ttt val_loss:", "record:",
+                 "step:5 val_loss:", "step:10 val_loss:", "step:12 val_loss:"):  # every 5 steps, and at the end
         assert line in log, f"{line!r} missing from the smoke log:\n{log}"
     final = finals(run)
     for key in ("val_bpb", "sliding_val_bpb", "ttt_val_bpb"):
@@ -307,6 +308,19 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
     assert lines == [f"train.py: could not write {os.path.join('runs', 'full', 'config.json')}: No space left on device; "
                      f"free disk space or fix the folder's permissions, then run again"]
+
+
+def test_a_missing_lrzip_is_said_before_training(tmp_path, monkeypatch, capsys):
+    import train as train_module
+    from model import compressors
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compressors, "lrzip_available", lambda: False)
+    assert train_module.main([*TINY, "--compressor", "pergroup", "--pergroup_coder", "lrzip", "--run_id", "lz"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert lines == ["train.py: PERGROUP_CODER=lrzip: the lrzip program is not on PATH (apt-get install lrzip); "
+                     "install it or use PERGROUP_CODER=brotli"]
+    assert not os.path.exists(os.path.join("runs", "lz"))  # refused before the run folder exists
 
 
 def test_a_signal_in_export_or_evaluation_says_how_to_finish_the_run():
