@@ -3,7 +3,7 @@
     python -m bench.ttt [--smoke] [--preset frontier] [--name value ...]
 
 The plan (documents, batches, lanes, phases) is the full validation set's: DATA_PATH's validation
-shards when they are there (MAX_VAL_TOKENS cuts them), else a synthetic stream of the record's
+shards when they are there (MAX_VAL_TOKENS cuts them to a slice, and the Plan line says so), else a synthetic stream of the record's
 size (50,000 documents, 47.85M tokens, log-normal lengths). On one GPU, with the configured model
 (random weights: the time does not depend on them), looped:
 - compile: compile_ttt_step + warm_up_ttt, as phased_ttt_evaluation does;
@@ -46,7 +46,8 @@ def validation_stream(cfg, smoke: bool) -> tuple[torch.Tensor, str]:
         from model.data import load_validation_tokens
 
         tokens = load_validation_tokens(cfg.data_path, 1, cfg.max_val_tokens, cfg.vocab_size)
-        return tokens, f"validation shards of {cfg.data_path}"
+        cut = f", cut by MAX_VAL_TOKENS={cfg.max_val_tokens}: not the full set" if cfg.max_val_tokens > 0 else ""
+        return tokens, f"validation shards of {cfg.data_path}{cut}"
     except (ValueError, FileNotFoundError) as e:
         return (synthetic_stream(RECORD_DOCS, RECORD_TOKENS, cfg.vocab_size),
                 f"synthetic, the record's size ({str(e).splitlines()[0][:80]}...)")
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
     lora_8 = float(lanes.max()) * rate
     global_8 = global_steps(plan, cfg) * step_s / 8
     total_8 = compile_s + lora_8 + global_8
-    print(bench.header("phased LoRA TTT: full-set evaluation projected on 8 GPUs"))
+    print(bench.header("phased LoRA TTT: the plan's evaluation projected on 8 GPUs"))
     print(f"Plan: {source}; {len(plan.docs.start):,} documents, {len(plan.batches)} batches of {cfg.ttt_batch_size}, "
           f"phases after positions {[p.after for p in plan.phases]}, {global_steps(plan, cfg)} global steps; "
           f"lane token-rows min/max {lanes.min():,}/{lanes.max():,}.\n")

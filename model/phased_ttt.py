@@ -479,8 +479,11 @@ def phased_ttt_evaluation(model, tokens: torch.Tensor, cfg, luts, clock: EvalClo
     into `model` (the dequantised GPT, model.looping set as evaluated) with the EvalClock made
     before the artifact was read. Laps: "load" (clock start to this call), "compile" (compile and
     warm-up of the TTT forward; default on CUDA only), "ttt" (the phased TTT to its last score).
-    Logs each part, the total, and the projection for the full set (full_tokens, default tokens)
-    on 8 GPUs, with a WARNING line when that passes the 600 s limit. Every rank calls it.
+    Logs each part, the total, and the projection on 8 GPUs of the "full set" (full_tokens: the
+    whole validation stream when `tokens` is a MAX_VAL_TOKENS slice of it) or, without
+    full_tokens, of the "scored set" (`tokens` itself, which is the full set only when nothing
+    sliced it), with a WARNING line naming that set when it passes the 600 s limit. Every rank
+    calls it.
     Returns (val_loss, val_bpb, times: the laps, "total", "projected_8gpu")."""
     clock.lap("load")
     device = next(model.parameters()).device
@@ -499,6 +502,7 @@ def phased_ttt_evaluation(model, tokens: torch.Tensor, cfg, luts, clock: EvalClo
         totals = sum_over_ranks(torch.tensor([result.lora_seconds, result.lora_work], dtype=torch.float64, device=device))
         summed = result._replace(lora_seconds=float(totals[0]), lora_work=int(totals[1]))
     full_plan = make_plan(tokens if full_tokens is None else full_tokens, cfg)
+    projected_set = "scored set" if full_tokens is None else "full set"
     projection = project_eval_seconds(clock.parts, summed, full_plan, cfg, world_size)
     plan_docs = len(full_plan.docs.start)
     log(f"phased_ttt val_loss:{result.val_loss:.6f} val_bpb:{result.val_bpb:.6f} "
@@ -506,11 +510,12 @@ def phased_ttt_evaluation(model, tokens: torch.Tensor, cfg, luts, clock: EvalClo
     log(f"eval_time load:{clock.parts['load']:.1f}s compile:{clock.parts['compile']:.1f}s ttt:{clock.parts['ttt']:.1f}s "
         f"(lora {result.lora_seconds:.1f}s, global phases {result.global_seconds:.1f}s) total:{clock.total():.1f}s "
         f"on {world_size} rank(s)")
-    log(f"eval_time_projected full set ({plan_docs:,} documents) on {LORA_LANES} GPUs: {projection.total_s:.0f}s "
+    log(f"eval_time_projected {projected_set} ({plan_docs:,} documents) on {LORA_LANES} GPUs: {projection.total_s:.0f}s "
         f"(load + compile {projection.total_s - projection.lora_s - projection.global_s:.0f}s, "
         f"lora {projection.lora_s:.0f}s, global {projection.global_s:.0f}s)")
     if projection.total_s > EVAL_LIMIT_S:
-        log(f"WARNING: the projected evaluation time {projection.total_s:.0f}s exceeds the {EVAL_LIMIT_S:.0f}s limit")
+        log(f"WARNING: the projected evaluation time of the {projected_set} ({plan_docs:,} documents) on {LORA_LANES} "
+            f"GPUs, {projection.total_s:.0f}s, exceeds the {EVAL_LIMIT_S:.0f}s limit")
     times = dict(clock.parts, total=clock.total(), projected_8gpu=projection.total_s)
     return result.val_loss, result.val_bpb, times
 

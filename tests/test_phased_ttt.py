@@ -390,8 +390,26 @@ def test_evaluation_on_the_clock_logs_each_part_and_warns_past_the_limit():
     assert times["load"] == 400.0 and times["compile"] == 200.0
     assert times["total"] == pytest.approx(times["load"] + times["compile"] + times["ttt"])
     assert any(line.startswith("eval_time load:400.0s compile:200.0s") for line in lines), lines
-    assert any(line.startswith("eval_time_projected full set (12 documents) on 8 GPUs") for line in lines), lines
-    assert lines[-1].startswith("WARNING: the projected evaluation time") and times["projected_8gpu"] > 600
+    # no full_tokens: the projection is of the documents scored here, and says so
+    assert any(line.startswith("eval_time_projected scored set (12 documents) on 8 GPUs") for line in lines), lines
+    assert lines[-1].startswith("WARNING: the projected evaluation time of the scored set (12 documents) on 8 GPUs")
+    assert times["projected_8gpu"] > 600
+
+
+def test_the_projection_is_of_the_full_set_when_given_it():
+    """A MAX_VAL_TOKENS slice scored, the whole stream passed as full_tokens: the line and the warning
+    name the full set and its documents, and the projection grows with them."""
+    cfg = tiny_config()
+    tokens = make_tokens(DOC_LENGTHS)
+    lines, projected = [], {}
+    for name, full in (("slice", None), ("full", torch.cat([tokens, make_tokens(DOC_LENGTHS * 3, seed=1)]))):
+        ticks = iter(range(0, 10**7, 200))
+        _, _, times = phased_ttt_evaluation(TinyLoopedLM(cfg), tokens, cfg, fake_luts(), EvalClock(lambda: float(next(ticks))),
+                                            log=lines.append, compile=False, full_tokens=full)
+        projected[name] = times["projected_8gpu"]
+    assert any(line.startswith("eval_time_projected full set (48 documents) on 8 GPUs") for line in lines), lines
+    assert lines[-1].startswith("WARNING: the projected evaluation time of the full set (48 documents) on 8 GPUs")
+    assert projected["full"] > projected["slice"]
 
 
 def test_projection_scales_the_busiest_lane_and_the_global_steps():
