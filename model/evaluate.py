@@ -188,14 +188,35 @@ def evaluate_sliding(model, tokens, window: int, stride: int, batch_seqs: int, l
     return _finish(_all_reduce(sums, world_size))
 
 
+def document_rows_cu_seqlens(stream: np.ndarray, first_row: int, stop_row: int, row_len: int, seq_len: int) -> np.ndarray:
+    """int32 [rows, width]: the cu_seqlens of rows first_row..stop_row - 1 of `stream` (row k is
+    stream[k row_len : (k + 1) row_len]), each padded with row_len (empty segments, which the
+    attention kernels and their reference skip) to one width, the longest row's rounded up to a
+    multiple of CU_SEQLENS_MULTIPLE: every row then has the same shape (one compiled graph)."""
+    from model.document_loader import CU_SEQLENS_MULTIPLE, document_cu_seqlens
+
+    rows = [document_cu_seqlens(stream[k * row_len:(k + 1) * row_len], seq_len, multiple=1).numpy()
+            for k in range(first_row, stop_row)]
+    width = -(-max((len(r) for r in rows), default=2) // CU_SEQLENS_MULTIPLE) * CU_SEQLENS_MULTIPLE
+    plan = np.full((len(rows), width), row_len, dtype=np.int32)
+    for k, offsets in enumerate(rows):
+        plan[k, :len(offsets)] = offsets
+    return plan
+
+
 def evaluate_documents(model, tokens, seq_len: int, batch_seqs: int, luts, rank: int = 0, world_size: int = 1):
     """FRONTIER.md section 5's diagnostic evaluation: non-overlapping rows of seq_len * batch_seqs
     tokens (65,536 in the record), each scored in one pass with document-isolated attention
     (cu_seqlens as in training: a query sees only its own document, cut every seq_len tokens from
-    its start within the row). Each rank scores a contiguous range of whole rows; targets past the
-    last whole row are left out."""
-    from model.document_loader import document_cu_seqlens
+    its start within the row). Targets past the last whole row are left out.
 
+    Ranks: the whole rows are split into contiguous shares across all ranks, so 1, 2 or 8 ranks
+    score the same rows (all of them). The record instead truncates each rank's own range to whole
+    32-sequence batches, so which tail targets it leaves out depends on the number of GPUs.
+
+    Every row's cu_seqlens is padded to one width and the plan goes to the device once (no host
+    transfer per row), so a compiled token_losses (compile_for_eval: static shapes) serves every
+    row with one graph."""
     tokens, luts = _prepare(model, tokens, luts)
     row_len = seq_len * batch_seqs
     num_rows = (tokens.numel() - 1) // row_len if row_len > 0 else 0
@@ -203,12 +224,16 @@ def evaluate_documents(model, tokens, seq_len: int, batch_seqs: int, luts, rank:
         raise ValueError(f"evaluate_documents: {tokens.numel()} tokens do not fill one row of {seq_len} x {batch_seqs}; "
                          f"pass more tokens or lower EVAL_BATCH_SEQS")
     device = _model_device(model)
-    stream = tokens.cpu().numpy()
+    share = range(num_rows)[_rank_share(num_rows, rank, world_size)]
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    if len(share) == 0:  # more ranks than rows: this rank only joins the sum
+        return _finish(_all_reduce(sums, world_size))
+    plan = torch.as_tensor(document_rows_cu_seqlens(tokens.cpu().numpy(), share.start, share.stop, row_len, seq_len),
+                           device=device)
     with _eval_mode(model), torch.no_grad():
-        for row in range(num_rows)[_rank_share(num_rows, rank, world_size)]:
+        for k, row in enumerate(share):
             start = row * row_len
-            cu_seqlens = document_cu_seqlens(stream[start : start + row_len], seq_len).to(device)
+            cu_seqlens = plan[k].clone()  # a tensor of its own: a view's offset would be one more guard
             index = torch.arange(start, start + row_len + 1, device=device)[None]  # [1, row_len + 1]
             inputs, targets = tokens[index[:, :-1]], tokens[index[:, 1:]]
             with autocast(device):
