@@ -24,13 +24,14 @@ The model's hook: `model.hidden(ids, lora=view)`, view = adapters.running(first)
 documents first.. of the batch, one per row of ids), hands application n `view.at(n)`, an
 ApplicationLora whose q/k/v/o/mlp(x) return the delta [n, T, out] or None (that adapter off).
 
-Compiled (dynamic shapes), one graph must serve every step of the evaluation, so what a step hands
-the compiled function looks the same whichever documents still run: running(first) holds
-full-size aliases of the parameters and the running rows as an index tensor; gathered(), called
-INSIDE the compiled function, selects them (the gather fuses with the cast to the compute dtype,
-and its backward scatters into the parameters' gradients). No view with a varying offset or
-stride reaches the graph's guards, and the row count is a plain dynamic size. A batch holds at
-least two slots (MIN_SLOTS), so the slot dimension is never 1 (dynamo specialises sizes 0 and 1).
+Compiled (dynamic shapes), the graphs the warm-up compiles must serve every step of the
+evaluation, so what a step hands the compiled function looks alike whichever documents still run:
+running(first) holds whole-parameter aliases and the running rows as an index tensor; gathered(),
+called INSIDE the compiled function, selects them (a gather the compiler may fuse with the cast to
+the compute dtype; its backward scatters into the parameters' gradients). No view with a varying
+offset or stride reaches the graph's guards, and the row count is a plain dynamic size (one row
+gets a graph of its own: dynamo specialises sizes 0 and 1). A batch holds at least two slots
+(MIN_SLOTS), so the slot dimension is never 1.
 """
 import math
 

@@ -43,6 +43,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 
 import kernels
 from model.bpb import bits_per_byte, byte_source_to, check_byte_source, scored_bytes
@@ -397,7 +398,7 @@ def compile_ttt_step(step_fn: Callable = lora_token_losses, backend="inductor") 
     compiled = torch.compile(step_fn, dynamic=True, backend=backend)
 
     def step(model, ids, targets, lora):
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False):
             return compiled(model, ids, targets, lora)
 
     return step

@@ -568,7 +568,7 @@ def test_compiled_ttt_forward_matches_eager_with_few_graphs():
     compiled = compile_ttt_step(backend=counter)
     warm_up_ttt(model, compiled, cfg)
     warmed = counter.frame_count
-    assert 1 <= warmed <= 2
+    assert 1 <= sum(len(g.graph.nodes) > 0 for g in counter.graphs) <= 2  # the general graph and one row's
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
