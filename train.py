@@ -540,6 +540,7 @@ def run(cfg: Config, ctx: Dist) -> None:
         if state.ema is not None:
             scoring.pre_quantisation(log, state.model)
         path = export_artifact(state, log)
+        state.loader.close()  # GPTQ's calibration was its last reader: its threads and mapped shards go
     with interrupts_explained(f"the artifact is complete: score it with --eval-only {path}"):
         score_artifact(path, cfg, ctx, log, scoring, steps=state.step, train_time_ms=state.clock.elapsed_ms)
 
