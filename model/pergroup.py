@@ -131,7 +131,9 @@ def pack(payload: dict, coder: str = "brotli", *, zstd_level: int = 22, device=N
         if name in grouped:
             entry = {k: v for k, v in entry.items() if k != "q"}
         rest["tensors"][name] = entry
-    q_shapes = {name: list(payload["tensors"][name]["q"].shape) for name in grouped}
+    # in group order, not the set's: a set of strings iterates in a per-process hash order, and the
+    # artifact's bytes must not depend on the process that wrote them
+    q_shapes = {name: list(payload["tensors"][name]["q"].shape) for names in groups for name in names}
     rest["meta"]["pergroup"] = dict(groups=groups, permuted=permuted, q_shapes=q_shapes)
     jobs = [(raw, coder) for raw in raw_groups] + [(serialize(rest), "brotli"), (b"".join(permutations), "brotli")]
     with ThreadPoolExecutor(max_workers=NUM_STREAMS) as pool:  # the coders release the GIL: one core per stream

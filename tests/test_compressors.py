@@ -1,11 +1,17 @@
 """Artifact compressors (model/compressors.py, model/pergroup.py, model/export.py): every coder and
 container round-trips bit-exact, the L1 chain is the greedy chain, permutations restore the rows,
 lrzip only when present, and damaged containers give one line."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from model import compressors, export, pergroup
 from model.config import PERGROUP_CODERS, Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def brute_force_chain(rows: list[list[int]]) -> list[int]:
@@ -200,3 +206,31 @@ def test_damaged_containers_are_one_line(frontier_payload, tmp_path):
         with pytest.raises(ValueError) as info:
             export.read_artifact(str(path))
         assert str(info.value).startswith(f"{path}: not a readable artifact") and "\n" not in str(info.value), label
+
+
+PACK_IN_A_FRESH_PROCESS = """
+import hashlib, torch
+from model import export, pergroup
+from model.config import load_config
+from model.gpt import GPT
+cfg, _ = load_config(["--preset", "frontier-smoke"], environ={})
+torch.manual_seed(0)
+model = GPT(cfg)
+payload, _ = export.quantize_state_dict(model.state_dict(), fp32_names=model.control_tensor_names(),
+                                        int6_names=model.int6_matrix_names())
+print(hashlib.sha256(pergroup.pack(payload, "zstd", zstd_level=1)).hexdigest())
+"""
+
+
+@pytest.mark.slow  # two fresh processes importing torch
+def test_the_container_bytes_do_not_depend_on_the_process():
+    """Python hashes strings with a per-process seed, so anything that iterates a set of names
+    would give each run other bytes for the same weights."""
+    digests = set()
+    for seed in ("1", "2"):
+        environ = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-c", PACK_IN_A_FRESH_PROCESS], cwd=REPO, env=environ,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        digests.add(result.stdout.strip())
+    assert len(digests) == 1, digests
