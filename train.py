@@ -127,6 +127,7 @@ class Trainer:
     def __init__(self, state: TrainingState, log: RunLog, validate):
         self.state, self.cfg, self.log, self.validate = state, state.cfg, log, validate
         self.interrupted = False
+        self.reading, self.step_ms = None, 0.0  # the clock at the last flags() and the step time it gave
         self.last_checkpoint_ms, self.saved_step = state.clock.elapsed_ms, None
 
     @property
@@ -152,11 +153,18 @@ class Trainer:
         """This rank's (stop, interrupted, loop, checkpoint by minutes) for the step boundary
         `steps_ahead` steps after the last step queued, `running` of the queued steps not finished:
         the clock then reads the end of step state.step - running - 1, and the time at the boundary
-        is estimated with the mean step time so far. stop: the boundary ends a step that reaches
-        the budget (stop after it); loop: the step starting there runs the depth recurrence."""
+        is estimated with the step time of the steps since the previous reading (the run's mean at
+        first: looped steps are slower than the plain ones before them). stop: the boundary ends a
+        step that reaches the budget (stop after it); loop: the step starting there runs the depth
+        recurrence."""
         cfg, state = self.cfg, self.state
         now_ms, finished = state.clock.elapsed_ms, state.step - running
-        then_ms = now_ms + (running + steps_ahead) * (now_ms / finished if finished > 0 else 0.0)
+        if self.reading is not None and finished > self.reading[1]:
+            self.step_ms = (now_ms - self.reading[0]) / (finished - self.reading[1])
+        elif self.reading is None and finished > 0:
+            self.step_ms = now_ms / finished
+        self.reading = (now_ms, finished)
+        then_ms = now_ms + (running + steps_ahead) * self.step_ms
         starting = state.step + steps_ahead  # the step that starts at the boundary
         wants_loop = looping_on(state.model.looping, training_fraction(starting, then_ms, cfg), cfg)
         return time_is_up(then_ms, cfg), self.interrupted, wants_loop, self.checkpoint_due_by_time()

@@ -46,30 +46,35 @@ def test_the_flags_are_read_after_the_wait_for_the_step_before(monkeypatch):
 
 
 class FakeDevice:
-    """A fake clock and device queue: each queued step takes STEP_S of device time. On the CPU a
-    step runs when it is queued; on the emulated GPU it runs when the host waits for it (an
+    """A fake clock and device queue: each queued step takes its seconds of device time. On the CPU
+    a step runs when it is queued; on the emulated GPU it runs when the host waits for it (an
     agreement's event, or a synchronisation), so a clock read between waits lags the queue."""
 
     def __init__(self, gpu: bool):
-        self.gpu, self.now, self.queued, self.done = gpu, 100.0, 0, 0
+        self.gpu, self.now, self.durations, self.done = gpu, 100.0, [], 0
+
+    @property
+    def queued(self) -> int:
+        return len(self.durations)
 
     def perf_counter(self) -> float:
         return self.now
 
-    def queue(self) -> None:
-        self.queued += 1
+    def queue(self, seconds: float) -> None:
+        self.durations.append(seconds)
         if not self.gpu:
             self.finish(self.queued)
 
     def finish(self, upto: int) -> None:
         while self.done < upto:
-            self.now += STEP_S
+            self.now += self.durations[self.done]
             self.done += 1
 
 
-def run_to_the_cap(tmp_path, monkeypatch, gpu: bool, *settings) -> tuple[int, float, list[bool], list[str]]:
-    """Trainer.run() with steps of STEP_S on a fake clock and device against a cap of CAP_STEPS
-    steps; returns the steps taken, the training time, whether each step ran looped, and the log."""
+def run_to_the_cap(tmp_path, monkeypatch, gpu: bool, *settings, looped_s: float = STEP_S) -> tuple[int, float, list[bool], list[str]]:
+    """Trainer.run() on a fake clock and device, steps of STEP_S (looped ones: looped_s), against a
+    cap of CAP_STEPS x STEP_S; returns the steps taken, the training time, whether each step ran
+    looped, and the log."""
     cfg, _ = load_config([*TINY, "--iterations", "100", "--max_wallclock_seconds", str(CAP_STEPS * STEP_S),
                           "--num_loops", "1", "--loop_start", "0", "--loop_end", "0", "--enable_looping_at", "0.5",
                           *settings], environ={})
@@ -79,7 +84,7 @@ def run_to_the_cap(tmp_path, monkeypatch, gpu: bool, *settings) -> tuple[int, fl
 
     def step(state, scale, momentum):
         looped.append(state.model.looping)
-        device.queue()
+        device.queue(looped_s if state.model.looping else STEP_S)
         return torch.zeros(())
 
     class EmulatedGpuAgreement(AgreedLater):
@@ -114,3 +119,14 @@ def test_the_stop_and_the_loop_switch_land_on_their_steps(tmp_path, monkeypatch,
     assert any(line.endswith(f"stopping at step {CAP_STEPS}: the 2s wall-clock cap is reached") for line in lines)
     assert any(line.endswith("step:7 depth recurrence on: 3 block applications (training fraction >= ENABLE_LOOPING_AT=0.5)")
                for line in lines)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "emulated-gpu"])
+def test_the_stop_lands_on_its_step_when_looped_steps_are_slower(tmp_path, monkeypatch, gpu):
+    """As the frontier's (96.5 then 141 ms): looped steps take 1.5 x STEP_S, so the step time is
+    estimated from the latest steps, not the run's mean. Steps 0-6 end at 7 x 0.125 = 0.875 s,
+    looped steps 7-10 at 0.875 + 4 x 0.1875 = 1.625 s, the cap: the run stops after step 10."""
+    steps, elapsed_ms, looped, _ = run_to_the_cap(tmp_path, monkeypatch, gpu, "--train_log_every", "1000",
+                                                 looped_s=1.5 * STEP_S)
+    assert steps == 11 and elapsed_ms == CAP_STEPS * STEP_S * 1000
+    assert looped == [False] * 7 + [True] * 4
