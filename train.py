@@ -122,9 +122,11 @@ def interrupts_explained(what_next: str):
 
 class Trainer:
     """The loop policy of SPEC's recipe over a TrainingState: schedule, late QAT, SWA, logging,
-    validation, checkpoints, signals and the wall-clock stop, agreed by every rank."""
+    validation, checkpoints, signals and the wall-clock stop, agreed by every rank. validate(model,
+    step, train_time_ms) scores the weights every VAL_LOSS_EVERY steps and after the last step;
+    None scores nothing (tests and benchmarks that time or trace the loop alone)."""
 
-    def __init__(self, state: TrainingState, log: RunLog, validate):
+    def __init__(self, state: TrainingState, log: RunLog, validate=None):
         self.state, self.cfg, self.log, self.validate = state, state.cfg, log, validate
         self.interrupted = False
         self.reading, self.step_ms = None, 0.0  # the clock at the last flags() and the step time it gave
@@ -261,7 +263,7 @@ class Trainer:
                 log.log(f"step:{state.step}/{cfg.iterations} train_loss:{train_loss:.4f} lr_scale:{scale:.3f} "
                         f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / state.step:.2f}ms")
                 log.metric(kind="train", step=state.step, train_loss=train_loss, lr_scale=scale, train_time_ms=clock.elapsed_ms)
-            if validating or last or stop:  # VAL_LOSS_EVERY=0: once, at the end (both records)
+            if (validating or last or stop) and self.validate is not None:  # VAL_LOSS_EVERY=0: at the end (both records)
                 self.validate(state.model, state.step, clock.elapsed_ms)
             if checkpointing:
                 self.save()
