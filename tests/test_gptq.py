@@ -159,15 +159,22 @@ def test_hooks_accumulate_once_per_use_and_divide_by_batches():
     torch.testing.assert_close(H["tok_emb.weight"], expected_emb / 3, rtol=1e-5, atol=1e-5)
 
 
-def test_calibration_of_the_gpt_sees_every_matrix():
+def calibration_gpt() -> GPT:
+    """A tiny GPT whose out projections are not zero (so every proj's inputs are not all zero)."""
     cfg = Config(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
                  xsa_last_n=1, bigram_vocab_size=17, bigram_dim=8, ve_enabled=False, train_seq_len=16)
     torch.manual_seed(0)
-    with kernels.use_backend("reference"):
-        model = GPT(cfg)
-        for block in model.blocks:  # non-zero outputs, so proj's inputs are not all zero
+    model = GPT(cfg)
+    with torch.no_grad():
+        for block in model.blocks:
             nn.init.normal_(block.attn.proj.weight, std=0.05)
             nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    return model
+
+
+def test_calibration_of_the_gpt_sees_every_matrix():
+    with kernels.use_backend("reference"):
+        model = calibration_gpt()
         names = [n for n in model.int6_matrix_names()] + ["tok_emb.weight"]
         batches = [torch.randint(0, 64, (2, 16)) for _ in range(2)]
         H, _ = gptq.collect_hessians(model, batches, names)
@@ -247,14 +254,9 @@ def test_calibration_under_bf16_autocast_keeps_the_hessians_fp32(monkeypatch):
     """The export calibrates inside the run's bf16 autocast (model/calibration.py): the forward is bf16
     there, but H = sum XᵀX, its sums and the fused MLP hook's phi(z) must stay fp32 (FRONTIER.md 4).
     CPU autocast makes matmuls bf16 like CUDA's, so a product left to it fails here."""
-    cfg = Config(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
-                 xsa_last_n=1, bigram_vocab_size=17, bigram_dim=8, ve_enabled=False, train_seq_len=16)
-    torch.manual_seed(0)
     with kernels.use_backend("reference"):
-        model = GPT(cfg)
-        for block in model.blocks:  # non-zero outputs, so proj's inputs are not all zero
-            nn.init.normal_(block.attn.proj.weight, std=0.05)
-            nn.init.normal_(block.mlp.proj.weight, std=0.05)
+        model = calibration_gpt()
+        cfg = model.cfg
         names = sorted(model.int6_matrix_names()) + ["tok_emb.weight"]
         modules = dict(model.named_modules())
         seen = {name: [] for name in names}  # the inputs the calibration's hooks are handed, in the same run
