@@ -123,9 +123,13 @@ class ShardPreparer:
             self._shards[index] = self._pool.submit(self.prepare, self.paths[index])
         return self._shards[index]
 
+    def started(self, index: int) -> concurrent.futures.Future | None:
+        """The preparation of shard `index` if it has been started (and not dropped), else None."""
+        return self._shards.get(index)
+
     def ready(self, index: int) -> bool:
         """Whether shard `index` is held and its preparation over: a get() of it would not wait."""
-        shard = self._shards.get(index)
+        shard = self.started(index)
         return shard is not None and shard.done()
 
     def get(self, index: int):

@@ -7,7 +7,6 @@ it; close() leaves no thread, file handle or memory map."""
 import os
 import re
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -214,10 +213,9 @@ def test_the_next_shard_is_prepared_before_the_stream_reaches_it(tmp_path, kind)
         # The step the GPU runs: here as long as the background needs to ready the shard after the
         # one the stream stands in. A loader that only prepared a shard on reaching it never gets there.
         following = preparer.next_index(loader.state_dict()["shard_index"])
-        deadline = time.monotonic() + 10
-        while not preparer.ready(following):
-            assert time.monotonic() < deadline, f"shard {following} was not being prepared while the stream was before it"
-            time.sleep(0.002)
+        preparing = preparer.started(following)
+        assert preparing is not None, f"shard {following} was not being prepared while the stream was before it"
+        preparing.result()
     firsts = [reached[i] for i in range(len(reached)) if i == 0 or reached[i][0] != reached[i - 1][0]]
     assert [index for index, _ in firsts][:6] == [0, 2, 3, 4, 0, 2]  # every shard with tokens, then the wrap
     assert firsts[0] == (0, False) and all(ready for _, ready in firsts[1:]), firsts  # only the very first batch waits
