@@ -21,6 +21,7 @@ from model.config import PRESETS, Config
 from model.embeddings import BOS_ID
 from model.gpt import GPT, CastedLinear, apply_partial_rope, rms_norm, rope_cos_sin
 from model.trunk import block_order, build_plan
+from tests.fakes import randomise
 from tests.tolerances import assert_close
 
 FRONTIER = Config(**PRESETS["frontier"]())
@@ -40,21 +41,6 @@ def build(cfg: Config = TINY, seed: int = 0, looping: bool = False) -> GPT:
     torch.manual_seed(seed)
     model = GPT(cfg)
     model.looping = looping
-    return model
-
-
-@torch.no_grad()
-def randomise(model: GPT, seed: int = 1) -> GPT:
-    """Random values everywhere (zero-initialised out projections, gates and lambdas included)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.dim() == 2 and name.endswith(".weight") and "tok_emb" not in name:
-            p.copy_(noise / math.sqrt(p.shape[1]))
-        elif "tok_emb" in name:
-            p.copy_(noise * 0.5)
-        else:
-            p.copy_(p.float() + 0.3 * noise)
     return model
 
 

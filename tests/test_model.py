@@ -20,6 +20,7 @@ from kernels._launch import INTERPRET
 from model import export
 from model.config import PRESETS, Config
 from model.gpt import GPT, CastedLinear, apply_partial_rope, rope_cos_sin
+from tests.fakes import randomise
 from tests.tolerances import assert_close
 
 # 5 layers: encoder 0-1, decoder 2-4 (block 4 gets no skip); head dim 8, RoPE on 4 of them;
@@ -40,21 +41,6 @@ def reference_backend():
 def build(cfg: Config = TINY, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(cfg)
-
-
-@torch.no_grad()
-def randomise(model: GPT, seed: int = 1) -> GPT:
-    """Random values everywhere, so that zero-initialised paths (out projections, bigram table) matter."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.dim() == 2 and name.endswith(".weight") and "tok_emb" not in name:
-            p.copy_(noise / math.sqrt(p.shape[1]))
-        elif name.endswith("table") or "tok_emb" in name:
-            p.copy_(noise * 0.5)
-        else:
-            p.copy_(p.float() + 0.3 * noise)  # control tensors: around their init
-    return model
 
 
 def batch(cfg: Config = TINY, B: int = 2, T: int = 11, seed: int = 2):
